@@ -1,1 +1,13 @@
-//! placeholder
+//! Vireo's API: the REST types shared by `vireod`, `vireo-worker` and the `vireo` CLI,
+//! their validation, and the unix-socket HTTP client.
+//!
+//! This crate must not depend on axum or hold routes: routes and auth live in `vireod`.
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod types;
+pub mod units;
+pub mod validate;
+
+pub use client::{Client, ClientError};
+pub use types::*;
