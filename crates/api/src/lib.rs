@@ -8,6 +8,7 @@ pub mod client;
 pub mod types;
 pub mod units;
 pub mod validate;
+pub mod worker;
 
 pub use client::{Client, ClientError};
 pub use types::*;

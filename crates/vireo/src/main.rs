@@ -1,4 +1,7 @@
 //! `vireo`: the command-line client for Vireo hosts.
+//!
+//! Exit status: 0 on success, 1 with a one-line cause on stderr on failure; `vireo vm exec`
+//! returns the guest command's own exit status.
 
 mod cmd;
 
@@ -16,6 +19,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// The host: accelerator, QEMU, resources.
+    #[command(subcommand)]
+    Host(cmd::host::HostCommand),
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(cmd::vm::VmCommand),
     /// VHDX and raw disk images (works without a running host).
     #[command(subcommand)]
     Disk(cmd::disk::DiskCommand),
@@ -24,10 +33,38 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Disk(c) => cmd::disk::run(c),
+        Command::Disk(c) => cmd::disk::run(c).map(|_| 0),
+        other => run_remote(&cli.socket, other),
     };
-    if let Err(e) = result {
-        eprintln!("error: {e:#}");
-        std::process::exit(1);
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {}", one_line(&e));
+            std::process::exit(1);
+        }
     }
+}
+
+fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32> {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let client = api::Client::new(socket);
+    rt.block_on(async move {
+        match command {
+            Command::Host(c) => cmd::host::run(&client, c).await.map(|_| 0),
+            Command::Vm(c) => cmd::vm::run(&client, c).await,
+            Command::Disk(_) => unreachable!("handled locally"),
+        }
+    })
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for cause in e.chain() {
+        let s = cause.to_string();
+        if !parts.iter().any(|p| p.contains(&s)) {
+            parts.push(s);
+        }
+    }
+    parts.join(": ").replace('\n', " ")
 }

@@ -1,2 +1,5 @@
 //! One module per command group.
 pub mod disk;
+pub mod host;
+pub mod output;
+pub mod vm;

@@ -1,0 +1,49 @@
+//! `vireo host ...`
+
+use super::output;
+use api::units::format_size;
+use api::{Client, HostInfo};
+use clap::Subcommand;
+
+/// Host commands.
+#[derive(Subcommand)]
+pub enum HostCommand {
+    /// Show the host: accelerator (and why), QEMU, memory, VMs.
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Runs a host command.
+pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
+    match cmd {
+        HostCommand::Show { json } => {
+            let h: HostInfo = client.get("/v1/host").await?;
+            if json {
+                return output::json(&h);
+            }
+            output::fields(&[
+                ("hostname", h.hostname.clone()),
+                ("version", h.version.clone()),
+                ("state dir", h.state_dir.display().to_string()),
+                ("accelerator", format!("{} ({})", accel_name(h.accel), h.accel_reason)),
+                ("qemu", h.qemu.clone()),
+                ("cpus", h.cpus.to_string()),
+                ("memory", format!("{} total, {} available", format_size(h.memory_total), format_size(h.memory_available))),
+                ("vms", format!("{} defined, {} running", h.vms_defined, h.vms_running)),
+                ("vireod rss", format_size(h.daemon_rss)),
+            ]);
+            Ok(())
+        }
+    }
+}
+
+/// Accelerator name.
+pub fn accel_name(a: api::Accel) -> &'static str {
+    match a {
+        api::Accel::Kvm => "kvm",
+        api::Accel::Tcg => "tcg",
+    }
+}
