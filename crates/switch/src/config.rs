@@ -253,7 +253,9 @@ pub enum VlanMode {
     },
     /// Tagged on the wire for every VLAN in `allowed`; `native` (if any) travels untagged.
     Trunk {
-        /// VLANs the port carries.
+        /// VLANs the port carries; serialized as a range string (`"1,10-20"`), accepted as
+        /// that or as a list of numbers.
+        #[serde(with = "vlan_ranges")]
         allowed: BTreeSet<u16>,
         /// VLAN of untagged frames (must be in `allowed`).
         #[serde(default)]
@@ -284,6 +286,70 @@ impl VlanMode {
                 }
                 Ok(())
             }
+        }
+    }
+}
+
+/// Parses a VLAN list such as `"10,20,100-110"`.
+pub fn parse_vlan_list(s: &str) -> Result<BTreeSet<u16>, ConfigError> {
+    let mut out = BTreeSet::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || ConfigError::Type(format!("invalid VLAN list element {part:?}"));
+        let (a, b) = match part.split_once('-') {
+            Some((a, b)) => (a.trim(), b.trim()),
+            None => (part, part),
+        };
+        let a: u16 = a.parse().map_err(|_| bad())?;
+        let b: u16 = b.parse().map_err(|_| bad())?;
+        if a > b {
+            return Err(bad());
+        }
+        for v in a..=b {
+            out.insert(check_vlan(v)?);
+        }
+    }
+    Ok(out)
+}
+
+/// Formats a VLAN set as ranges (`"1,10-20"`).
+pub fn format_vlan_list(set: &BTreeSet<u16>) -> String {
+    let mut parts = Vec::new();
+    let mut it = set.iter().copied().peekable();
+    while let Some(a) = it.next() {
+        let mut b = a;
+        while it.peek() == Some(&(b + 1)) {
+            b += 1;
+            it.next();
+        }
+        parts.push(if a == b {
+            a.to_string()
+        } else {
+            format!("{a}-{b}")
+        });
+    }
+    parts.join(",")
+}
+
+mod vlan_ranges {
+    use std::collections::BTreeSet;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(set: &BTreeSet<u16>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&super::format_vlan_list(set))
+    }
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(BTreeSet<u16>),
+        Text(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeSet<u16>, D::Error> {
+        match Either::deserialize(d)? {
+            Either::List(l) => Ok(l),
+            Either::Text(t) => super::parse_vlan_list(&t).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -570,6 +636,10 @@ pub struct SwitchConfig {
     /// VLAN of the host port (internal, or external shared with the host); untagged on the TAP.
     #[serde(default)]
     pub host_vlan: Option<u16>,
+    /// External switch: also give the host a TAP port on the switch (the host's address
+    /// then belongs on that TAP, not on the uplink interface).
+    #[serde(default)]
+    pub share_host: bool,
     /// Largest L3 payload (MTU) accepted; frames above it are dropped (max 9000).
     #[serde(default = "default_mtu")]
     pub mtu: u32,
@@ -595,6 +665,7 @@ impl SwitchConfig {
             switch_type,
             uplink: None,
             host_vlan: None,
+            share_host: false,
             mtu: default_mtu(),
             fdb_aging_secs: default_aging(),
             extensions: Vec::new(),
@@ -725,5 +796,16 @@ mod tests {
         assert_eq!(s.validate(), Err(ConfigError::DuplicatePort("host".into())));
         let e = SwitchConfig::new("e", SwitchType::External);
         assert!(e.validate().is_err());
+        let v = parse_vlan_list("1, 10-12,4094").unwrap();
+        assert_eq!(format_vlan_list(&v), "1,10-12,4094");
+        assert!(parse_vlan_list("0").is_err());
+        assert!(parse_vlan_list("5-2").is_err());
+        let t = VlanMode::Trunk {
+            allowed: (1..=4094).collect(),
+            native: Some(1),
+        };
+        let j = serde_json::to_string(&t).unwrap();
+        assert_eq!(j, r#"{"mode":"trunk","allowed":"1-4094","native":1}"#);
+        assert_eq!(serde_json::from_str::<VlanMode>(&j).unwrap(), t);
     }
 }

@@ -136,6 +136,7 @@ pub struct Dataplane {
     switch_type: SwitchType,
     uplink: Option<String>,
     host_vlan: Option<u16>,
+    share_host: bool,
     mtu: u32,
     aging_secs: u64,
     mirror: MirrorConfig,
@@ -169,6 +170,7 @@ impl Dataplane {
             switch_type: cfg.switch_type,
             uplink: cfg.uplink.clone(),
             host_vlan: cfg.host_vlan,
+            share_host: cfg.share_host,
             mtu: cfg.mtu,
             aging_secs: cfg.fdb_aging_secs,
             mirror: cfg.mirror.clone(),
@@ -203,6 +205,7 @@ impl Dataplane {
             switch_type: self.switch_type,
             uplink: self.uplink.clone(),
             host_vlan: self.host_vlan,
+            share_host: self.share_host,
             mtu: self.mtu,
             fdb_aging_secs: self.aging_secs,
             extensions: self.pipeline.configs(),
@@ -563,7 +566,9 @@ impl Dataplane {
                     &self.tagged
                 }
             };
-            if !is_mirror {
+            {
+                // mirror copies pass the destination's egress hooks too (its capture, ACL
+                // and QoS apply to everything delivered to it)
                 let ectx = Egress {
                     from,
                     to: p,

@@ -1,0 +1,444 @@
+//! Port backends: how frames get in and out of the switch process.
+//!
+//! - `StreamConnect`: QEMU runs `-netdev stream,server=on,addr.type=unix,addr.path=P`;
+//!   the switch connects to `P`, and after any disconnect (QEMU restart, switch restart)
+//!   connects again every [`RECONNECT_INTERVAL`]. QEMU 7.2 has no client-side reconnect,
+//!   but its stream server re-accepts after a client goes away, so this is the mode in
+//!   which "the switch restarts and VMs reconnect automatically" holds.
+//! - `StreamListen`: the switch listens at `P` (for peers that connect, or QEMU 8+ with
+//!   `server=off,reconnect=N`); a new connection replaces the old one.
+//! - `Tap`: a TAP interface (IFF_TAP | IFF_NO_PI) the switch creates; one read/write per frame.
+//! - `Packet`: an AF_PACKET socket on a host interface, promiscuous, recvmmsg/sendmmsg
+//!   batches, VLAN tags restored from PACKET_AUXDATA.
+//!
+//! Stream framing (checked against QEMU 7.2): every frame is preceded by its length as a
+//! 4-byte big-endian integer; no padding, no FCS.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::{Duration, Instant};
+
+use switch::Backend;
+
+use crate::sys;
+
+/// How often a disconnected `StreamConnect` port retries.
+pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
+/// Largest frame accepted from a stream peer (QEMU's own limit is 69632).
+pub const MAX_STREAM_FRAME: usize = 69632;
+/// Bytes of queued output per stream port before frames are dropped.
+const STREAM_WBUF_LIMIT: usize = 4 << 20;
+/// Frames queued per TAP/packet port before frames are dropped.
+const FRAME_QUEUE_LIMIT: usize = 2048;
+/// Frames read from one port per loop iteration (fairness between ports).
+pub const READ_BATCH: usize = 64;
+
+/// A port's I/O state.
+pub enum PortIo {
+    /// A unix stream port (either direction).
+    Stream(StreamPort),
+    /// A TAP device.
+    Tap(FramePort),
+    /// An AF_PACKET socket.
+    Packet(FramePort, Box<sys::RecvBatch>),
+}
+
+/// A unix stream port.
+pub struct StreamPort {
+    path: String,
+    listener: Option<UnixListener>,
+    conn: Option<UnixStream>,
+    rbuf: Vec<u8>,
+    rstart: usize,
+    rend: usize,
+    wbuf: Vec<u8>,
+    wstart: usize,
+    next_try: Instant,
+}
+
+/// A TAP or packet port: a descriptor and a queue of frames to send.
+pub struct FramePort {
+    fd: OwnedFd,
+    qbuf: Vec<u8>,
+    qlens: Vec<usize>,
+}
+
+/// What happened to a port's link while polling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkEvent {
+    /// Nothing changed.
+    None,
+    /// Connected.
+    Up,
+    /// Disconnected.
+    Down,
+}
+
+impl PortIo {
+    /// Opens a backend. Stream ports start disconnected; TAP and packet ports start up.
+    pub fn open(b: &Backend) -> io::Result<PortIo> {
+        Ok(match b {
+            Backend::StreamConnect { path } => PortIo::Stream(StreamPort::new(path, None)),
+            Backend::StreamListen { path } => {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+                let l = UnixListener::bind(path)?;
+                l.set_nonblocking(true)?;
+                PortIo::Stream(StreamPort::new(path, Some(l)))
+            }
+            Backend::Tap { ifname } => {
+                let fd = sys::open_tap(ifname)?;
+                sys::set_link_up(ifname)?;
+                PortIo::Tap(FramePort::new(fd))
+            }
+            Backend::Packet { ifname } => {
+                let fd = sys::open_packet(ifname)?;
+                PortIo::Packet(
+                    FramePort::new(fd),
+                    Box::new(sys::RecvBatch::new(READ_BATCH, 9216 + 64)),
+                )
+            }
+        })
+    }
+
+    /// True when the port can carry frames now.
+    pub fn is_up(&self) -> bool {
+        match self {
+            PortIo::Stream(s) => s.conn.is_some(),
+            _ => true,
+        }
+    }
+
+    /// The descriptor to poll and the events wanted.
+    pub fn poll_fd(&self) -> Option<(RawFd, i16)> {
+        match self {
+            PortIo::Stream(s) => match (&s.conn, &s.listener) {
+                (Some(c), _) => {
+                    let mut ev = libc::POLLIN;
+                    if s.wstart < s.wbuf.len() {
+                        ev |= libc::POLLOUT;
+                    }
+                    Some((c.as_raw_fd(), ev))
+                }
+                (None, Some(l)) => Some((l.as_raw_fd(), libc::POLLIN)),
+                (None, None) => None,
+            },
+            PortIo::Tap(p) | PortIo::Packet(p, _) => {
+                let mut ev = libc::POLLIN;
+                if !p.qlens.is_empty() {
+                    ev |= libc::POLLOUT;
+                }
+                Some((p.fd.as_raw_fd(), ev))
+            }
+        }
+    }
+
+    /// A listening stream port also polls for new connections while connected.
+    pub fn listen_fd(&self) -> Option<RawFd> {
+        match self {
+            PortIo::Stream(StreamPort {
+                listener: Some(l),
+                conn: Some(_),
+                ..
+            }) => Some(l.as_raw_fd()),
+            _ => None,
+        }
+    }
+
+    /// When a disconnected connect-mode port wants to retry.
+    pub fn next_retry(&self) -> Option<Instant> {
+        match self {
+            PortIo::Stream(s) if s.conn.is_none() && s.listener.is_none() => Some(s.next_try),
+            _ => None,
+        }
+    }
+
+    /// Connects or accepts if due/possible.
+    pub fn maintain(&mut self, now: Instant) -> LinkEvent {
+        let PortIo::Stream(s) = self else {
+            return LinkEvent::None;
+        };
+        if let Some(l) = &s.listener {
+            match l.accept() {
+                Ok((c, _)) => {
+                    let was_up = s.conn.is_some();
+                    if c.set_nonblocking(true).is_ok() {
+                        tracing::info!(path = %s.path, replaced = was_up, "stream peer connected");
+                        s.attach(c);
+                        return LinkEvent::Up;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => tracing::warn!(path = %s.path, error = %e, "accept failed"),
+            }
+            return LinkEvent::None;
+        }
+        if s.conn.is_some() || now < s.next_try {
+            return LinkEvent::None;
+        }
+        s.next_try = now + RECONNECT_INTERVAL;
+        match UnixStream::connect(&s.path) {
+            Ok(c) if c.set_nonblocking(true).is_ok() => {
+                tracing::info!(path = %s.path, "connected to stream peer");
+                s.attach(c);
+                LinkEvent::Up
+            }
+            Ok(_) => LinkEvent::None,
+            Err(e) => {
+                tracing::trace!(path = %s.path, error = %e, "stream peer not there yet");
+                LinkEvent::None
+            }
+        }
+    }
+
+    /// Reads up to a batch of frames, handing each to `f`. Returns a link event when the
+    /// peer went away.
+    pub fn read_frames(&mut self, f: &mut dyn FnMut(&[u8])) -> LinkEvent {
+        match self {
+            PortIo::Stream(s) => s.read_frames(f),
+            PortIo::Tap(p) => {
+                let mut buf = [0u8; 65536];
+                for _ in 0..READ_BATCH {
+                    match sys::read(p.fd.as_raw_fd(), &mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => f(&buf[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.raw_os_error() == Some(libc::EIO) => break, // link down
+                        Err(e) => {
+                            tracing::warn!(error = %e, "tap read");
+                            break;
+                        }
+                    }
+                }
+                LinkEvent::None
+            }
+            PortIo::Packet(p, batch) => {
+                for _ in 0..4 {
+                    match batch.recv(p.fd.as_raw_fd(), f) {
+                        Ok(n) if n == READ_BATCH => continue,
+                        Ok(_) => break,
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "packet recv");
+                            break;
+                        }
+                    }
+                }
+                LinkEvent::None
+            }
+        }
+    }
+
+    /// Queues a frame for sending; false if the queue is full or the link is down.
+    pub fn queue(&mut self, frame: &[u8]) -> bool {
+        match self {
+            PortIo::Stream(s) => {
+                if s.conn.is_none() || s.wbuf.len() - s.wstart > STREAM_WBUF_LIMIT {
+                    return false;
+                }
+                s.wbuf
+                    .extend_from_slice(&(frame.len() as u32).to_be_bytes());
+                s.wbuf.extend_from_slice(frame);
+                true
+            }
+            PortIo::Tap(p) | PortIo::Packet(p, _) => {
+                if p.qlens.len() >= FRAME_QUEUE_LIMIT {
+                    return false;
+                }
+                p.qbuf.extend_from_slice(frame);
+                p.qlens.push(frame.len());
+                true
+            }
+        }
+    }
+
+    /// True if frames wait to be sent.
+    pub fn has_output(&self) -> bool {
+        match self {
+            PortIo::Stream(s) => s.wstart < s.wbuf.len(),
+            PortIo::Tap(p) | PortIo::Packet(p, _) => !p.qlens.is_empty(),
+        }
+    }
+
+    /// Sends what can be sent without blocking.
+    pub fn flush(&mut self) -> LinkEvent {
+        match self {
+            PortIo::Stream(s) => s.flush(),
+            PortIo::Tap(p) => {
+                let mut off = 0;
+                let mut sent = 0;
+                for &l in &p.qlens {
+                    match sys::write(p.fd.as_raw_fd(), &p.qbuf[off..off + l]) {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            // EIO when the TAP is down: the frame is lost, like on a wire
+                            tracing::trace!(error = %e, "tap write");
+                        }
+                    }
+                    off += l;
+                    sent += 1;
+                }
+                p.consume(sent, off);
+                LinkEvent::None
+            }
+            PortIo::Packet(p, _) => {
+                let mut off = 0;
+                let mut sent = 0;
+                while sent < p.qlens.len() {
+                    let lens = &p.qlens[sent..p.qlens.len().min(sent + 64)];
+                    match sys::sendmmsg(p.fd.as_raw_fd(), &p.qbuf[off..], lens) {
+                        Ok(0) => break,
+                        Ok(n) => {
+                            off += lens[..n].iter().sum::<usize>();
+                            sent += n;
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "packet send; dropping frame");
+                            off += lens[0];
+                            sent += 1;
+                        }
+                    }
+                }
+                p.consume(sent, off);
+                LinkEvent::None
+            }
+        }
+    }
+
+    /// Closes the stream connection (for tests of reconnect and on removal).
+    pub fn close(&mut self) {
+        if let PortIo::Stream(s) = self {
+            s.detach();
+        }
+    }
+}
+
+impl FramePort {
+    fn new(fd: OwnedFd) -> Self {
+        FramePort {
+            fd,
+            qbuf: Vec::with_capacity(1 << 20),
+            qlens: Vec::new(),
+        }
+    }
+
+    fn consume(&mut self, frames: usize, bytes: usize) {
+        if frames == self.qlens.len() {
+            self.qlens.clear();
+            self.qbuf.clear();
+        } else if frames > 0 {
+            self.qlens.drain(..frames);
+            self.qbuf.drain(..bytes);
+        }
+    }
+}
+
+impl StreamPort {
+    fn new(path: &str, listener: Option<UnixListener>) -> Self {
+        StreamPort {
+            path: path.to_string(),
+            listener,
+            conn: None,
+            rbuf: vec![0; 256 * 1024],
+            rstart: 0,
+            rend: 0,
+            wbuf: Vec::with_capacity(256 * 1024),
+            wstart: 0,
+            next_try: Instant::now(),
+        }
+    }
+
+    fn attach(&mut self, c: UnixStream) {
+        let _ = sys::set_nonblocking(c.as_raw_fd());
+        self.conn = Some(c);
+        self.rstart = 0;
+        self.rend = 0;
+        self.wbuf.clear();
+        self.wstart = 0;
+    }
+
+    fn detach(&mut self) {
+        if self.conn.take().is_some() {
+            tracing::info!(path = %self.path, "stream peer disconnected");
+        }
+        self.rstart = 0;
+        self.rend = 0;
+        self.wbuf.clear();
+        self.wstart = 0;
+        self.next_try = Instant::now() + RECONNECT_INTERVAL;
+    }
+
+    fn read_frames(&mut self, f: &mut dyn FnMut(&[u8])) -> LinkEvent {
+        let Some(c) = &self.conn else {
+            return LinkEvent::None;
+        };
+        let fd = c.as_raw_fd();
+        // compact
+        if self.rstart > 0 {
+            self.rbuf.copy_within(self.rstart..self.rend, 0);
+            self.rend -= self.rstart;
+            self.rstart = 0;
+        }
+        match sys::read(fd, &mut self.rbuf[self.rend..]) {
+            Ok(0) => {
+                self.detach();
+                return LinkEvent::Down;
+            }
+            Ok(n) => self.rend += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return LinkEvent::None,
+            Err(e) => {
+                tracing::info!(path = %self.path, error = %e, "stream read failed");
+                self.detach();
+                return LinkEvent::Down;
+            }
+        }
+        while self.rend - self.rstart >= 4 {
+            let h = &self.rbuf[self.rstart..self.rstart + 4];
+            let len = u32::from_be_bytes([h[0], h[1], h[2], h[3]]) as usize;
+            if len > MAX_STREAM_FRAME {
+                tracing::warn!(path = %self.path, len, "stream peer sent an oversized frame; disconnecting");
+                self.detach();
+                return LinkEvent::Down;
+            }
+            if self.rend - self.rstart < 4 + len {
+                break;
+            }
+            let start = self.rstart + 4;
+            f(&self.rbuf[start..start + len]);
+            self.rstart = start + len;
+        }
+        LinkEvent::None
+    }
+
+    fn flush(&mut self) -> LinkEvent {
+        let Some(c) = &self.conn else {
+            return LinkEvent::None;
+        };
+        let fd = c.as_raw_fd();
+        while self.wstart < self.wbuf.len() {
+            match sys::write(fd, &self.wbuf[self.wstart..]) {
+                Ok(n) => self.wstart += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    tracing::info!(path = %self.path, error = %e, "stream write failed");
+                    self.detach();
+                    return LinkEvent::Down;
+                }
+            }
+        }
+        if self.wstart == self.wbuf.len() {
+            self.wbuf.clear();
+            self.wstart = 0;
+        } else if self.wstart > (1 << 20) {
+            self.wbuf.drain(..self.wstart);
+            self.wstart = 0;
+        }
+        LinkEvent::None
+    }
+}

@@ -1,0 +1,274 @@
+//! The dataplane thread: owns the [`Dataplane`] and every port's I/O, runs a poll loop,
+//! and executes control commands sent as closures (so one thread owns all switch state).
+//!
+//! Loop: poll(eventfd + port descriptors) → run queued commands → for each readable port
+//! read a batch of frames and forward each through the dataplane, queuing copies on the
+//! output ports → flush every port with output (one write for a stream port's whole batch,
+//! sendmmsg for packet ports) → connect/accept stream peers → age the FDB once a second.
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use switch::extension::Now;
+use switch::{Dataplane, PortId};
+
+use crate::backend::{LinkEvent, PortIo};
+use crate::persist;
+use crate::sys;
+
+/// A command run on the dataplane thread.
+pub type Command = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// State owned by the dataplane thread.
+pub struct Engine {
+    /// The forwarding engine.
+    pub dp: Dataplane,
+    /// Port I/O by port id.
+    pub io: Vec<Option<PortIo>>,
+    /// Where the switch persists its configuration.
+    pub run_dir: PathBuf,
+    /// Set to stop the loop.
+    pub stop: bool,
+    origin: Instant,
+}
+
+/// Handle for sending commands to the dataplane thread.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Command>,
+    kick: std::sync::Arc<OwnedFd>,
+}
+
+impl EngineHandle {
+    /// Runs `f` on the dataplane thread and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Option<R> {
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        let cmd: Command = Box::new(move |e| {
+            let _ = rtx.send(f(e));
+        });
+        self.tx.send(cmd).ok()?;
+        sys::eventfd_kick(self.kick.as_raw_fd());
+        rrx.await.ok()
+    }
+}
+
+impl Engine {
+    /// Monotonic and wall-clock time for the dataplane.
+    pub fn now(&self) -> Now {
+        Now {
+            mono_ns: self.origin.elapsed().as_nanos() as u64,
+            unix_ns: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// Opens the backend of port `id` (after the dataplane added it). A backend that cannot
+    /// be opened leaves the port down; the error is returned.
+    pub fn open_port(&mut self, id: PortId) -> std::io::Result<()> {
+        let Some(slot) = self.dp.port(id) else {
+            return Ok(());
+        };
+        let backend = slot.cfg.backend.clone();
+        let io = PortIo::open(&backend)?;
+        let up = io.is_up();
+        let i = id as usize;
+        if self.io.len() <= i {
+            self.io.resize_with(i + 1, || None);
+        }
+        self.io[i] = Some(io);
+        self.dp.set_link(id, up);
+        Ok(())
+    }
+
+    /// Closes and forgets the backend of port `id`.
+    pub fn close_port(&mut self, id: PortId) {
+        if let Some(Some(mut io)) = self.io.get_mut(id as usize).map(Option::take) {
+            let _ = io.flush();
+            io.close();
+        }
+    }
+
+    /// Persists the current configuration to the run directory.
+    pub fn persist(&self) -> anyhow::Result<()> {
+        persist::save(&self.run_dir, &self.dp.config())
+    }
+}
+
+/// Starts the dataplane thread.
+pub fn start(
+    dp: Dataplane,
+    run_dir: PathBuf,
+) -> anyhow::Result<(EngineHandle, std::thread::JoinHandle<()>)> {
+    let kick = std::sync::Arc::new(sys::eventfd()?);
+    let (tx, rx) = mpsc::channel::<Command>();
+    let mut engine = Engine {
+        dp,
+        io: Vec::new(),
+        run_dir,
+        stop: false,
+        origin: Instant::now(),
+    };
+    let ids: Vec<PortId> = engine.dp.ports().iter().map(|p| p.id).collect();
+    for id in ids {
+        if let Err(e) = engine.open_port(id) {
+            let name = engine
+                .dp
+                .port(id)
+                .map(|p| p.cfg.name.clone())
+                .unwrap_or_default();
+            tracing::warn!(port = %name, error = %e, "opening port backend; port stays down");
+        }
+    }
+    let k = kick.clone();
+    let h = std::thread::Builder::new()
+        .name("dataplane".into())
+        .spawn(move || run(engine, rx, k))?;
+    Ok((EngineHandle { tx, kick }, h))
+}
+
+fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>) {
+    let kfd = kick.as_raw_fd();
+    let mut pfds: Vec<libc::pollfd> = Vec::new();
+    let mut who: Vec<(PortId, bool)> = Vec::new(); // (port, is listener)
+    let mut last_age = Instant::now();
+    let mut rx_frames: Vec<u8> = Vec::with_capacity(1 << 20);
+    let mut rx_lens: Vec<usize> = Vec::new();
+    while !e.stop {
+        pfds.clear();
+        who.clear();
+        pfds.push(libc::pollfd {
+            fd: kfd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let mut timeout = Duration::from_secs(1);
+        let now = Instant::now();
+        for (i, io) in e.io.iter().enumerate() {
+            let Some(io) = io else { continue };
+            if let Some((fd, ev)) = io.poll_fd() {
+                pfds.push(libc::pollfd {
+                    fd,
+                    events: ev,
+                    revents: 0,
+                });
+                who.push((i as PortId, false));
+            }
+            if let Some(fd) = io.listen_fd() {
+                pfds.push(libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+                who.push((i as PortId, true));
+            }
+            if let Some(t) = io.next_retry() {
+                timeout = timeout.min(t.saturating_duration_since(now));
+            }
+        }
+        // SAFETY: pfds is a valid array of pollfd of the given length.
+        let r = unsafe {
+            libc::poll(
+                pfds.as_mut_ptr(),
+                pfds.len() as libc::nfds_t,
+                timeout.as_millis() as i32,
+            )
+        };
+        if r < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                tracing::error!(error = %err, "poll failed");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        if pfds[0].revents != 0 {
+            sys::eventfd_drain(kfd);
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            cmd(&mut e);
+        }
+        if e.stop {
+            break;
+        }
+        let now_t = e.now();
+        // reads
+        for (k, pfd) in pfds.iter().enumerate().skip(1) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            let (id, is_listener) = who[k - 1];
+            let Some(Some(io)) = e.io.get_mut(id as usize) else {
+                continue;
+            };
+            if is_listener {
+                continue; // handled by maintain below
+            }
+            if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                rx_frames.clear();
+                rx_lens.clear();
+                let ev = io.read_frames(&mut |f| {
+                    rx_frames.extend_from_slice(f);
+                    rx_lens.push(f.len());
+                });
+                let mut off = 0;
+                let Engine { dp, io: ios, .. } = &mut e;
+                for &l in &rx_lens {
+                    let frame = &rx_frames[off..off + l];
+                    off += l;
+                    dp.process(
+                        id,
+                        frame,
+                        now_t,
+                        &mut |p, bytes| match ios.get_mut(p as usize) {
+                            Some(Some(o)) => o.queue(bytes),
+                            _ => false,
+                        },
+                    );
+                }
+                if ev == LinkEvent::Down {
+                    e.dp.set_link(id, false);
+                }
+            }
+        }
+        // writes
+        let mut downs = Vec::new();
+        for (i, io) in e.io.iter_mut().enumerate() {
+            if let Some(io) = io {
+                if io.has_output() && io.flush() == LinkEvent::Down {
+                    downs.push(i as PortId);
+                }
+            }
+        }
+        for id in downs {
+            e.dp.set_link(id, false);
+        }
+        // connections
+        let inst = Instant::now();
+        let mut ups = Vec::new();
+        for (i, io) in e.io.iter_mut().enumerate() {
+            if let Some(io) = io {
+                if io.maintain(inst) == LinkEvent::Up {
+                    ups.push(i as PortId);
+                }
+            }
+        }
+        for id in ups {
+            e.dp.set_link(id, true);
+        }
+        if last_age.elapsed() >= Duration::from_secs(1) {
+            last_age = Instant::now();
+            let n = e.now().mono_ns;
+            e.dp.age(n);
+        }
+    }
+    for i in 0..e.io.len() {
+        e.close_port(i as PortId);
+    }
+    tracing::info!("dataplane stopped");
+}

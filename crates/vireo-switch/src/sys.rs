@@ -1,0 +1,344 @@
+//! Thin, checked wrappers over the Linux calls the backends need: TAP devices, AF_PACKET
+//! sockets, interface flags, eventfd, recvmmsg/sendmmsg.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+#[repr(C)]
+struct IfReq {
+    name: [libc::c_char; libc::IFNAMSIZ],
+    data: [u8; 24],
+}
+
+fn ifreq(name: &str) -> io::Result<IfReq> {
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains(['/', ' ', '\0']) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("invalid interface name {name:?}"),
+        ));
+    }
+    let mut r = IfReq {
+        name: [0; libc::IFNAMSIZ],
+        data: [0; 24],
+    };
+    for (d, s) in r.name.iter_mut().zip(name.bytes()) {
+        *d = s as libc::c_char;
+    }
+    Ok(r)
+}
+
+/// Sets O_NONBLOCK on a descriptor.
+pub fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: fcntl on a descriptor we own; no memory is passed.
+    let flags = cvt(unsafe { libc::fcntl(fd, libc::F_GETFL) })?;
+    // SAFETY: as above.
+    cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// Opens (creating if needed) the TAP interface `name` with IFF_TAP | IFF_NO_PI, non-blocking.
+pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
+    let mut req = ifreq(name)?;
+    let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    let path = c"/dev/net/tun";
+    // SAFETY: path is a valid C string.
+    let fd = cvt(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })?;
+    // SAFETY: fd was just returned by open and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: TUNSETIFF reads and writes a struct ifreq, which IfReq lays out.
+    cvt(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })?;
+    set_nonblocking(fd.as_raw_fd())?;
+    Ok(fd)
+}
+
+fn ctl_socket() -> io::Result<OwnedFd> {
+    // SAFETY: plain socket call.
+    let s = cvt(unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) })?;
+    // SAFETY: s is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(s) })
+}
+
+/// Brings an interface up (in the caller's network namespace).
+pub fn set_link_up(name: &str) -> io::Result<()> {
+    let s = ctl_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS fills the flags of a struct ifreq.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req as *mut IfReq) })?;
+    let mut flags = libc::c_short::from_ne_bytes([req.data[0], req.data[1]]);
+    flags |= libc::IFF_UP as libc::c_short;
+    req.data[..2].copy_from_slice(&flags.to_ne_bytes());
+    // SAFETY: SIOCSIFFLAGS reads the flags of a struct ifreq.
+    cvt(unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req as *mut IfReq) })?;
+    Ok(())
+}
+
+/// The index of an interface.
+pub fn ifindex(name: &str) -> io::Result<i32> {
+    ifreq(name)?;
+    let c = CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: c is a valid C string.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface named {name:?}"),
+        ))
+    } else {
+        Ok(i as i32)
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, opt: i32, v: i32) -> io::Result<()> {
+    // SAFETY: passes a pointer to a c_int and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            opt,
+            &v as *const i32 as *const libc::c_void,
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    })?;
+    Ok(())
+}
+
+/// Opens an AF_PACKET socket bound to `name`: promiscuous, outgoing host frames ignored,
+/// VLAN auxdata on, non-blocking, large buffers. Brings the interface up.
+pub fn open_packet(name: &str) -> io::Result<OwnedFd> {
+    let idx = ifindex(name)?;
+    let proto = (libc::ETH_P_ALL as u16).to_be() as i32;
+    // SAFETY: plain socket call.
+    let fd =
+        cvt(unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, proto) })?;
+    // SAFETY: fd is fresh.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let raw = fd.as_raw_fd();
+    // SAFETY: sockaddr_ll is plain data; zeroed is a valid value.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = libc::AF_PACKET as u16;
+    sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+    sll.sll_ifindex = idx;
+    // SAFETY: binds with a correctly sized sockaddr_ll.
+    cvt(unsafe {
+        libc::bind(
+            raw,
+            &sll as *const libc::sockaddr_ll as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    })?;
+    // SAFETY: packet_mreq is plain data.
+    let mut mreq: libc::packet_mreq = unsafe { std::mem::zeroed() };
+    mreq.mr_ifindex = idx;
+    mreq.mr_type = libc::PACKET_MR_PROMISC as u16;
+    // SAFETY: passes a packet_mreq and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            raw,
+            libc::SOL_PACKET,
+            libc::PACKET_ADD_MEMBERSHIP,
+            &mreq as *const libc::packet_mreq as *const libc::c_void,
+            std::mem::size_of::<libc::packet_mreq>() as libc::socklen_t,
+        )
+    })?;
+    setsockopt_int(raw, libc::SOL_PACKET, libc::PACKET_AUXDATA, 1)?;
+    // Frames the host itself sends out of the interface are not switch input.
+    setsockopt_int(raw, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, 1)?;
+    let _ = setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 8 << 20);
+    let _ = setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
+    set_nonblocking(raw)?;
+    set_link_up(name)?;
+    Ok(fd)
+}
+
+/// A non-blocking eventfd.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain eventfd call.
+    let fd = cvt(unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) })?;
+    // SAFETY: fd is fresh.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Adds 1 to an eventfd.
+pub fn eventfd_kick(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a u64.
+    let _ = unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Drains an eventfd.
+pub fn eventfd_drain(fd: RawFd) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a u64.
+    let _ = unsafe { libc::read(fd, &mut v as *mut u64 as *mut libc::c_void, 8) };
+}
+
+/// read(2) into `buf`.
+pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for buf.len() bytes.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr() as *mut libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+/// write(2) from `buf`.
+pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    // SAFETY: buf is valid for buf.len() bytes.
+    let n = unsafe { libc::write(fd, buf.as_ptr() as *const libc::c_void, buf.len()) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+const AUX_SPACE: usize = 64;
+
+/// Receive buffers for `recvmmsg` on a packet socket, with VLAN auxdata.
+pub struct RecvBatch {
+    bufs: Vec<Vec<u8>>,
+    ctrl: Vec<[u64; AUX_SPACE / 8]>,
+    iovs: Vec<libc::iovec>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers inside only point into the batch's own heap buffers.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// `n` buffers of `size` bytes (4 spare bytes in front for re-inserting a VLAN tag).
+    pub fn new(n: usize, size: usize) -> Self {
+        RecvBatch {
+            bufs: (0..n).map(|_| vec![0u8; size + 4]).collect(),
+            ctrl: vec![[0u64; AUX_SPACE / 8]; n],
+            // SAFETY: iovec and mmsghdr are plain data.
+            iovs: vec![unsafe { std::mem::zeroed() }; n],
+            // SAFETY: as above.
+            hdrs: vec![unsafe { std::mem::zeroed() }; n],
+        }
+    }
+
+    /// Receives up to the batch size without blocking and calls `f` on each frame, with the
+    /// 802.1Q tag the kernel had stripped put back.
+    pub fn recv(&mut self, fd: RawFd, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let n = self.bufs.len();
+        for i in 0..n {
+            self.iovs[i].iov_base = self.bufs[i][4..].as_mut_ptr() as *mut libc::c_void;
+            self.iovs[i].iov_len = self.bufs[i].len() - 4;
+            let h = &mut self.hdrs[i].msg_hdr;
+            h.msg_name = std::ptr::null_mut();
+            h.msg_namelen = 0;
+            h.msg_iov = &mut self.iovs[i];
+            h.msg_iovlen = 1;
+            h.msg_control = self.ctrl[i].as_mut_ptr() as *mut libc::c_void;
+            h.msg_controllen = AUX_SPACE;
+            h.msg_flags = 0;
+            self.hdrs[i].msg_len = 0;
+        }
+        // SAFETY: every header points at live buffers of the stated sizes.
+        let r = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.hdrs.as_mut_ptr(),
+                n as libc::c_uint,
+                libc::MSG_DONTWAIT,
+                std::ptr::null_mut(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let got = r as usize;
+        for i in 0..got {
+            let len = self.hdrs[i].msg_len as usize;
+            let tci = self.vlan_tci(i);
+            let buf = &mut self.bufs[i];
+            let len = len.min(buf.len() - 4);
+            match tci {
+                Some((tpid, tci)) if len >= 12 => {
+                    // move the MACs 4 bytes left and put the tag after them
+                    buf.copy_within(4..16, 0);
+                    buf[12..14].copy_from_slice(&tpid.to_be_bytes());
+                    buf[14..16].copy_from_slice(&tci.to_be_bytes());
+                    f(&buf[..len + 4]);
+                }
+                _ => f(&buf[4..4 + len]),
+            }
+        }
+        Ok(got)
+    }
+
+    fn vlan_tci(&self, i: usize) -> Option<(u16, u16)> {
+        let h = &self.hdrs[i].msg_hdr;
+        // SAFETY: walking the control buffer the kernel filled, with the libc CMSG macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_PACKET && (*c).cmsg_type == libc::PACKET_AUXDATA {
+                    let d = libc::CMSG_DATA(c);
+                    let mut a = [0u8; 20];
+                    std::ptr::copy_nonoverlapping(d, a.as_mut_ptr(), 20);
+                    let status = u32::from_ne_bytes([a[0], a[1], a[2], a[3]]);
+                    let tci = u16::from_ne_bytes([a[16], a[17]]);
+                    let tpid = u16::from_ne_bytes([a[18], a[19]]);
+                    if status & libc::TP_STATUS_VLAN_VALID != 0 {
+                        let tpid = if status & libc::TP_STATUS_VLAN_TPID_VALID != 0 && tpid != 0 {
+                            tpid
+                        } else {
+                            0x8100
+                        };
+                        return Some((tpid, tci));
+                    }
+                    return None;
+                }
+                c = libc::CMSG_NXTHDR(h, c);
+            }
+        }
+        None
+    }
+}
+
+/// Sends frames from a flat buffer with `sendmmsg`; returns how many were sent.
+pub fn sendmmsg(fd: RawFd, buf: &[u8], lens: &[usize]) -> io::Result<usize> {
+    let mut iovs: Vec<libc::iovec> = Vec::with_capacity(lens.len());
+    let mut off = 0;
+    for &l in lens {
+        iovs.push(libc::iovec {
+            iov_base: buf[off..off + l].as_ptr() as *mut libc::c_void,
+            iov_len: l,
+        });
+        off += l;
+    }
+    // SAFETY: mmsghdr is plain data.
+    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; lens.len()];
+    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+        h.msg_hdr.msg_iov = iov;
+        h.msg_hdr.msg_iovlen = 1;
+    }
+    // SAFETY: headers point at iovecs over `buf`, all alive for the call.
+    let r = unsafe {
+        libc::sendmmsg(
+            fd,
+            hdrs.as_mut_ptr(),
+            hdrs.len() as libc::c_uint,
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}

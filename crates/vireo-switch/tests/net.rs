@@ -1,0 +1,381 @@
+//! Real Linux networking through `vireo-switch`: namespaces joined by veth pairs whose root
+//! ends are AF_PACKET ports, TAP ports, and QEMU-like stream peers. Run as root.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+fn two_vlans(t: &str) -> (Switch, Vec<Netns>, Vec<Link>) {
+    let ns: Vec<Netns> = (1..=3)
+        .map(|i| Netns::new(&format!("vsw{t}n{i}")))
+        .collect();
+    let mut links = Vec::new();
+    let mut ports = Vec::new();
+    for (i, n) in ns.iter().enumerate() {
+        let outer = format!("vsw{t}o{i}");
+        n.veth("eth0", &outer, Some(&format!("10.77.0.{}/24", i + 1)));
+        let vlan = if i < 2 { 10 } else { 20 };
+        ports.push(packet_port(&format!("p{i}"), &outer, access(vlan)));
+        links.push(Link(outer));
+    }
+    let sw = Switch::start(json!({"name": format!("t{t}"), "type": "private", "ports": ports}));
+    (sw, ns, links)
+}
+
+/// Ping works between two namespaces on VLAN 10 and never reaches a namespace on VLAN 20
+/// in the same IP subnet; the VLAN 20 port's counters show no frame delivered.
+#[test]
+fn same_vlan_pings_other_vlan_isolated() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    assert!(
+        ns[0].exec_ok("busybox ping -w 4 -c 3 -i 0.2 -W 2 10.77.0.2"),
+        "same VLAN ping failed\n{}",
+        sw.log()
+    );
+    assert!(
+        !ns[0].exec_ok("busybox ping -w 4 -c 2 -i 0.2 -W 1 10.77.0.3"),
+        "ping crossed VLANs"
+    );
+    let c2 = sw.counters("p2");
+    assert_eq!(c2["tx_packets"], 0, "VLAN 20 port got frames: {c2}");
+    let c1 = sw.counters("p1");
+    assert!(c1["tx_packets"].as_u64().unwrap() >= 3, "{c1}");
+    // FDB learned both VLAN 10 MACs
+    let fdb = sw.ok("GET", "/v1/fdb", None);
+    let learned: Vec<_> = fdb
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["vlan"] == 10)
+        .collect();
+    assert!(learned.len() >= 2, "{fdb}");
+    // moving p2 into VLAN 10 at run time makes it reachable
+    sw.ok("PATCH", "/v1/ports/p2", Some(json!({"vlan": access(10)})));
+    assert!(
+        ns[0].exec_ok("busybox ping -w 4 -c 2 -i 0.2 -W 2 10.77.0.3"),
+        "after VLAN change"
+    );
+}
+
+/// A trunk stream port sees VLAN 10 traffic tagged with VID 10 (read by a QEMU-like peer),
+/// and a tagged reply from the peer reaches the access port untagged (the namespace learns
+/// the peer's MAC from its ARP reply).
+#[test]
+fn trunk_tags_on_the_wire() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    let sock = sw.dir.path().join("trunk.sock");
+    let mut peer = StreamPeer::listen(&sock);
+    sw.ok(
+        "POST",
+        "/v1/ports",
+        Some(
+            json!({"name": "trunk", "backend": {"kind": "stream_connect", "path": sock},
+                    "vlan": {"mode": "trunk", "allowed": "10,20"}}),
+        ),
+    );
+    peer.accept();
+    sw.wait_up("trunk");
+    let _ = ns[0].exec_ok("busybox ping -w 4 -c 1 -W 1 10.77.0.9");
+    let arp = peer
+        .recv_until(Duration::from_secs(5), |f| {
+            f.len() >= 18 && f[12..14] == [0x81, 0x00] && f[16..18] == [0x08, 0x06]
+        })
+        .expect("no tagged ARP on the trunk");
+    let vid = u16::from_be_bytes([arp[14], arp[15]]) & 0xfff;
+    assert_eq!(vid, 10);
+    let ns_mac = &arp[6..12];
+    // ARP reply for 10.77.0.9 from 02:00:00:00:00:09, tagged VID 10
+    let me = [2u8, 0, 0, 0, 0, 9];
+    let mut f = Vec::new();
+    f.extend_from_slice(ns_mac);
+    f.extend_from_slice(&me);
+    f.extend_from_slice(&[0x81, 0x00, 0x00, 10, 0x08, 0x06]);
+    f.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 2]);
+    f.extend_from_slice(&me);
+    f.extend_from_slice(&[10, 77, 0, 9]);
+    f.extend_from_slice(ns_mac);
+    f.extend_from_slice(&[10, 77, 0, 1]);
+    let _ = ns[0].exec_ok("busybox ping -w 4 -c 1 -W 1 10.77.0.9");
+    peer.send(&f);
+    std::thread::sleep(Duration::from_millis(300));
+    let neigh = ns[0].exec("ip neigh show 10.77.0.9");
+    assert!(
+        neigh.contains("02:00:00:00:00:09"),
+        "reply not delivered untagged: {neigh}"
+    );
+    // the same reply tagged for VLAN 30 (not allowed on the trunk) is dropped and counted
+    f[15] = 30;
+    peer.send(&f);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(sw.counters("trunk")["drops"]["vlan"], 1);
+}
+
+/// MAC spoofing protection drops a namespace whose MAC is not the port's, counts the
+/// drops, and switching spoofing on at run time lets it through.
+#[test]
+fn mac_spoofing_is_dropped_and_counted() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    sw.ok(
+        "PATCH",
+        "/v1/ports/p0",
+        Some(json!({"mac": "52:54:00:00:00:01"})),
+    );
+    assert!(!ns[0].exec_ok("busybox ping -w 4 -c 2 -i 0.2 -W 1 10.77.0.2"));
+    let d = sw.counters("p0")["drops"]["mac_spoofing"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(d >= 2, "{}", sw.counters("p0"));
+    sw.ok("PATCH", "/v1/ports/p0", Some(json!({"mac_spoofing": true})));
+    assert!(ns[0].exec_ok("busybox ping -w 4 -c 2 -i 0.2 -W 2 10.77.0.2"));
+}
+
+/// Bad requests are refused with a clear error and change nothing (also on disk).
+#[test]
+fn bad_requests_change_nothing() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, _ns, _links) = two_vlans(&t);
+    let before = std::fs::read(sw.run_dir().join("switch.json")).unwrap();
+    let (st, v) = sw.api("PATCH", "/v1/ports/p0", Some(json!({"vlan": access(5000)})));
+    assert_eq!(st, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("5000"), "{v}");
+    let (st, _) = sw.api(
+        "POST",
+        "/v1/ports",
+        Some(packet_port("p0", "lo", access(1))),
+    );
+    assert_eq!(st, 409);
+    let (st, v) = sw.api(
+        "POST",
+        "/v1/ports",
+        Some(packet_port("px", "nonexistent0", access(1))),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(v["kind"], "io");
+    let (st, _) = sw.api("DELETE", "/v1/ports/nope", None);
+    assert_eq!(st, 404);
+    let (st, _) = sw.api("PATCH", "/v1/ports/p0", Some(json!({"bogus": 1})));
+    assert!(st == 400 || st == 422, "{st}");
+    let (st, _) = sw.api("PUT", "/v1/mirror", Some(json!({"destination": "nope"})));
+    assert_eq!(st, 400);
+    assert_eq!(sw.ok("GET", "/v1/ports", None).as_array().unwrap().len(), 3);
+    let after = std::fs::read(sw.run_dir().join("switch.json")).unwrap();
+    assert_eq!(before, after, "persisted state changed");
+}
+
+/// A live capture of a port writes a readable pcap holding the pinged frames in both
+/// directions.
+#[test]
+fn capture_writes_pcap() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    let out = sw.dir.path().join("p1.pcap");
+    sw.ok("POST", "/v1/ports/p1/capture", Some(json!({"path": out})));
+    assert!(ns[0].exec_ok("busybox ping -w 4 -c 3 -i 0.2 -W 2 10.77.0.2"));
+    let stopped = sw.ok("DELETE", "/v1/ports/p1/capture", None);
+    let data = std::fs::read(&out).unwrap();
+    let frames = switch::capture::read_pcap(&data).expect("pcap readable");
+    assert_eq!(frames.len() as u64, stopped["frames"].as_u64().unwrap());
+    let icmp = |ty: u8| {
+        frames
+            .iter()
+            .filter(|(_, f)| f.len() > 34 && f[12..14] == [8, 0] && f[23] == 1 && f[34] == ty)
+            .count()
+    };
+    assert_eq!(icmp(8), 3, "echo requests delivered to p1");
+    assert_eq!(icmp(0), 3, "echo replies sent by p1");
+    assert_eq!(&data[0..4], &0xa1b2c3d4u32.to_le_bytes());
+    if sh_ok("command -v tshark") {
+        let n = sh(&format!("tshark -r {} 2>/dev/null | wc -l", out.display()));
+        assert_eq!(n.trim().parse::<usize>().unwrap(), frames.len());
+    }
+}
+
+/// Port mirroring copies a source port's traffic to a destination in another VLAN.
+#[test]
+fn mirror_to_port() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    sw.ok(
+        "PUT",
+        "/v1/mirror",
+        Some(json!({"destination": "p2", "sources": ["p0"]})),
+    );
+    let cap = sw.dir.path().join("m.pcap");
+    sw.ok("POST", "/v1/ports/p2/capture", Some(json!({"path": cap})));
+    assert!(ns[0].exec_ok("busybox ping -w 4 -c 3 -i 0.2 -W 2 10.77.0.2"));
+    sw.ok("DELETE", "/v1/ports/p2/capture", None);
+    let frames = switch::capture::read_pcap(&std::fs::read(&cap).unwrap()).unwrap();
+    // mirrored copies carry the VLAN 10 tag (p2 is access VLAN 20)
+    let tagged_icmp = frames
+        .iter()
+        .filter(|(_, f)| {
+            f.len() > 38 && f[12..16] == [0x81, 0, 0, 10] && f[16..18] == [8, 0] && f[27] == 1
+        })
+        .count();
+    assert!(
+        tagged_icmp >= 6,
+        "got {tagged_icmp} mirrored ICMP frames of {}",
+        frames.len()
+    );
+    // ns3 (VLAN 20) still cannot talk to VLAN 10
+    assert!(!ns[2].exec_ok("busybox ping -w 4 -c 1 -W 1 10.77.0.1"));
+}
+
+/// DHCP guard: dnsmasq serving from a guarded port hands out no lease; unguarded, the
+/// client gets an address from the pool.
+#[test]
+fn dhcp_guard_blocks_rogue_server() {
+    require("dnsmasq");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    let lease = sw.dir.path().join("leases");
+    let pid = sw.dir.path().join("dnsmasq.pid");
+    ns[1].exec(&format!(
+        "dnsmasq --port=0 --interface=eth0 --bind-interfaces --dhcp-range=10.77.0.100,10.77.0.150,1m \
+         --dhcp-leasefile={} --pid-file={} --no-resolv --no-hosts",
+        lease.display(),
+        pid.display()
+    ));
+    let _kill = Killer(pid.clone());
+    sw.ok("PATCH", "/v1/ports/p1", Some(json!({"dhcp_guard": true})));
+    let script = sw.dir.path().join("udhcpc.sh");
+    std::fs::write(
+        &script,
+        "#!/bin/sh\n[ \"$1\" = bound ] && echo \"LEASE $ip\"\nexit 0\n",
+    )
+    .unwrap();
+    sh(&format!("chmod +x {}", script.display()));
+    let cmd = format!(
+        "busybox udhcpc -i eth0 -n -q -f -t 3 -T 1 -s {}",
+        script.display()
+    );
+    assert!(!ns[0].exec_ok(&cmd), "got a lease through DHCP guard");
+    let g = sw.counters("p1")["drops"]["dhcp_guard"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(g >= 1, "{}", sw.counters("p1"));
+    sw.ok("PATCH", "/v1/ports/p1", Some(json!({"dhcp_guard": false})));
+    let out = ns[0].exec(&cmd);
+    assert!(out.contains("LEASE 10.77.0.1"), "no lease: {out}");
+}
+
+struct Killer(std::path::PathBuf);
+impl Drop for Killer {
+    fn drop(&mut self) {
+        if let Ok(p) = std::fs::read_to_string(&self.0) {
+            let _ = sh_ok(&format!("kill {}", p.trim()));
+        }
+    }
+}
+
+/// QoS maximum bandwidth: iperf3 TCP through a port limited to 20 Mbit/s measures within
+/// a generous band around the limit, and clearly above it with the limit removed.
+#[test]
+fn qos_max_bandwidth_limits_iperf3() {
+    require("iperf3");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    ns[1].exec("iperf3 -s -D -1 -p 5301");
+    sw.ok(
+        "PATCH",
+        "/v1/ports/p0",
+        Some(json!({"qos": {"max_bps": 20_000_000}})),
+    );
+    let out = ns[0].exec("iperf3 -c 10.77.0.2 -p 5301 -t 3 -J");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(bps > 5e6 && bps < 30e6, "limited to 20M, measured {bps}");
+    assert!(sw.counters("p0")["drops"]["qos"].as_u64().unwrap_or(0) > 0);
+    sw.ok("PATCH", "/v1/ports/p0", Some(json!({"qos": {}})));
+    ns[1].exec("iperf3 -s -D -1 -p 5302");
+    let out = ns[0].exec("iperf3 -c 10.77.0.2 -p 5302 -t 2 -J");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let free = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    assert!(free > 40e6, "unlimited measured {free}");
+}
+
+/// A TAP port: the switch creates the interface; moved into a namespace it carries pings
+/// to a veth-attached namespace on the same VLAN.
+#[test]
+fn tap_port_carries_traffic() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (sw, ns, _links) = two_vlans(&t);
+    let tap = format!("vsw{t}t");
+    let _l = Link(tap.clone());
+    sw.ok(
+        "POST",
+        "/v1/ports",
+        Some(json!({"name": "tap", "backend": {"kind": "tap", "ifname": tap}, "vlan": access(10)})),
+    );
+    let tns = Netns::new(&format!("vsw{t}tn"));
+    sh(&format!("ip link set {tap} netns {}", tns.name));
+    sh(&format!(
+        "ip -n {} addr add 10.77.0.9/24 dev {tap}",
+        tns.name
+    ));
+    sh(&format!("ip -n {} link set {tap} up", tns.name));
+    assert!(
+        tns.exec_ok("busybox ping -w 4 -c 3 -i 0.2 -W 2 10.77.0.1"),
+        "{}",
+        sw.log()
+    );
+    assert!(!tns.exec_ok("busybox ping -w 4 -c 1 -W 1 10.77.0.3"));
+    drop(ns);
+}
+
+/// The switch survives being killed: a restart on the same run dir restores every port
+/// (including ones added through the API), reconnects to stream peers on its own, and
+/// forwards again.
+#[test]
+fn restart_restores_ports_and_reconnects() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let (mut sw, ns, _links) = two_vlans(&t);
+    let sock = sw.dir.path().join("vm.sock");
+    let mut peer = StreamPeer::listen(&sock);
+    sw.ok(
+        "POST",
+        "/v1/ports",
+        Some(json!({"name": "vm", "backend": {"kind": "stream_connect", "path": sock}, "vlan": access(10)})),
+    );
+    peer.accept();
+    sw.kill();
+    // new switch process: no --config, state comes from the run dir
+    sw.spawn(None);
+    peer.accept();
+    sw.wait_up("vm");
+    let ports = sw.ok("GET", "/v1/ports", None);
+    assert_eq!(ports.as_array().unwrap().len(), 4);
+    let _ = ns[0].exec_ok("busybox ping -w 4 -c 1 -W 1 10.77.0.9");
+    let f = peer.recv_until(Duration::from_secs(5), |f| {
+        f.len() >= 14 && f[12..14] == [8, 6]
+    });
+    assert!(f.is_some(), "no ARP after restart");
+    assert!(ns[0].exec_ok("busybox ping -w 4 -c 2 -i 0.2 -W 2 10.77.0.2"));
+}
