@@ -354,6 +354,11 @@ pub struct MachineConfig {
     /// Guest RTC in local time (Windows) instead of UTC.
     #[serde(default)]
     pub rtc_localtime: bool,
+    /// Generation 2: empty PCIe root ports `hp0`..`hpN-1` for hot-adding PCI devices
+    /// (`device_add ... bus=hp0`); q35's root bus takes no hotplug. Generation 1 hot-adds
+    /// on `pci.0` and ignores this.
+    #[serde(default)]
+    pub hotplug_ports: u32,
 }
 
 /// Escapes one option value for QEMU's `key=value,...` parser.
@@ -575,6 +580,12 @@ impl MachineConfig {
                     value: m.requested_mib,
                 });
             }
+        }
+        if self.hotplug_ports > 32 {
+            return Err(CmdlineError::OutOfRange {
+                field: "hotplug_ports",
+                value: self.hotplug_ports.into(),
+            });
         }
         if let Some(inc) = &self.incoming {
             check_nul(OsStr::new(inc))?;
@@ -891,6 +902,19 @@ impl MachineConfig {
             );
         }
 
+        if gen2 {
+            for i in 0..self.hotplug_ports {
+                a.push(
+                    "-device",
+                    format!(
+                        "pcie-root-port,id=hp{i},chassis={},port={}",
+                        i + 1,
+                        0x10 + i
+                    ),
+                );
+            }
+        }
+
         if let Some(inc) = &self.incoming {
             a.push("-incoming", inc.clone());
         }
@@ -909,6 +933,75 @@ impl MachineConfig {
             .collect::<Vec<_>>()
             .join(" "))
     }
+}
+
+/// QMP arguments to hot-add a disk: the `blockdev-add` objects (in order) and the
+/// `device_add` driver and properties (without `id`, which is `disk.id`).
+///
+/// SCSI disks go on `scsi0.0` at `lun` (the machine must have a SCSI disk already, or
+/// the caller adds `virtio-scsi-pci` first); virtio-blk disks need a free hotplug port
+/// (`bus`, e.g. `hp0`) on generation 2. IDE does not hotplug.
+pub fn disk_hotplug_args(
+    disk: &DiskAttachment,
+    lun: u32,
+    bus: Option<&str>,
+) -> Result<(Vec<serde_json::Value>, &'static str, serde_json::Value), CmdlineError> {
+    use serde_json::json;
+    validate_id(&disk.id)?;
+    let node = format!("drv-{}", disk.id);
+    let cd = disk.media == DiskMedia::Cdrom;
+    let mut blockdevs = Vec::new();
+    let path_str = |p: &Path| -> Result<String, CmdlineError> {
+        check_abs(p)?;
+        p.to_str()
+            .map(str::to_string)
+            .ok_or_else(|| CmdlineError::Nul(p.to_string_lossy().into_owned()))
+    };
+    match &disk.source {
+        DiskSource::File {
+            path,
+            format,
+            read_only,
+        } => {
+            let ro = *read_only || cd;
+            let file_node = format!("file-{}", disk.id);
+            blockdevs.push(json!({"node-name": file_node, "driver": "file",
+                "filename": path_str(path)?, "read-only": ro}));
+            blockdevs.push(json!({"node-name": node, "driver": format.driver(),
+                "file": file_node, "read-only": ro}));
+        }
+        DiskSource::Nbd {
+            socket_path,
+            export,
+            reconnect_delay,
+            read_only,
+        } => {
+            blockdevs.push(json!({"node-name": node, "driver": "nbd",
+                "server": {"type": "unix", "path": path_str(socket_path)?},
+                "export": export, "reconnect-delay": reconnect_delay,
+                "read-only": *read_only || cd}));
+        }
+    }
+    let (driver, mut props) = match disk.bus {
+        DiskBus::Ide => {
+            return Err(CmdlineError::Inconsistent(format!(
+                "disk {}: IDE does not support hot-add",
+                disk.id
+            )))
+        }
+        DiskBus::Scsi => (
+            if cd { "scsi-cd" } else { "scsi-hd" },
+            json!({"bus": "scsi0.0", "channel": 0, "scsi-id": 0, "lun": lun, "drive": node}),
+        ),
+        DiskBus::VirtioBlk => ("virtio-blk-pci", json!({"drive": node})),
+    };
+    if let (Some(b), DiskBus::VirtioBlk) = (bus, disk.bus) {
+        props["bus"] = json!(b);
+    }
+    if let Some(b) = disk.boot_index {
+        props["bootindex"] = json!(b);
+    }
+    Ok((blockdevs, driver, props))
 }
 
 #[cfg(test)]
@@ -940,6 +1033,7 @@ mod tests {
             balloon: Some(BalloonConfig::default()),
             virtio_mem: None,
             rtc_localtime: false,
+            hotplug_ports: 0,
         }
     }
 

@@ -26,9 +26,9 @@ pub mod testing;
 
 pub use accel::{choose_accel, probe_kvm, probe_kvm_cached, AccelProbe, AccelRequest};
 pub use cmdline::{
-    Accel, BalloonConfig, CmdlineError, DiskAttachment, DiskBus, DiskFormat, DiskMedia, DiskSource,
-    Firmware, Generation, MachineConfig, NicAttachment, NicBackend, NicModel, RunPaths,
-    VirtioMemConfig,
+    disk_hotplug_args, Accel, BalloonConfig, CmdlineError, DiskAttachment, DiskBus, DiskFormat,
+    DiskMedia, DiskSource, Firmware, Generation, MachineConfig, NicAttachment, NicBackend,
+    NicModel, RunPaths, VirtioMemConfig,
 };
 pub use firmware::{
     detect_boot_refusal, prepare_vars, FirmwareError, OvmfPaths, SecureBootTemplate,

@@ -361,6 +361,9 @@ pub fn detect_boot_refusal(console_log: &str) -> Option<String> {
     clean
         .split(['\n', '\r'])
         .map(str::trim)
+        // The firmware's own shell is refused too under Secure Boot; that is not the VM's
+        // boot loader.
+        .filter(|l| !l.contains("EFI Internal Shell"))
         .find(|l| PATTERNS.iter().any(|p| l.contains(p)))
         .map(str::to_string)
 }
@@ -402,6 +405,8 @@ mod tests {
             detect_boot_refusal(log).as_deref(),
             Some("BdsDxe: failed to load Boot0001 \"UEFI QEMU QEMU HARDDISK \" from PciRoot(0x0)/Pci(0x3,0x0)/Scsi(0x0,0x0): Access Denied")
         );
+        let shell = "BdsDxe: failed to start Boot0002 \"EFI Internal Shell\" from Fv(7CB8BDC9-F8EB-4F34-AAEA-3EE4AF6516A1)/FvFile(7C04A583-9E3E-4F1C-AD65-E05268D0B4D1): Security Violation\r\n";
+        assert_eq!(detect_boot_refusal(shell), None);
         let ok = "Failed to open \\EFI\\BOOT\\grubx64.efi - Not Found\r\nstart_image() returned Not Found\r\n";
         assert_eq!(detect_boot_refusal(ok), None);
     }
