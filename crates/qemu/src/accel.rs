@@ -126,9 +126,7 @@ pub fn probe_kvm() -> AccelProbe {
         },
         Ok(ProbeRun::Finished(d)) if d <= USABLE_THRESHOLD => AccelProbe {
             usable: true,
-            reason: format!(
-                "probe loop of {LOOP_ITERATIONS} iterations ran in {d:?}; {flag_note}"
-            ),
+            reason: format!("probe loop of {LOOP_ITERATIONS} iterations ran in {d:?}; {flag_note}"),
             measured: Some(d),
         },
         Ok(ProbeRun::Finished(d)) => AccelProbe {
@@ -139,14 +137,25 @@ pub fn probe_kvm() -> AccelProbe {
             ),
             measured: Some(d),
         },
-        Ok(ProbeRun::Overran) => AccelProbe {
-            usable: false,
-            reason: format!(
-                "kvm is too slow: probe loop of {LOOP_ITERATIONS} iterations did not finish in \
-                 {RUN_BUDGET:?} (hardware: < 5 ms; nested virtualization without VT-x?); {flag_note}"
-            ),
-            measured: None,
-        },
+        Ok(ProbeRun::Overran(progress)) => {
+            let rate = match progress {
+                Some((spent, done)) if done > 0 => format!(
+                    " (ran {done} iterations in {spent:?}, about {} ns per iteration)",
+                    spent.as_nanos() / u128::from(done)
+                ),
+                Some((spent, _)) => format!(" (no iteration completed in {spent:?})"),
+                None => String::new(),
+            };
+            AccelProbe {
+                usable: false,
+                reason: format!(
+                    "kvm is too slow: probe loop of {LOOP_ITERATIONS} iterations did not finish \
+                     in {RUN_BUDGET:?}{rate} (hardware: < 5 ms; nested virtualization without \
+                     VT-x?); {flag_note}"
+                ),
+                measured: None,
+            }
+        }
     };
     tracing::info!(usable = probe.usable, reason = %probe.reason, "kvm probe");
     probe
@@ -168,7 +177,8 @@ fn cpu_virt_flag() -> Option<&'static str> {
 
 enum ProbeRun {
     Finished(Duration),
-    Overran,
+    /// Over budget; (time in KVM_RUN, iterations done) when the vCPU came back.
+    Overran(Option<(Duration, u64)>),
 }
 
 /// Anonymous guest memory, unmapped on drop.
@@ -254,7 +264,8 @@ fn install_kick_handler() -> bool {
 #[derive(Debug)]
 enum VcpuOutcome {
     Halted(Duration),
-    Interrupted,
+    /// Stopped by the kick: time spent in KVM_RUN and iterations done.
+    Interrupted(Duration, u64),
     Failed(String),
 }
 
@@ -313,7 +324,9 @@ fn run_probe_vm() -> Result<ProbeRun, String> {
                 let mut spent = Duration::ZERO;
                 loop {
                     if stop_thread.load(Ordering::SeqCst) {
-                        return VcpuOutcome::Interrupted;
+                        let left = vcpu.get_regs().map(|r| r.rcx & 0xffff_ffff).unwrap_or(0);
+                        let done = u64::from(LOOP_ITERATIONS).saturating_sub(left);
+                        return VcpuOutcome::Interrupted(spent, done);
                     }
                     let t = Instant::now();
                     let exit = vcpu.run();
@@ -363,9 +376,9 @@ fn run_probe_vm() -> Result<ProbeRun, String> {
             let _ = handle.join();
             Ok(ProbeRun::Finished(d))
         }
-        Some(VcpuOutcome::Interrupted) => {
+        Some(VcpuOutcome::Interrupted(spent, done)) => {
             let _ = handle.join();
-            Ok(ProbeRun::Overran)
+            Ok(ProbeRun::Overran(Some((spent, done))))
         }
         Some(VcpuOutcome::Failed(e)) => {
             let _ = handle.join();
@@ -375,7 +388,7 @@ fn run_probe_vm() -> Result<ProbeRun, String> {
             // The vCPU did not come back; abandon the thread (it ends when the loop ends).
             tracing::warn!("kvm probe vcpu did not leave KVM_RUN; abandoning its thread");
             drop(handle);
-            Ok(ProbeRun::Overran)
+            Ok(ProbeRun::Overran(None))
         }
     }
 }
