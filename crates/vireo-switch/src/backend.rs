@@ -99,7 +99,7 @@ impl PortIo {
                 let fd = sys::open_packet(ifname)?;
                 PortIo::Packet(
                     FramePort::new(fd),
-                    Box::new(sys::RecvBatch::new(READ_BATCH, 9216 + 64)),
+                    Box::new(sys::RecvBatch::new(READ_BATCH, 65536 + 64)),
                 )
             }
         })
