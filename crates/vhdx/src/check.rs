@@ -49,6 +49,7 @@ pub fn check(path: &Path, repair: bool) -> Result<CheckReport> {
         lenient: true,
         preopened: &[],
         visited: Vec::new(),
+        unchecked: false,
     };
     let v = Vhdx::open_ctx(path, &mut ctx)?;
     let mut r = CheckReport {

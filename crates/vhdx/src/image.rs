@@ -147,6 +147,8 @@ pub(crate) struct OpenCtx<'a> {
     pub lenient: bool,
     pub preopened: &'a [Arc<Vhdx>],
     pub visited: Vec<PathBuf>,
+    /// Skip DataWriteGuid checks (only to discover a chain's paths).
+    pub unchecked: bool,
 }
 
 impl Vhdx {
@@ -158,6 +160,7 @@ impl Vhdx {
             lenient: false,
             preopened: &[],
             visited: Vec::new(),
+            unchecked: false,
         };
         Vhdx::open_ctx(path.as_ref(), &mut ctx)
     }
@@ -174,6 +177,7 @@ impl Vhdx {
             lenient: false,
             preopened: parents,
             visited: Vec::new(),
+            unchecked: false,
         };
         Vhdx::open_ctx(path.as_ref(), &mut ctx)
     }
@@ -199,7 +203,15 @@ impl Vhdx {
                 max: MAX_CHAIN_DEPTH,
             });
         }
-        ctx.visited.push(canon);
+        ctx.visited.push(canon.clone());
+        let r = Vhdx::open_validated(path, ctx);
+        if r.is_err() {
+            ctx.visited.retain(|v| v != &canon);
+        }
+        r
+    }
+
+    fn open_validated(path: &Path, ctx: &mut OpenCtx<'_>) -> Result<Vhdx> {
         let read_only = ctx.read_only;
         let file = std::fs::OpenOptions::new()
             .read(true)
@@ -1486,12 +1498,19 @@ fn open_parent(
     let cands = l.candidates(child);
     let mut first_err: Option<Error> = None;
     let mut tried = Vec::new();
+    let mut seen: Vec<PathBuf> = Vec::new();
+    let depth = ctx.visited.len();
     for c in cands {
         tried.push(c.display().to_string());
         if !c.exists() {
             continue;
         }
         let canon = c.canonicalize().unwrap_or_else(|_| c.clone());
+        if seen.contains(&canon) {
+            continue;
+        }
+        seen.push(canon.clone());
+        ctx.visited.truncate(depth);
         let parent = if let Some(p) = ctx
             .preopened
             .iter()
@@ -1504,7 +1523,9 @@ fn open_parent(
                     max: MAX_CHAIN_DEPTH,
                 });
             }
-            p.clone()
+            // The caller vouches for a preopened parent (a resumed merge has
+            // already changed its DataWriteGuid).
+            return Ok(p.clone());
         } else {
             let saved = (ctx.read_only, ctx.lenient);
             ctx.read_only = true;
@@ -1521,7 +1542,7 @@ fn open_parent(
             }
         };
         let actual = parent.data_write_guid();
-        if actual != linkage && Some(actual) != linkage2 {
+        if !ctx.unchecked && actual != linkage && Some(actual) != linkage2 {
             first_err.get_or_insert(Error::ParentChanged {
                 child: child.to_path_buf(),
                 parent: c.clone(),

@@ -187,6 +187,7 @@ fn open_chain_unchecked(path: &Path, preopened: &[Arc<Vhdx>]) -> Result<Vhdx> {
         lenient: false,
         preopened,
         visited: Vec::new(),
+        unchecked: preopened.is_empty(),
     };
     Vhdx::open_ctx(path, &mut ctx)
 }
