@@ -31,9 +31,15 @@ fn marker_frame(text: &[u8]) -> Vec<u8> {
 }
 
 fn dump_has(path: &std::path::Path, text: &[u8]) -> bool {
-    let Ok(data) = std::fs::read(path) else { return false };
-    let Ok(frames) = switch::capture::read_pcap(&data) else { return false };
-    frames.iter().any(|(_, f)| f.windows(text.len()).any(|w| w == text))
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    let Ok(frames) = switch::capture::read_pcap(&data) else {
+        return false;
+    };
+    frames
+        .iter()
+        .any(|(_, f)| f.windows(text.len()).any(|w| w == text))
 }
 
 fn wait_for(what: &str, timeout: Duration, f: impl Fn() -> bool) {
@@ -57,34 +63,65 @@ fn qemu_stream_netdev_both_ways_and_reconnect() {
     let dump = dir.join("qemu-dump.pcap");
     let qemu = Command::new("qemu-system-x86_64")
         .args(["-machine", "pc", "-accel", "tcg", "-m", "64", "-boot", "n"])
-        .args(["-display", "none", "-monitor", "none", "-serial", "none", "-parallel", "none"])
+        .args([
+            "-display",
+            "none",
+            "-monitor",
+            "none",
+            "-serial",
+            "none",
+            "-parallel",
+            "none",
+        ])
         .arg("-netdev")
-        .arg(format!("stream,id=n0,server=on,addr.type=unix,addr.path={}", vm_sock.display()))
+        .arg(format!(
+            "stream,id=n0,server=on,addr.type=unix,addr.path={}",
+            vm_sock.display()
+        ))
         .args(["-device", "e1000,netdev=n0,mac=52:54:00:12:34:56"])
         .arg("-object")
-        .arg(format!("filter-dump,id=d0,netdev=n0,file={}", dump.display()))
+        .arg(format!(
+            "filter-dump,id=d0,netdev=n0,file={}",
+            dump.display()
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("starting qemu");
     let _qemu = Qemu(qemu);
-    wait_for("QEMU's socket", Duration::from_secs(10), || vm_sock.exists());
+    wait_for("QEMU's socket", Duration::from_secs(10), || {
+        vm_sock.exists()
+    });
 
     let peer_sock = dir.join("peer.sock");
     let mut peer = StreamPeer::listen(&peer_sock);
-    sw.ok("POST", "/v1/ports", Some(json!({"name": "peer", "backend": {"kind": "stream_connect", "path": peer_sock}})));
-    sw.ok("POST", "/v1/ports", Some(json!({"name": "vm", "backend": {"kind": "stream_connect", "path": vm_sock},
-        "mac": "52:54:00:12:34:56"})));
+    sw.ok(
+        "POST",
+        "/v1/ports",
+        Some(json!({"name": "peer", "backend": {"kind": "stream_connect", "path": peer_sock}})),
+    );
+    sw.ok(
+        "POST",
+        "/v1/ports",
+        Some(
+            json!({"name": "vm", "backend": {"kind": "stream_connect", "path": vm_sock},
+        "mac": "52:54:00:12:34:56"}),
+        ),
+    );
     peer.accept();
     sw.wait_up("vm");
 
     // QEMU -> switch -> peer
-    let f = peer.recv_until(Duration::from_secs(60), |f| f.len() >= 14 && f[6..12] == VM_MAC);
+    let f = peer.recv_until(Duration::from_secs(60), |f| {
+        f.len() >= 14 && f[6..12] == VM_MAC
+    });
     let f = f.expect("no frame from the QEMU NIC");
     assert!(f.len() >= 60, "QEMU frame {} bytes", f.len());
     // peer -> switch -> QEMU
     peer.send(&marker_frame(b"vireo-marker-1"));
-    wait_for("marker 1 in QEMU's dump", Duration::from_secs(10), || dump_has(&dump, b"vireo-marker-1"));
+    wait_for("marker 1 in QEMU's dump", Duration::from_secs(10), || {
+        dump_has(&dump, b"vireo-marker-1")
+    });
 
     // the switch dies and comes back: it reconnects to QEMU by itself
     sw.kill();
@@ -92,7 +129,9 @@ fn qemu_stream_netdev_both_ways_and_reconnect() {
     peer.accept();
     sw.wait_up("vm");
     peer.send(&marker_frame(b"vireo-marker-2"));
-    wait_for("marker 2 in QEMU's dump", Duration::from_secs(10), || dump_has(&dump, b"vireo-marker-2"));
+    wait_for("marker 2 in QEMU's dump", Duration::from_secs(10), || {
+        dump_has(&dump, b"vireo-marker-2")
+    });
     let c = sw.counters("vm");
     assert!(c["tx_packets"].as_u64().unwrap() >= 1, "{c}");
 }
