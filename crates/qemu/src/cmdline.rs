@@ -308,6 +308,10 @@ impl RunPaths {
 
 /// Id of the balloon device (for `QmpClient::set_balloon_stats_interval`).
 pub const BALLOON_ID: &str = "balloon0";
+/// Generation 2 machines carry this many empty PCIe root ports, `hp0`..`hp3`, for
+/// hot-adding PCI devices (`device_add ... bus=hp0`): q35's root bus takes no hotplug.
+/// Generation 1 hot-adds on `pci.0`.
+pub const GEN2_HOTPLUG_PORTS: u32 = 4;
 /// Id of the virtio-mem device.
 pub const VIRTIO_MEM_ID: &str = "vmem0";
 
@@ -354,11 +358,32 @@ pub struct MachineConfig {
     /// Guest RTC in local time (Windows) instead of UTC.
     #[serde(default)]
     pub rtc_localtime: bool,
-    /// Generation 2: empty PCIe root ports `hp0`..`hpN-1` for hot-adding PCI devices
-    /// (`device_add ... bus=hp0`); q35's root bus takes no hotplug. Generation 1 hot-adds
-    /// on `pci.0` and ignores this.
-    #[serde(default)]
-    pub hotplug_ports: u32,
+}
+
+impl Default for MachineConfig {
+    /// A 1-vCPU, 512 MiB generation 1 TCG machine with a balloon and nothing else; set
+    /// `name`, `uuid` and `run_dir` at least. Use `..Default::default()` in struct literals
+    /// so that new optional fields do not break callers.
+    fn default() -> Self {
+        MachineConfig {
+            name: String::new(),
+            uuid: uuid::Uuid::nil(),
+            generation: Generation::Gen1,
+            accel: Accel::Tcg,
+            cpu_model: None,
+            cpus: 1,
+            memory_mib: 512,
+            disks: Vec::new(),
+            nics: Vec::new(),
+            firmware: Firmware::Bios,
+            run_dir: PathBuf::new(),
+            incoming: None,
+            start_paused: false,
+            balloon: Some(BalloonConfig::default()),
+            virtio_mem: None,
+            rtc_localtime: false,
+        }
+    }
 }
 
 /// Escapes one option value for QEMU's `key=value,...` parser.
@@ -580,12 +605,6 @@ impl MachineConfig {
                     value: m.requested_mib,
                 });
             }
-        }
-        if self.hotplug_ports > 32 {
-            return Err(CmdlineError::OutOfRange {
-                field: "hotplug_ports",
-                value: self.hotplug_ports.into(),
-            });
         }
         if let Some(inc) = &self.incoming {
             check_nul(OsStr::new(inc))?;
@@ -903,7 +922,7 @@ impl MachineConfig {
         }
 
         if gen2 {
-            for i in 0..self.hotplug_ports {
+            for i in 0..GEN2_HOTPLUG_PORTS {
                 a.push(
                     "-device",
                     format!(
@@ -1033,7 +1052,6 @@ mod tests {
             balloon: Some(BalloonConfig::default()),
             virtio_mem: None,
             rtc_localtime: false,
-            hotplug_ports: 0,
         }
     }
 
@@ -1109,6 +1127,7 @@ mod tests {
             .iter()
             .any(|d| d.starts_with("virtio-balloon-pci,id=balloon0,free-page-reporting=on")));
         assert!(!dev.iter().any(|d| d.starts_with("virtio-scsi")));
+        assert!(!dev.iter().any(|d| d.starts_with("pcie-root-port")));
         let bd = values(&a, "-blockdev");
         assert!(bd.contains(&"node-name=drv-boot,driver=qcow2,file=file-boot,read-only=off"));
         assert!(bd.contains(&"node-name=drv-cd,driver=raw,file=file-cd,read-only=on"));
@@ -1189,6 +1208,13 @@ mod tests {
         );
         assert!(dev.contains(&"virtio-net-pci,id=nic0,mac=52:54:00:ab:cd:ef"));
         assert!(dev.contains(&"bochs-display"));
+        assert!(dev.contains(&"pcie-root-port,id=hp0,chassis=1,port=16"));
+        assert_eq!(
+            dev.iter()
+                .filter(|d| d.starts_with("pcie-root-port"))
+                .count(),
+            4
+        );
         assert!(!dev
             .iter()
             .any(|d| d.starts_with("ide-") || *d == "VGA" || d.starts_with("e1000")));

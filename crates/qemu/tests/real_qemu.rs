@@ -249,7 +249,7 @@ async fn gen1_machine_starts() {
 }
 
 /// The generation 2 argv starts: q35 + SMM + Secure Boot OVMF from a per-VM vars copy,
-/// virtio-scsi disk, virtio-net, virtio-mem, hotplug ports; OVMF reaches its boot manager
+/// virtio-scsi disk, virtio-net, virtio-mem, hotplug ports (a NIC is hot-added on `hp0`); OVMF reaches its boot manager
 /// (seen on the serial socket).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gen2_machine_reaches_firmware() {
@@ -283,7 +283,6 @@ async fn gen2_machine_reaches_firmware() {
         block_mib: 2,
         requested_mib: 0,
     });
-    cfg.hotplug_ports = 2;
     cfg.start_paused = true;
     let vm = launch(cfg).await;
     let q = &vm.qmp;

@@ -67,7 +67,6 @@ pub fn machine(generation: Generation, run_dir: &Path) -> MachineConfig {
         balloon: Some(BalloonConfig::default()),
         virtio_mem: None,
         rtc_localtime: false,
-        hotplug_ports: 0,
     }
 }
 
