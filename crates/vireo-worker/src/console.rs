@@ -20,7 +20,12 @@ pub struct ConsoleFacts {
 }
 
 /// Runs the console relay until QEMU closes the serial socket for good.
-pub async fn run(serial_sock: PathBuf, console_sock: PathBuf, log_path: PathBuf, facts: Arc<Mutex<ConsoleFacts>>) {
+pub async fn run(
+    serial_sock: PathBuf,
+    console_sock: PathBuf,
+    log_path: PathBuf,
+    facts: Arc<Mutex<ConsoleFacts>>,
+) {
     let (out_tx, _) = broadcast::channel::<Vec<u8>>(256);
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(64);
     let _ = std::fs::remove_file(&console_sock);
@@ -30,7 +35,12 @@ pub async fn run(serial_sock: PathBuf, console_sock: PathBuf, log_path: PathBuf,
         }
         Err(e) => tracing::warn!("console socket {}: {e}", console_sock.display()),
     }
-    let mut log = match tokio::fs::OpenOptions::new().create(true).append(true).open(&log_path).await {
+    let mut log = match tokio::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .await
+    {
         Ok(f) => Some(f),
         Err(e) => {
             tracing::warn!("console log {}: {e}", log_path.display());
@@ -76,7 +86,9 @@ fn observe(facts: &Mutex<ConsoleFacts>, chunk: &[u8]) {
     f.tail.push_str(&String::from_utf8_lossy(chunk));
     if f.tail.len() > 8192 {
         let cut = f.tail.len() - 4096;
-        let cut = (cut..f.tail.len()).find(|i| f.tail.is_char_boundary(*i)).unwrap_or(0);
+        let cut = (cut..f.tail.len())
+            .find(|i| f.tail.is_char_boundary(*i))
+            .unwrap_or(0);
         f.tail.drain(..cut);
     }
     if f.boot_refusal.is_none() {
@@ -86,7 +98,11 @@ fn observe(facts: &Mutex<ConsoleFacts>, chunk: &[u8]) {
     }
 }
 
-async fn serve_clients(listener: UnixListener, out: broadcast::Sender<Vec<u8>>, input: mpsc::Sender<Vec<u8>>) {
+async fn serve_clients(
+    listener: UnixListener,
+    out: broadcast::Sender<Vec<u8>>,
+    input: mpsc::Sender<Vec<u8>>,
+) {
     while let Ok((client, _)) = listener.accept().await {
         let mut rx = out.subscribe();
         let input = input.clone();

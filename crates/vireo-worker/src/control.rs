@@ -22,7 +22,14 @@ impl IntoResponse for WorkerError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             _ => StatusCode::BAD_GATEWAY,
         };
-        (status, Json(ErrorBody { kind: self.0, error: self.1 })).into_response()
+        (
+            status,
+            Json(ErrorBody {
+                kind: self.0,
+                error: self.1,
+            }),
+        )
+            .into_response()
     }
 }
 
@@ -77,13 +84,21 @@ async fn reset(State(vm): S) -> R<WorkerStatus> {
 }
 
 async fn powerdown(State(vm): S) -> R<serde_json::Value> {
-    vm.set_exit(ExitRecord { reason: "stopped through the ACPI power button".into(), clean: true, saved: false });
+    vm.set_exit(ExitRecord {
+        reason: "stopped through the ACPI power button".into(),
+        clean: true,
+        saved: false,
+    });
     vm.qmp_simple("system_powerdown").await.map_err(failed)?;
     Ok(Json(serde_json::Value::Null))
 }
 
 async fn quit(State(vm): S) -> R<serde_json::Value> {
-    vm.set_exit(ExitRecord { reason: "turned off".into(), clean: true, saved: false });
+    vm.set_exit(ExitRecord {
+        reason: "turned off".into(),
+        clean: true,
+        saved: false,
+    });
     // QEMU may close the socket before answering: that is success.
     let _ = vm.qmp_simple("quit").await;
     Ok(Json(serde_json::Value::Null))
@@ -95,7 +110,11 @@ async fn shutdown(State(vm): S, Json(action): Json<GuestPowerAction>) -> R<serde
         GuestPowerAction::Reboot => agent::protocol::ShutdownMode::Reboot,
     };
     if action == GuestPowerAction::Powerdown {
-        vm.set_exit(ExitRecord { reason: "stopped gracefully through the guest agent".into(), clean: true, saved: false });
+        vm.set_exit(ExitRecord {
+            reason: "stopped gracefully through the guest agent".into(),
+            clean: true,
+            saved: false,
+        });
     }
     vm.agent.shutdown(mode).await.map_err(agent_err)?;
     Ok(Json(serde_json::Value::Null))
@@ -137,11 +156,20 @@ async fn kvp_list(State(vm): S) -> R<KvpPools> {
     if !vm.vireo_agent().await {
         return Err(WorkerError(
             ErrorKind::Failed,
-            "key-value pair exchange needs vireo-guest in the guest (qemu-ga does not have it)".into(),
+            "key-value pair exchange needs vireo-guest in the guest (qemu-ga does not have it)"
+                .into(),
         ));
     }
-    let host = vm.agent.kvp_list(agent::protocol::KvpPool::Host).await.map_err(agent_err)?;
-    let guest = vm.agent.kvp_list(agent::protocol::KvpPool::Guest).await.map_err(agent_err)?;
+    let host = vm
+        .agent
+        .kvp_list(agent::protocol::KvpPool::Host)
+        .await
+        .map_err(agent_err)?;
+    let guest = vm
+        .agent
+        .kvp_list(agent::protocol::KvpPool::Guest)
+        .await
+        .map_err(agent_err)?;
     Ok(Json(KvpPools {
         host: host.into_iter().map(|p| (p.key, p.value)).collect(),
         guest: guest.into_iter().map(|p| (p.key, p.value)).collect(),
@@ -152,9 +180,13 @@ async fn kvp_set(State(vm): S, Json(kv): Json<KvpSet>) -> R<KvpPools> {
     if !vm.vireo_agent().await {
         return Err(WorkerError(
             ErrorKind::Failed,
-            "key-value pair exchange needs vireo-guest in the guest (qemu-ga does not have it)".into(),
+            "key-value pair exchange needs vireo-guest in the guest (qemu-ga does not have it)"
+                .into(),
         ));
     }
-    vm.agent.kvp_set(&kv.key, &kv.value).await.map_err(agent_err)?;
+    vm.agent
+        .kvp_set(&kv.key, &kv.value)
+        .await
+        .map_err(agent_err)?;
     kvp_list(State(vm)).await
 }

@@ -21,7 +21,10 @@ pub struct GuestState {
 impl GuestState {
     /// Nothing known yet.
     pub fn new() -> Self {
-        GuestState { heartbeat: Heartbeat::new(LOST_AFTER), info: None }
+        GuestState {
+            heartbeat: Heartbeat::new(LOST_AFTER),
+            info: None,
+        }
     }
 
     /// Heartbeat in API terms.
@@ -44,7 +47,10 @@ pub async fn heartbeat_loop(client: Arc<AgentClient>, state: Arc<Mutex<GuestStat
     let mut synced_time = false;
     loop {
         let started = Instant::now();
-        let ok = tokio::time::timeout(Duration::from_secs(2), client.ping()).await.map(|r| r.is_ok()).unwrap_or(false);
+        let ok = tokio::time::timeout(Duration::from_secs(2), client.ping())
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
         if !ok {
             // Force a fresh guest-sync on the next attempt.
             client.disconnect().await;
@@ -79,7 +85,10 @@ fn now_ns() -> i64 {
 
 async fn collect_info(client: &AgentClient) -> Option<GuestInfo> {
     let agent_info = client.info().await.ok()?;
-    let vireo = agent_info.supported_commands.iter().any(|c| c.name.starts_with("vireo-"));
+    let vireo = agent_info
+        .supported_commands
+        .iter()
+        .any(|c| c.name.starts_with("vireo-"));
     let os = client.osinfo().await.ok();
     let hostname = client.hostname().await.ok();
     let ifaces = client.interfaces().await.unwrap_or_default();
@@ -90,8 +99,14 @@ async fn collect_info(client: &AgentClient) -> Option<GuestInfo> {
         }
     }
     Some(GuestInfo {
-        agent: Some(format!("{} {}", if vireo { "vireo-guest" } else { "qemu-ga" }, agent_info.version)),
-        os: os.as_ref().and_then(|o| o.pretty_name.clone().or_else(|| o.name.clone())),
+        agent: Some(format!(
+            "{} {}",
+            if vireo { "vireo-guest" } else { "qemu-ga" },
+            agent_info.version
+        )),
+        os: os
+            .as_ref()
+            .and_then(|o| o.pretty_name.clone().or_else(|| o.name.clone())),
         kernel: os.as_ref().and_then(|o| o.kernel_release.clone()),
         hostname,
         ip_addresses: ips,

@@ -49,22 +49,38 @@ impl Vm {
 
     /// Runs a QMP command without arguments.
     pub async fn qmp_simple(&self, cmd: &str) -> anyhow::Result<serde_json::Value> {
-        self.qmp.execute(cmd, None).await.with_context(|| format!("QMP {cmd}"))
+        self.qmp
+            .execute(cmd, None)
+            .await
+            .with_context(|| format!("QMP {cmd}"))
     }
 
     /// Whether the agent in the guest is vireo-guest (has the extensions).
     pub async fn vireo_agent(&self) -> bool {
-        let known = self.guest.lock().unwrap_or_else(|p| p.into_inner()).info.clone();
+        let known = self
+            .guest
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .info
+            .clone();
         match known.and_then(|i| i.agent) {
             Some(a) => a.starts_with("vireo-guest"),
-            None => self.agent.supports_vireo_extensions().await.unwrap_or(false),
+            None => self
+                .agent
+                .supports_vireo_extensions()
+                .await
+                .unwrap_or(false),
         }
     }
 
     /// The worker's status report.
     pub async fn status(&self) -> anyhow::Result<WorkerStatus> {
         let st = self.qmp_simple("query-status").await?;
-        let qemu_status = st.get("status").and_then(|s| s.as_str()).unwrap_or("unknown").to_string();
+        let qemu_status = st
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("unknown")
+            .to_string();
         let state = match qemu_status.as_str() {
             "running" => VmState::Running,
             "inmigrate" | "prelaunch" if !self.booted.load(Ordering::SeqCst) => VmState::Starting,
@@ -76,7 +92,12 @@ impl Vm {
             let g = self.guest.lock().unwrap_or_else(|p| p.into_inner());
             (g.heartbeat_now(), g.info.clone())
         };
-        let boot_refusal = self.console.lock().unwrap_or_else(|p| p.into_inner()).boot_refusal.clone();
+        let boot_refusal = self
+            .console
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .boot_refusal
+            .clone();
         Ok(WorkerStatus {
             qemu_pid: self.qemu_pid,
             worker_pid: std::process::id(),
@@ -100,13 +121,21 @@ impl Vm {
         self.qmp_simple("stop").await?;
         let uri = format!("exec:cat > {}", shell_quote(&tmp.to_string_lossy()));
         let r = async {
-            self.qmp.execute("migrate", Some(json!({ "uri": uri }))).await.context("QMP migrate")?;
+            self.qmp
+                .execute("migrate", Some(json!({ "uri": uri })))
+                .await
+                .context("QMP migrate")?;
             loop {
                 let m = self.qmp_simple("query-migrate").await?;
                 match m.get("status").and_then(|s| s.as_str()) {
                     Some("completed") => break,
                     Some("failed") | Some("cancelled") => {
-                        bail!("saving failed: {}", m.get("error-desc").and_then(|d| d.as_str()).unwrap_or("migration failed"))
+                        bail!(
+                            "saving failed: {}",
+                            m.get("error-desc")
+                                .and_then(|d| d.as_str())
+                                .unwrap_or("migration failed")
+                        )
                     }
                     _ => tokio::time::sleep(Duration::from_millis(50)).await,
                 }
@@ -115,7 +144,9 @@ impl Vm {
             f.sync_all().context("syncing the saved state")?;
             std::fs::rename(&tmp, path).context("committing the saved state")?;
             if let Some(dir) = path.parent() {
-                std::fs::File::open(dir).and_then(|d| d.sync_all()).context("syncing the VM directory")?;
+                std::fs::File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .context("syncing the VM directory")?;
             }
             Ok(())
         }
@@ -127,7 +158,11 @@ impl Vm {
             }
             return Err(e);
         }
-        self.set_exit(ExitRecord { reason: "saved".into(), clean: true, saved: true });
+        self.set_exit(ExitRecord {
+            reason: "saved".into(),
+            clean: true,
+            saved: true,
+        });
         let _ = self.qmp_simple("quit").await;
         Ok(())
     }

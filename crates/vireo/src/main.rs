@@ -11,7 +11,12 @@ use clap::{Parser, Subcommand};
 #[command(name = "vireo", version, about = "Manage Vireo virtualization hosts")]
 struct Cli {
     /// Path of the vireod API socket.
-    #[arg(long, global = true, env = "VIREO_SOCKET", default_value = "/run/vireo/vireod.sock")]
+    #[arg(
+        long,
+        global = true,
+        env = "VIREO_SOCKET",
+        default_value = "/run/vireo/vireod.sock"
+    )]
     socket: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -31,6 +36,11 @@ enum Command {
 }
 
 fn main() {
+    // Behave like a Unix tool when piped into `head`: die quietly on SIGPIPE.
+    // SAFETY: restoring the default disposition of a signal before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Disk(c) => cmd::disk::run(c).map(|_| 0),
@@ -46,7 +56,9 @@ fn main() {
 }
 
 fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32> {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let client = api::Client::new(socket);
     rt.block_on(async move {
         match command {

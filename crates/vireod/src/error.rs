@@ -18,35 +18,56 @@ pub struct ApiError {
 impl ApiError {
     /// Invalid request.
     pub fn invalid(m: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::Invalid, message: m.into() }
+        ApiError {
+            kind: ErrorKind::Invalid,
+            message: m.into(),
+        }
     }
     /// Unknown object.
     pub fn not_found(m: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::NotFound, message: m.into() }
+        ApiError {
+            kind: ErrorKind::NotFound,
+            message: m.into(),
+        }
     }
     /// Already exists.
     pub fn conflict(m: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::Conflict, message: m.into() }
+        ApiError {
+            kind: ErrorKind::Conflict,
+            message: m.into(),
+        }
     }
     /// Not allowed in the VM's current state.
     pub fn wrong_state(m: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::WrongState, message: m.into() }
+        ApiError {
+            kind: ErrorKind::WrongState,
+            message: m.into(),
+        }
     }
     /// A component (guest, QEMU, worker) failed.
     pub fn failed(m: impl Into<String>) -> Self {
-        ApiError { kind: ErrorKind::Failed, message: m.into() }
+        ApiError {
+            kind: ErrorKind::Failed,
+            message: m.into(),
+        }
     }
     /// Internal error: logged with its whole chain; the client gets a short message.
     pub fn internal(e: impl std::fmt::Display) -> Self {
         tracing::error!("internal error: {e:#}");
-        ApiError { kind: ErrorKind::Internal, message: "internal error in vireod (see its log)".into() }
+        ApiError {
+            kind: ErrorKind::Internal,
+            message: "internal error in vireod (see its log)".into(),
+        }
     }
 }
 
 impl From<api::ClientError> for ApiError {
     fn from(e: api::ClientError) -> Self {
         match e {
-            api::ClientError::Api { body, .. } => ApiError { kind: body.kind, message: body.error },
+            api::ClientError::Api { body, .. } => ApiError {
+                kind: body.kind,
+                message: body.error,
+            },
             other => ApiError::failed(format!("the VM's worker did not answer: {other}")),
         }
     }
@@ -72,7 +93,14 @@ pub fn status_of(kind: ErrorKind) -> StatusCode {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (status_of(self.kind), Json(ErrorBody { kind: self.kind, error: self.message })).into_response()
+        (
+            status_of(self.kind),
+            Json(ErrorBody {
+                kind: self.kind,
+                error: self.message,
+            }),
+        )
+            .into_response()
     }
 }
 

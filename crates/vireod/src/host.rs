@@ -57,7 +57,9 @@ pub fn info(m: &Manager) -> HostInfo {
         accel: host.auto_accel.0,
         accel_reason: host.auto_accel.1.clone(),
         qemu: QEMU_VERSION.get_or_init(qemu_version).clone(),
-        cpus: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+        cpus: std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1),
         memory_total: meminfo("MemTotal"),
         memory_available: meminfo("MemAvailable"),
         vms_defined: defined,

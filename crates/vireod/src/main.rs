@@ -40,10 +40,10 @@ fn choose_host_accel(requested: &str) -> (api::Accel, String) {
         _ => qemu::accel::AccelRequest::Auto,
     };
     let probe = qemu::accel::probe_kvm_cached();
-    let (accel, reason) = qemu::accel::choose_accel(req, &probe);
+    let (accel, reason) = qemu::accel::choose_accel(req, probe);
     let accel = match accel {
-        qemu::accel::Accel::Kvm => api::Accel::Kvm,
-        qemu::accel::Accel::Tcg => api::Accel::Tcg,
+        qemu::cmdline::Accel::Kvm => api::Accel::Kvm,
+        qemu::cmdline::Accel::Tcg => api::Accel::Tcg,
     };
     (accel, reason)
 }
@@ -56,9 +56,11 @@ async fn bind(socket: &PathBuf) -> anyhow::Result<tokio::net::UnixListener> {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
             bail!("another vireod is already serving {}", socket.display());
         }
-        std::fs::remove_file(socket).with_context(|| format!("removing stale socket {}", socket.display()))?;
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("binding {}", socket.display()))?;
+    let listener = tokio::net::UnixListener::bind(socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", socket.display()))?;
     Ok(listener)
@@ -67,7 +69,8 @@ async fn bind(socket: &PathBuf) -> anyhow::Result<tokio::net::UnixListener> {
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG").unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -90,7 +93,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_file_name("vireo-worker"),
     };
     if !worker_bin.is_file() {
-        bail!("vireo-worker not found at {} (build it, or pass --worker)", worker_bin.display());
+        bail!(
+            "vireo-worker not found at {} (build it, or pass --worker)",
+            worker_bin.display()
+        );
     }
     let auto_accel = tokio::task::spawn_blocking({
         let a = args.accel.clone();
@@ -99,8 +105,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     .await?;
     tracing::info!(accel = ?auto_accel.0, "accelerator: {}", auto_accel.1);
     let manager = Arc::new(
-        manager::Manager::open(manager::HostConfig { state_dir: args.state_dir.clone(), worker_bin, auto_accel })
-            .context("opening the VM inventory")?,
+        manager::Manager::open(manager::HostConfig {
+            state_dir: args.state_dir.clone(),
+            worker_bin,
+            auto_accel,
+        })
+        .context("opening the VM inventory")?,
     );
     // Re-attach to VMs that kept running while we were away before serving anything.
     manager.supervise_once().await;
@@ -115,14 +125,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let app = routes::router(manager);
     let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {},
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {},
         }
         tracing::info!("vireod stopping; VMs keep running");
     };
-    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await?;
     let _ = std::fs::remove_file(&args.socket);
     Ok(())
 }

@@ -78,7 +78,12 @@ impl Manager {
                 },
             );
         }
-        Ok(Manager { store, host, run_root, vms: Mutex::new(vms) })
+        Ok(Manager {
+            store,
+            host,
+            run_root,
+            vms: Mutex::new(vms),
+        })
     }
 
     /// Host configuration.
@@ -116,7 +121,9 @@ impl Manager {
         vms.iter()
             .find(|(_, e)| e.spec.name == name)
             .map(|(u, e)| (*u, e.op_lock.clone()))
-            .ok_or_else(|| ApiError::not_found(format!("no VM named {name:?} (see `vireo vm list`)")))
+            .ok_or_else(|| {
+                ApiError::not_found(format!("no VM named {name:?} (see `vireo vm list`)"))
+            })
     }
 
     fn set_transient(&self, uuid: &Uuid, s: Option<VmState>) {
@@ -156,7 +163,11 @@ impl Manager {
             return t;
         }
         if self.qemu_pid(uuid).is_some() {
-            return e.last_status.as_ref().map(|s| s.state).unwrap_or(VmState::Running);
+            return e
+                .last_status
+                .as_ref()
+                .map(|s| s.state)
+                .unwrap_or(VmState::Running);
         }
         if self.saved_state_path(uuid).exists() {
             VmState::Saved
@@ -167,7 +178,14 @@ impl Manager {
 
     fn info_of(&self, uuid: &Uuid, e: &VmEntry) -> VmInfo {
         let state = self.state_of(uuid, e);
-        let live = matches!(state, VmState::Running | VmState::Paused | VmState::Stopping | VmState::Saving | VmState::Starting);
+        let live = matches!(
+            state,
+            VmState::Running
+                | VmState::Paused
+                | VmState::Stopping
+                | VmState::Saving
+                | VmState::Starting
+        );
         let status = if live { e.last_status.as_ref() } else { None };
         let (accel, accel_reason) = match status {
             Some(s) => (s.accel, self.accel_for(e.spec.accel).1),
@@ -181,7 +199,9 @@ impl Manager {
             uuid: *uuid,
             generation: e.spec.generation.into(),
             state,
-            heartbeat: status.map(|s| s.heartbeat).unwrap_or(HeartbeatState::NoContact),
+            heartbeat: status
+                .map(|s| s.heartbeat)
+                .unwrap_or(HeartbeatState::NoContact),
             accel,
             accel_reason,
             cpus: e.spec.cpus,
@@ -216,7 +236,9 @@ impl Manager {
     pub fn show(&self, name: &str) -> ApiResult<VmInfo> {
         let (uuid, _) = self.find(name)?;
         let vms = lock(&self.vms);
-        let e = vms.get(&uuid).ok_or_else(|| ApiError::not_found("the VM was deleted"))?;
+        let e = vms
+            .get(&uuid)
+            .ok_or_else(|| ApiError::not_found("the VM was deleted"))?;
         Ok(self.info_of(&uuid, e))
     }
 
@@ -236,19 +258,29 @@ impl Manager {
             disks: req
                 .disks
                 .iter()
-                .map(|d| DiskSpec { path: absolute(&d.path), bus: d.bus.unwrap_or(default_bus), read_only: d.read_only })
+                .map(|d| DiskSpec {
+                    path: absolute(&d.path),
+                    bus: d.bus.unwrap_or(default_bus),
+                    read_only: d.read_only,
+                })
                 .collect(),
             nics: vec![],
-            boot_order: req.boot_order.unwrap_or_else(|| vec![BootDevice::Disk, BootDevice::Network]),
+            boot_order: req
+                .boot_order
+                .unwrap_or_else(|| vec![BootDevice::Disk, BootDevice::Network]),
             secure_boot: req.secure_boot.unwrap_or(generation == Generation::Gen2),
             secure_boot_template: req.secure_boot_template.unwrap_or_default(),
             accel: req.accel.unwrap_or_default(),
             stop_timeout_secs: req.stop_timeout_secs.unwrap_or(60),
         };
-        validate::check_spec(&spec, &|p| p.is_file()).map_err(|e| ApiError::invalid(e.to_string()))?;
+        validate::check_spec(&spec, &|p| p.is_file())
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let mut vms = lock(&self.vms);
         if vms.values().any(|e| e.spec.name == spec.name) {
-            return Err(ApiError::conflict(format!("a VM named {:?} already exists", spec.name)));
+            return Err(ApiError::conflict(format!(
+                "a VM named {:?} already exists",
+                spec.name
+            )));
         }
         self.store.save(&spec)?;
         let uuid = spec.uuid;
@@ -263,7 +295,9 @@ impl Manager {
                 last_status: None,
             },
         );
-        let e = vms.get(&uuid).ok_or_else(|| ApiError::internal("VM vanished after insert"))?;
+        let e = vms
+            .get(&uuid)
+            .ok_or_else(|| ApiError::internal("VM vanished after insert"))?;
         Ok(self.info_of(&uuid, e))
     }
 
@@ -317,18 +351,30 @@ impl Manager {
             Generation::Gen2 => DiskBus::Scsi,
         };
         for d in &patch.add_disks {
-            spec.disks.push(DiskSpec { path: absolute(&d.path), bus: d.bus.unwrap_or(default_bus), read_only: d.read_only });
+            spec.disks.push(DiskSpec {
+                path: absolute(&d.path),
+                bus: d.bus.unwrap_or(default_bus),
+                read_only: d.read_only,
+            });
         }
         if let Some(n) = &patch.name {
-            if lock(&self.vms).iter().any(|(u, e)| *u != uuid && &e.spec.name == n) {
-                return Err(ApiError::conflict(format!("a VM named {n:?} already exists")));
+            if lock(&self.vms)
+                .iter()
+                .any(|(u, e)| *u != uuid && &e.spec.name == n)
+            {
+                return Err(ApiError::conflict(format!(
+                    "a VM named {n:?} already exists"
+                )));
             }
             spec.name = n.clone();
         }
-        validate::check_spec(&spec, &|p| p.is_file()).map_err(|e| ApiError::invalid(e.to_string()))?;
+        validate::check_spec(&spec, &|p| p.is_file())
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         self.store.save(&spec)?;
         let mut vms = lock(&self.vms);
-        let e = vms.get_mut(&uuid).ok_or_else(|| ApiError::not_found("the VM was deleted"))?;
+        let e = vms
+            .get_mut(&uuid)
+            .ok_or_else(|| ApiError::not_found("the VM was deleted"))?;
         e.spec = spec;
         Ok(self.info_of(&uuid, e))
     }
@@ -361,10 +407,13 @@ impl Manager {
         let (uuid, op) = self.find(name)?;
         let _g = op.lock().await;
         if self.qemu_pid(&uuid).is_some() {
-            return Err(ApiError::wrong_state(format!("VM {name} is already running")));
+            return Err(ApiError::wrong_state(format!(
+                "VM {name} is already running"
+            )));
         }
         let spec = self.spec(&uuid)?;
-        validate::check_spec(&spec, &|p| p.is_file()).map_err(|e| ApiError::invalid(e.to_string()))?;
+        validate::check_spec(&spec, &|p| p.is_file())
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
         let run_dir = self.run_dir(&uuid);
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).map_err(ApiError::internal)?;
@@ -387,7 +436,9 @@ impl Manager {
         write_atomic(&run_dir.join("launch.json"), &bytes)?;
         self.set_transient(&uuid, Some(VmState::Starting));
         self.set_message(&uuid, None);
-        let result = self.launch_and_wait(&uuid, &run_dir, launch.restore_from.is_some()).await;
+        let result = self
+            .launch_and_wait(&uuid, &run_dir, launch.restore_from.is_some())
+            .await;
         self.set_transient(&uuid, None);
         if let Err(e) = result {
             // Leave nothing half-started behind.
@@ -411,10 +462,19 @@ impl Manager {
         // template or Secure Boot setting changes.
         let vars = vm_dir.join("uefi-vars.fd");
         let marker = vm_dir.join("uefi-vars.template");
-        let wanted = format!("{}:{}", spec.secure_boot, spec.secure_boot_template.as_str());
+        let wanted = format!(
+            "{}:{}",
+            spec.secure_boot,
+            spec.secure_boot_template.as_str()
+        );
         let current = std::fs::read_to_string(&marker).unwrap_or_default();
         if !vars.exists() || current != wanted {
-            let template = if spec.secure_boot { spec.secure_boot_template } else { SecureBootTemplate::None };
+            let template = if spec.secure_boot {
+                spec.secure_boot_template
+            } else {
+                SecureBootTemplate::None
+            };
+            let _ = std::fs::remove_file(&vars);
             qemu::firmware::prepare_vars(to_fw_template(template), &vars)
                 .map_err(|e| ApiError::failed(format!("preparing the UEFI variable store: {e}")))?;
             std::fs::write(&marker, wanted).map_err(ApiError::internal)?;
@@ -423,13 +483,21 @@ impl Manager {
     }
 
     async fn launch_and_wait(&self, uuid: &Uuid, run_dir: &Path, restoring: bool) -> ApiResult<()> {
-        let pid = process::spawn_worker(&self.host.worker_bin, run_dir, false)
-            .map_err(|e| ApiError::failed(format!("cannot start {}: {e}", self.host.worker_bin.display())))?;
-        let client = self.worker_client(uuid).with_timeout(Duration::from_secs(5));
+        let pid = process::spawn_worker(&self.host.worker_bin, run_dir, false).map_err(|e| {
+            ApiError::failed(format!(
+                "cannot start {}: {e}",
+                self.host.worker_bin.display()
+            ))
+        })?;
+        let client = self
+            .worker_client(uuid)
+            .with_timeout(Duration::from_secs(5));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if Instant::now() > deadline {
-                return Err(ApiError::failed("the VM did not start within 120 s (see the worker log in the run directory)"));
+                return Err(ApiError::failed(
+                    "the VM did not start within 120 s (see the worker log in the run directory)",
+                ));
             }
             if !process::alive(pid, "vireo-worker") {
                 return Err(ApiError::failed(format!(
@@ -459,7 +527,9 @@ impl Manager {
 
     async fn running_worker(&self, name: &str, uuid: &Uuid) -> ApiResult<Client> {
         if self.qemu_pid(uuid).is_none() {
-            return Err(ApiError::wrong_state(format!("VM {name} is not running (start it with `vireo vm start {name}`)")));
+            return Err(ApiError::wrong_state(format!(
+                "VM {name} is not running (start it with `vireo vm start {name}`)"
+            )));
         }
         if self.worker_pid(uuid).is_none() {
             return Err(ApiError::failed(format!(
@@ -481,7 +551,9 @@ impl Manager {
     }
 
     async fn force_off(&self, uuid: &Uuid) {
-        let client = self.worker_client(uuid).with_timeout(Duration::from_secs(5));
+        let client = self
+            .worker_client(uuid)
+            .with_timeout(Duration::from_secs(5));
         let _ = client.post::<_, serde_json::Value>("/quit", &()).await;
         if !self.wait_gone(uuid, Duration::from_secs(10)).await {
             if let Some(pid) = self.qemu_pid(uuid) {
@@ -506,8 +578,15 @@ impl Manager {
             let _ = client.post::<_, serde_json::Value>("/resume", &()).await;
         }
         let via_agent = status.as_ref().map(|s| s.heartbeat) == Some(HeartbeatState::Ok)
-            && client.post::<_, serde_json::Value>("/shutdown", &GuestPowerAction::Powerdown).await.is_ok();
-        let how = if via_agent { "the guest agent" } else { "ACPI power button" };
+            && client
+                .post::<_, serde_json::Value>("/shutdown", &GuestPowerAction::Powerdown)
+                .await
+                .is_ok();
+        let how = if via_agent {
+            "the guest agent"
+        } else {
+            "ACPI power button"
+        };
         if !via_agent {
             let _ = client.post::<_, serde_json::Value>("/powerdown", &()).await;
         }
@@ -522,7 +601,10 @@ impl Manager {
             Some(if clean {
                 format!("stopped gracefully through {how}")
             } else {
-                format!("the guest did not shut down within {}s through {how}; it was turned off", timeout.as_secs())
+                format!(
+                    "the guest did not shut down within {}s through {how}; it was turned off",
+                    timeout.as_secs()
+                )
             }),
         );
         self.show(name)
@@ -554,7 +636,10 @@ impl Manager {
         let client = self.running_worker(name, &uuid).await?;
         let status = client.get::<WorkerStatus>("/status").await?;
         if status.heartbeat != HeartbeatState::Ok
-            || client.post::<_, serde_json::Value>("/shutdown", &GuestPowerAction::Reboot).await.is_err()
+            || client
+                .post::<_, serde_json::Value>("/shutdown", &GuestPowerAction::Reboot)
+                .await
+                .is_err()
         {
             client.post::<_, serde_json::Value>("/reset", &()).await?;
         }
@@ -587,7 +672,9 @@ impl Manager {
         let client = self.running_worker(name, &uuid).await?;
         self.set_transient(&uuid, Some(VmState::Saving));
         let path = self.saved_state_path(&uuid);
-        let r = client.post::<_, serde_json::Value>("/save", &SaveRequest { path: path.clone() }).await;
+        let r = client
+            .post::<_, serde_json::Value>("/save", &SaveRequest { path: path.clone() })
+            .await;
         if let Err(e) = r {
             self.set_transient(&uuid, None);
             let _ = std::fs::remove_file(&path);
@@ -603,7 +690,9 @@ impl Manager {
     /// Starts a command in the guest.
     pub async fn exec(&self, name: &str, req: ExecRequest) -> ApiResult<ExecStarted> {
         if req.argv.is_empty() {
-            return Err(ApiError::invalid("no command given: use `vireo vm exec VM -- CMD [ARGS...]`"));
+            return Err(ApiError::invalid(
+                "no command given: use `vireo vm exec VM -- CMD [ARGS...]`",
+            ));
         }
         let (uuid, _) = self.find(name)?;
         let client = self.running_worker(name, &uuid).await?;
@@ -627,7 +716,9 @@ impl Manager {
     /// Gives the guest a key-value pair.
     pub async fn kvp_set(&self, name: &str, kv: KvpSet) -> ApiResult<KvpPools> {
         if kv.key.is_empty() || kv.key.contains('/') || kv.key.len() > 255 {
-            return Err(ApiError::invalid("KVP keys are 1-255 bytes and contain no '/'"));
+            return Err(ApiError::invalid(
+                "KVP keys are 1-255 bytes and contain no '/'",
+            ));
         }
         let (uuid, _) = self.find(name)?;
         let client = self.running_worker(name, &uuid).await?;
@@ -656,7 +747,9 @@ impl Manager {
             let worker = self.worker_pid(&uuid);
             let qemu = self.qemu_pid(&uuid);
             if worker.is_some() {
-                let client = self.worker_client(&uuid).with_timeout(Duration::from_secs(3));
+                let client = self
+                    .worker_client(&uuid)
+                    .with_timeout(Duration::from_secs(3));
                 if let Ok(st) = client.get::<WorkerStatus>("/status").await {
                     self.cache_status(&uuid, Some(st));
                 }
@@ -702,7 +795,9 @@ impl Manager {
 
 fn to_fw_template(t: SecureBootTemplate) -> qemu::firmware::SecureBootTemplate {
     match t {
-        SecureBootTemplate::MicrosoftWindows => qemu::firmware::SecureBootTemplate::MicrosoftWindows,
+        SecureBootTemplate::MicrosoftWindows => {
+            qemu::firmware::SecureBootTemplate::MicrosoftWindows
+        }
         SecureBootTemplate::MicrosoftUefiCa => qemu::firmware::SecureBootTemplate::MicrosoftUefiCa,
         SecureBootTemplate::None => qemu::firmware::SecureBootTemplate::None,
     }
@@ -712,14 +807,21 @@ fn absolute(p: &Path) -> PathBuf {
     if p.is_absolute() {
         p.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(p)).unwrap_or_else(|_| p.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(p))
+            .unwrap_or_else(|_| p.to_path_buf())
     }
 }
 
 fn last_error_line(log: &Path) -> String {
     std::fs::read_to_string(log)
         .ok()
-        .and_then(|s| s.lines().rev().find(|l| !l.trim().is_empty()).map(|l| l.trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .map(|l| l.trim().to_string())
+        })
         .unwrap_or_else(|| "the worker exited without a message".into())
 }
 

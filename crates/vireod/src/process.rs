@@ -11,7 +11,9 @@ pub fn alive(pid: u32, needle: &str) -> bool {
         Err(_) => return false,
     };
     // Field 3 (after the parenthesised command) is the state; Z and X are dead.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     if matches!(state, Some("Z") | Some("X") | None) {
         return false;
     }

@@ -17,7 +17,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
     Router::new()
         .route("/v1/host", get(host_show))
         .route("/v1/vms", get(vm_list).post(vm_create))
-        .route("/v1/vms/{name}", get(vm_show).patch(vm_update).delete(vm_delete))
+        .route(
+            "/v1/vms/{name}",
+            get(vm_show).patch(vm_update).delete(vm_delete),
+        )
         .route("/v1/vms/{name}/start", post(vm_start))
         .route("/v1/vms/{name}/stop", post(vm_stop))
         .route("/v1/vms/{name}/turn-off", post(vm_turn_off))
@@ -65,7 +68,11 @@ async fn vm_show(State(m): Shared, Path(name): Path<String>) -> ApiResult<Json<V
     m.show(&name).map(Json)
 }
 
-async fn vm_update(State(m): Shared, Path(name): Path<String>, Body(p): Body<VmPatch>) -> ApiResult<Json<VmInfo>> {
+async fn vm_update(
+    State(m): Shared,
+    Path(name): Path<String>,
+    Body(p): Body<VmPatch>,
+) -> ApiResult<Json<VmInfo>> {
     m.update(&name, p).await.map(Json)
 }
 
@@ -88,8 +95,14 @@ async fn vm_start(State(m): Shared, Path(name): Path<String>) -> ApiResult<Json<
     m.start(&name).await.map(Json)
 }
 
-async fn vm_stop(State(m): Shared, Path(name): Path<String>, Body(r): Body<Option<StopRequest>>) -> ApiResult<Json<VmInfo>> {
-    m.stop(&name, r.and_then(|r| r.timeout_secs)).await.map(Json)
+async fn vm_stop(
+    State(m): Shared,
+    Path(name): Path<String>,
+    Body(r): Body<Option<StopRequest>>,
+) -> ApiResult<Json<VmInfo>> {
+    m.stop(&name, r.and_then(|r| r.timeout_secs))
+        .await
+        .map(Json)
 }
 
 async fn vm_turn_off(State(m): Shared, Path(name): Path<String>) -> ApiResult<Json<VmInfo>> {
@@ -112,11 +125,18 @@ async fn vm_save(State(m): Shared, Path(name): Path<String>) -> ApiResult<Json<V
     m.save(&name).await.map(Json)
 }
 
-async fn vm_exec(State(m): Shared, Path(name): Path<String>, Body(r): Body<ExecRequest>) -> ApiResult<Json<ExecStarted>> {
+async fn vm_exec(
+    State(m): Shared,
+    Path(name): Path<String>,
+    Body(r): Body<ExecRequest>,
+) -> ApiResult<Json<ExecStarted>> {
     m.exec(&name, r).await.map(Json)
 }
 
-async fn vm_exec_output(State(m): Shared, Path((name, pid)): Path<(String, i64)>) -> ApiResult<Json<ExecOutput>> {
+async fn vm_exec_output(
+    State(m): Shared,
+    Path((name, pid)): Path<(String, i64)>,
+) -> ApiResult<Json<ExecOutput>> {
     m.exec_output(&name, pid).await.map(Json)
 }
 
@@ -124,10 +144,17 @@ async fn vm_kvp_list(State(m): Shared, Path(name): Path<String>) -> ApiResult<Js
     m.kvp_list(&name).await.map(Json)
 }
 
-async fn vm_kvp_set(State(m): Shared, Path(name): Path<String>, Body(kv): Body<KvpSet>) -> ApiResult<Json<KvpPools>> {
+async fn vm_kvp_set(
+    State(m): Shared,
+    Path(name): Path<String>,
+    Body(kv): Body<KvpSet>,
+) -> ApiResult<Json<KvpPools>> {
     m.kvp_set(&name, kv).await.map(Json)
 }
 
-async fn vm_console(State(m): Shared, Path(name): Path<String>) -> ApiResult<Json<serde_json::Value>> {
+async fn vm_console(
+    State(m): Shared,
+    Path(name): Path<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     m.console(&name).map(Json)
 }

@@ -51,8 +51,12 @@ pub struct Store {
     root: PathBuf,
 }
 
-fn io(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 impl Store {
@@ -84,12 +88,18 @@ impl Store {
                 continue;
             }
             let bytes = std::fs::read(&path).map_err(io("reading", &path))?;
-            let rec: VmRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| StoreError::Corrupt { path: path.clone(), detail: e.to_string() })?;
+            let rec: VmRecord =
+                serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                    path: path.clone(),
+                    detail: e.to_string(),
+                })?;
             if rec.format_version != FORMAT_VERSION {
                 return Err(StoreError::Corrupt {
                     path,
-                    detail: format!("format version {} is not supported (this vireod knows {FORMAT_VERSION})", rec.format_version),
+                    detail: format!(
+                        "format version {} is not supported (this vireod knows {FORMAT_VERSION})",
+                        rec.format_version
+                    ),
                 });
             }
             out.push(rec);
@@ -101,9 +111,14 @@ impl Store {
     pub fn save(&self, spec: &VmSpec) -> Result<(), StoreError> {
         let dir = self.vm_dir(&spec.uuid);
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        let rec = VmRecord { format_version: FORMAT_VERSION, spec: spec.clone() };
-        let bytes = serde_json::to_vec_pretty(&rec)
-            .map_err(|e| StoreError::Corrupt { path: dir.clone(), detail: e.to_string() })?;
+        let rec = VmRecord {
+            format_version: FORMAT_VERSION,
+            spec: spec.clone(),
+        };
+        let bytes = serde_json::to_vec_pretty(&rec).map_err(|e| StoreError::Corrupt {
+            path: dir.clone(),
+            detail: e.to_string(),
+        })?;
         write_atomic(&dir.join("config.json"), &bytes)?;
         sync_dir(&self.root)
     }
@@ -173,7 +188,11 @@ mod tests {
         store.save(&a).unwrap();
         let mut a2 = a.clone();
         a2.cpus = 2;
-        std::fs::write(store.vm_dir(&a.uuid).join("config.json.tmp"), b"{\"format_vers").unwrap();
+        std::fs::write(
+            store.vm_dir(&a.uuid).join("config.json.tmp"),
+            b"{\"format_vers",
+        )
+        .unwrap();
         let all = store.load_all().unwrap();
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].spec, a);
@@ -191,7 +210,9 @@ mod tests {
         let a = spec("a");
         store.save(&a).unwrap();
         let p = store.vm_dir(&a.uuid).join("config.json");
-        let text = std::fs::read_to_string(&p).unwrap().replace("\"format_version\": 1", "\"format_version\": 99");
+        let text = std::fs::read_to_string(&p)
+            .unwrap()
+            .replace("\"format_version\": 1", "\"format_version\": 99");
         std::fs::write(&p, text).unwrap();
         assert!(matches!(store.load_all(), Err(StoreError::Corrupt { .. })));
     }

@@ -28,11 +28,24 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                 ("hostname", h.hostname.clone()),
                 ("version", h.version.clone()),
                 ("state dir", h.state_dir.display().to_string()),
-                ("accelerator", format!("{} ({})", accel_name(h.accel), h.accel_reason)),
+                (
+                    "accelerator",
+                    format!("{} ({})", accel_name(h.accel), h.accel_reason),
+                ),
                 ("qemu", h.qemu.clone()),
                 ("cpus", h.cpus.to_string()),
-                ("memory", format!("{} total, {} available", format_size(h.memory_total), format_size(h.memory_available))),
-                ("vms", format!("{} defined, {} running", h.vms_defined, h.vms_running)),
+                (
+                    "memory",
+                    format!(
+                        "{} total, {} available",
+                        format_size(h.memory_total),
+                        format_size(h.memory_available)
+                    ),
+                ),
+                (
+                    "vms",
+                    format!("{} defined, {} running", h.vms_defined, h.vms_running),
+                ),
                 ("vireod rss", format_size(h.daemon_rss)),
             ]);
             Ok(())

@@ -295,7 +295,11 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 memory: Some(memory),
                 disks: disk
                     .into_iter()
-                    .map(|p| CreateDisk { path: absolute(p), bus: bus.map(Into::into), read_only: false })
+                    .map(|p| CreateDisk {
+                        path: absolute(p),
+                        bus: bus.map(Into::into),
+                        read_only: false,
+                    })
                     .collect(),
                 secure_boot: secure_boot.map(Into::into),
                 secure_boot_template: secure_boot_template.map(Into::into),
@@ -326,24 +330,65 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                         ]
                     })
                     .collect();
-                output::table(&["NAME", "GEN", "STATE", "HEARTBEAT", "CPUS", "MEMORY", "ACCEL", "UPTIME"], &rows);
+                output::table(
+                    &[
+                        "NAME",
+                        "GEN",
+                        "STATE",
+                        "HEARTBEAT",
+                        "CPUS",
+                        "MEMORY",
+                        "ACCEL",
+                        "UPTIME",
+                    ],
+                    &rows,
+                );
             }
         }
         VmCommand::Show(a) => print_vm(&client.get(&vm_path(&a.name, "")).await?, a.json)?,
-        VmCommand::Start(a) => print_vm(&client.post(&vm_path(&a.name, "start"), &()).await?, a.json)?,
-        VmCommand::Stop { name, timeout, json } => {
-            let vm: VmInfo = client.post(&vm_path(&name, "stop"), &StopRequest { timeout_secs: timeout }).await?;
+        VmCommand::Start(a) => {
+            print_vm(&client.post(&vm_path(&a.name, "start"), &()).await?, a.json)?
+        }
+        VmCommand::Stop {
+            name,
+            timeout,
+            json,
+        } => {
+            let vm: VmInfo = client
+                .post(
+                    &vm_path(&name, "stop"),
+                    &StopRequest {
+                        timeout_secs: timeout,
+                    },
+                )
+                .await?;
             print_vm(&vm, json)?;
         }
-        VmCommand::TurnOff(a) => print_vm(&client.post(&vm_path(&a.name, "turn-off"), &()).await?, a.json)?,
-        VmCommand::Restart(a) => print_vm(&client.post(&vm_path(&a.name, "restart"), &()).await?, a.json)?,
-        VmCommand::Pause(a) => print_vm(&client.post(&vm_path(&a.name, "pause"), &()).await?, a.json)?,
-        VmCommand::Resume(a) => print_vm(&client.post(&vm_path(&a.name, "resume"), &()).await?, a.json)?,
-        VmCommand::Save(a) => print_vm(&client.post(&vm_path(&a.name, "save"), &()).await?, a.json)?,
+        VmCommand::TurnOff(a) => print_vm(
+            &client.post(&vm_path(&a.name, "turn-off"), &()).await?,
+            a.json,
+        )?,
+        VmCommand::Restart(a) => print_vm(
+            &client.post(&vm_path(&a.name, "restart"), &()).await?,
+            a.json,
+        )?,
+        VmCommand::Pause(a) => {
+            print_vm(&client.post(&vm_path(&a.name, "pause"), &()).await?, a.json)?
+        }
+        VmCommand::Resume(a) => print_vm(
+            &client.post(&vm_path(&a.name, "resume"), &()).await?,
+            a.json,
+        )?,
+        VmCommand::Save(a) => {
+            print_vm(&client.post(&vm_path(&a.name, "save"), &()).await?, a.json)?
+        }
         VmCommand::Delete { name, keep_disks } => {
             let path = format!("{}?keep_disks={keep_disks}", vm_path(&name, ""));
             let _: serde_json::Value = client.delete(&path).await?;
-            println!("deleted {name}{}", if keep_disks { " (disks kept)" } else { "" });
+            println!(
+                "deleted {name}{}",
+                if keep_disks { " (disks kept)" } else { "" }
+            );
         }
         VmCommand::Console { name } => console(client, &name).await?,
         VmCommand::Exec { name, env, argv } => return exec(client, &name, env, argv).await,
@@ -369,7 +414,11 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 stop_timeout_secs: stop_timeout,
                 add_disks: add_disk
                     .into_iter()
-                    .map(|p| CreateDisk { path: absolute(p), bus: None, read_only: false })
+                    .map(|p| CreateDisk {
+                        path: absolute(p),
+                        bus: None,
+                        read_only: false,
+                    })
                     .collect(),
                 name: rename,
             };
@@ -386,33 +435,37 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             }
             print_vm(&client.patch(&vm_path(&name, ""), &patch).await?, json)?;
         }
-        VmCommand::Kvp { name, action } => match action {
-            KvpAction::List { json } => {
-                let pools: KvpPools = client.get(&vm_path(&name, "kvp")).await?;
-                if json {
-                    output::json(&pools)?;
-                } else {
-                    let mut rows = Vec::new();
-                    for (k, v) in &pools.host {
-                        rows.push(vec!["host".to_string(), k.clone(), v.clone()]);
+        VmCommand::Kvp { name, action } => {
+            match action {
+                KvpAction::List { json } => {
+                    let pools: KvpPools = client.get(&vm_path(&name, "kvp")).await?;
+                    if json {
+                        output::json(&pools)?;
+                    } else {
+                        let mut rows = Vec::new();
+                        for (k, v) in &pools.host {
+                            rows.push(vec!["host".to_string(), k.clone(), v.clone()]);
+                        }
+                        for (k, v) in &pools.guest {
+                            rows.push(vec!["guest".to_string(), k.clone(), v.clone()]);
+                        }
+                        output::table(&["POOL", "KEY", "VALUE"], &rows);
                     }
-                    for (k, v) in &pools.guest {
-                        rows.push(vec!["guest".to_string(), k.clone(), v.clone()]);
-                    }
-                    output::table(&["POOL", "KEY", "VALUE"], &rows);
                 }
-            }
-            KvpAction::Get { key } => {
-                let pools: KvpPools = client.get(&vm_path(&name, "kvp")).await?;
-                match pools.guest.get(&key) {
+                KvpAction::Get { key } => {
+                    let pools: KvpPools = client.get(&vm_path(&name, "kvp")).await?;
+                    match pools.guest.get(&key) {
                     Some(v) => println!("{v}"),
                     None => bail!("the guest has published no key {key:?} (see `vireo vm kvp {name} list`)"),
                 }
+                }
+                KvpAction::Set { key, value } => {
+                    let _: KvpPools = client
+                        .put(&vm_path(&name, "kvp"), &KvpSet { key, value })
+                        .await?;
+                }
             }
-            KvpAction::Set { key, value } => {
-                let _: KvpPools = client.put(&vm_path(&name, "kvp"), &KvpSet { key, value }).await?;
-            }
-        },
+        }
     }
     Ok(0)
 }
@@ -447,16 +500,31 @@ fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
         ("generation", vm.generation.to_string()),
         ("state", vm.state.as_str().to_string()),
         ("heartbeat", heartbeat_name(vm.heartbeat).to_string()),
-        ("accelerator", format!("{} ({})", accel_name(vm.accel), vm.accel_reason)),
+        (
+            "accelerator",
+            format!("{} ({})", accel_name(vm.accel), vm.accel_reason),
+        ),
         ("cpus", vm.cpus.to_string()),
         ("memory", format_size(vm.memory)),
         (
             "secure boot",
-            if vm.secure_boot { format!("on ({})", vm.secure_boot_template.as_str()) } else { "off".into() },
+            if vm.secure_boot {
+                format!("on ({})", vm.secure_boot_template.as_str())
+            } else {
+                "off".into()
+            },
         ),
     ];
     for (i, d) in vm.disks.iter().enumerate() {
-        f.push(("disk", format!("{i}: {} ({:?}{})", d.path.display(), d.bus, if d.read_only { ", read-only" } else { "" })));
+        f.push((
+            "disk",
+            format!(
+                "{i}: {} ({:?}{})",
+                d.path.display(),
+                d.bus,
+                if d.read_only { ", read-only" } else { "" }
+            ),
+        ));
     }
     if let Some(g) = &vm.guest {
         f.push(("guest agent", g.agent.clone().unwrap_or_default()));
@@ -471,8 +539,14 @@ fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
             format!(
                 "worker {}, qemu {}{}",
                 w.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                w.qemu_pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-                if w.restarts > 0 { format!(" (worker replaced {} times)", w.restarts) } else { String::new() }
+                w.qemu_pid
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                if w.restarts > 0 {
+                    format!(" (worker replaced {} times)", w.restarts)
+                } else {
+                    String::new()
+                }
             ),
         ));
     }
@@ -487,9 +561,21 @@ fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn exec(client: &Client, name: &str, env: Vec<String>, argv: Vec<String>) -> anyhow::Result<i32> {
+async fn exec(
+    client: &Client,
+    name: &str,
+    env: Vec<String>,
+    argv: Vec<String>,
+) -> anyhow::Result<i32> {
     let started: ExecStarted = client
-        .post(&vm_path(name, "exec"), &ExecRequest { argv, env, stdin: None })
+        .post(
+            &vm_path(name, "exec"),
+            &ExecRequest {
+                argv,
+                env,
+                stdin: None,
+            },
+        )
         .await?;
     let path = format!("{}/{}", vm_path(name, "exec"), started.pid);
     let mut delay = Duration::from_millis(20);

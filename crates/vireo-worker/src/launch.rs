@@ -1,0 +1,179 @@
+//! Starting QEMU for a [`LaunchSpec`]: maps the VM's configuration onto a QEMU machine
+//! (the generation table of the architecture map lives in `qemu::cmdline`), spawns it in its
+//! own session, and restores a saved state when there is one.
+
+use anyhow::{bail, Context};
+use api::worker::LaunchSpec;
+use api::{BootDevice, DiskBus, Generation, NicModel};
+use qemu::cmdline::{
+    self, DiskAttachment, DiskFormat, DiskMedia, DiskSource, Firmware, MachineConfig,
+    NicAttachment, NicBackend,
+};
+use qemu::process::QemuProcess;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// The QEMU we spawned, kept so that it is reaped when it exits.
+static CHILD: Mutex<Option<QemuProcess>> = Mutex::new(None);
+
+/// Detects an image's format from its first bytes (never from its name).
+pub fn detect_format(path: &Path) -> anyhow::Result<DiskFormat> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("opening disk {}", path.display()))?;
+    let mut magic = [0u8; 8];
+    let n = f
+        .read(&mut magic)
+        .with_context(|| format!("reading disk {}", path.display()))?;
+    Ok(match &magic[..n] {
+        [b'Q', b'F', b'I', 0xfb, ..] => DiskFormat::Qcow2,
+        m if m.starts_with(b"vhdxfile") => DiskFormat::Vhdx,
+        _ => DiskFormat::Raw,
+    })
+}
+
+/// The QEMU machine for a launch.
+pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
+    let vm = &l.vm;
+    let disk_boot = vm
+        .boot_order
+        .iter()
+        .position(|b| *b == BootDevice::Disk)
+        .map(|p| p as u32 + 1);
+    let net_boot = vm
+        .boot_order
+        .iter()
+        .position(|b| *b == BootDevice::Network)
+        .map(|p| p as u32 + 1);
+    let mut disks = Vec::new();
+    for (i, d) in vm.disks.iter().enumerate() {
+        disks.push(DiskAttachment {
+            id: format!("disk{i}"),
+            source: DiskSource::File {
+                path: d.path.clone(),
+                format: detect_format(&d.path)?,
+                read_only: d.read_only,
+            },
+            bus: match d.bus {
+                DiskBus::Ide => cmdline::DiskBus::Ide,
+                DiskBus::Scsi => cmdline::DiskBus::Scsi,
+                DiskBus::Virtio => cmdline::DiskBus::VirtioBlk,
+            },
+            media: DiskMedia::Disk,
+            boot_index: if i == 0 { disk_boot } else { None },
+        });
+    }
+    let nics = vm
+        .nics
+        .iter()
+        .enumerate()
+        .map(|(i, n)| NicAttachment {
+            id: n.name.clone(),
+            mac: n.mac.clone(),
+            model: match n.model {
+                NicModel::E1000 => cmdline::NicModel::E1000,
+                NicModel::Virtio => cmdline::NicModel::VirtioNet,
+            },
+            backend: NicBackend::None,
+            boot_index: if i == 0 {
+                net_boot.map(|b| b + 10)
+            } else {
+                None
+            },
+        })
+        .collect();
+    let firmware = match vm.generation {
+        Generation::Gen1 => Firmware::Bios,
+        Generation::Gen2 => {
+            let vars = l
+                .uefi_vars
+                .clone()
+                .context("generation 2 VM without a UEFI variable store")?;
+            let ovmf = qemu::firmware::OvmfPaths::discover()
+                .context("locating OVMF (install the ovmf package)")?;
+            Firmware::Uefi {
+                code: if vm.secure_boot {
+                    ovmf.code_secboot
+                } else {
+                    ovmf.code
+                },
+                vars,
+                secure_boot: vm.secure_boot,
+            }
+        }
+    };
+    Ok(MachineConfig {
+        name: vm.name.clone(),
+        uuid: vm.uuid,
+        generation: match vm.generation {
+            Generation::Gen1 => cmdline::Generation::Gen1,
+            Generation::Gen2 => cmdline::Generation::Gen2,
+        },
+        accel: match l.accel {
+            api::Accel::Kvm => cmdline::Accel::Kvm,
+            api::Accel::Tcg => cmdline::Accel::Tcg,
+        },
+        cpu_model: None,
+        cpus: vm.cpus,
+        memory_mib: vm.memory >> 20,
+        disks,
+        nics,
+        firmware,
+        run_dir: l.run_dir.clone(),
+        incoming: l.restore_from.as_ref().map(|_| "defer".to_string()),
+        start_paused: true,
+        balloon: Some(cmdline::BalloonConfig::default()),
+        virtio_mem: None,
+        rtc_localtime: false,
+    })
+}
+
+/// Spawns QEMU (vCPUs stopped) and waits until its sockets exist. Returns its PID.
+pub async fn spawn_qemu(l: &LaunchSpec) -> anyhow::Result<u32> {
+    let cfg = machine_config(l)?;
+    let args = cfg.to_args().context("building the QEMU command line")?;
+    let paths = cfg.paths();
+    std::fs::write(
+        l.run_dir.join("qemu.cmdline"),
+        cfg.to_display_string().unwrap_or_default(),
+    )
+    .context("writing qemu.cmdline")?;
+    let mut p = QemuProcess::spawn(&qemu::process::default_binary(), &args, &paths)
+        .context("starting QEMU")?;
+    p.wait_ready(Duration::from_secs(30))
+        .await
+        .context("QEMU did not start")?;
+    let pid = p.pid();
+    *CHILD.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
+    Ok(pid)
+}
+
+/// Loads a saved state into a QEMU started with `-incoming defer`.
+pub async fn restore(qmp: &qemu::qmp::QmpClient, saved: &Path) -> anyhow::Result<()> {
+    let uri = format!(
+        "exec:cat {}",
+        crate::vm::shell_quote(&saved.to_string_lossy())
+    );
+    qmp.migrate_incoming(&uri)
+        .await
+        .context("QMP migrate-incoming")?;
+    for _ in 0..6000 {
+        let st = qmp.execute("query-status", None).await?;
+        match st.get("status").and_then(|s| s.as_str()) {
+            Some("inmigrate") => tokio::time::sleep(Duration::from_millis(50)).await,
+            Some("paused") | Some("postmigrate") | Some("prelaunch") | Some("running") => {
+                return Ok(())
+            }
+            other => bail!("restoring the saved state failed (QEMU status {other:?})"),
+        }
+    }
+    bail!("restoring the saved state took more than 5 minutes")
+}
+
+/// Reaps QEMU if this worker spawned it.
+pub fn reap(_pid: u32) {
+    if let Some(mut p) = CHILD.lock().unwrap_or_else(|e| e.into_inner()).take() {
+        let _ = p.is_alive();
+    }
+}

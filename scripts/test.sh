@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, builds, runs every test (unit, crate
+# integration with real peers, end-to-end with real QEMU guests). `.ci/run` calls this.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_PROGRESS_WHEN=never
+bash scripts/setup.sh
+echo "== build"
+cargo build --workspace --bins --quiet
+echo "== lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+echo "== test guests"
+for g in 1 2; do
+  target/debug/xtask guest-image --generation "$g" --agent vireo --out "target/guest-gen$g.img" >/dev/null
+done
+echo "== tests"
+cargo test --workspace --quiet -- --test-threads=2
