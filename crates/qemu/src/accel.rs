@@ -10,6 +10,8 @@
 //! come back.
 
 use std::fmt;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -112,12 +114,17 @@ pub fn probe_kvm_cached() -> &'static AccelProbe {
 /// Blocks for at most about half a second. Never panics on host errors; they become
 /// `usable: false` with the error in `reason`.
 pub fn probe_kvm() -> AccelProbe {
+    probe_kvm_at(Path::new("/dev/kvm"))
+}
+
+/// [`probe_kvm`] on another device node (tests, containers with a relocated `/dev`).
+pub fn probe_kvm_at(dev: &Path) -> AccelProbe {
     let flags = cpu_virt_flag();
     let flag_note = match flags {
         Some(f) => format!("cpu flag {f} present"),
         None => "no vmx/svm cpu flag".to_string(),
     };
-    let outcome = run_probe_vm();
+    let outcome = run_probe_vm(dev);
     let probe = match outcome {
         Err(e) => AccelProbe {
             usable: false,
@@ -269,8 +276,18 @@ enum VcpuOutcome {
     Failed(String),
 }
 
-fn run_probe_vm() -> Result<ProbeRun, String> {
-    let kvm = Kvm::new().map_err(|e| format!("cannot open /dev/kvm: {e}"))?;
+fn run_probe_vm(dev: &Path) -> Result<ProbeRun, String> {
+    let cpath = std::ffi::CString::new(dev.as_os_str().as_bytes())
+        .map_err(|_| format!("{} contains a NUL byte", dev.display()))?;
+    let kvm =
+        Kvm::new_with_path(&cpath).map_err(|e| format!("cannot open {}: {e}", dev.display()))?;
+    let version = kvm.get_api_version();
+    if version != 12 {
+        return Err(format!(
+            "{} is not a usable KVM device (KVM_GET_API_VERSION returned {version})",
+            dev.display()
+        ));
+    }
     let vm = kvm
         .create_vm()
         .map_err(|e| format!("KVM_CREATE_VM failed: {e}"))?;

@@ -24,7 +24,9 @@ pub mod qmp;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
-pub use accel::{choose_accel, probe_kvm, probe_kvm_cached, AccelProbe, AccelRequest};
+pub use accel::{
+    choose_accel, probe_kvm, probe_kvm_at, probe_kvm_cached, AccelProbe, AccelRequest,
+};
 pub use cmdline::{
     disk_hotplug_args, Accel, BalloonConfig, CmdlineError, DiskAttachment, DiskBus, DiskFormat,
     DiskMedia, DiskSource, Firmware, Generation, MachineConfig, NicAttachment, NicBackend,
