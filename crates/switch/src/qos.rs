@@ -82,7 +82,8 @@ struct Flow<T> {
 
 impl<T> Drr<T> {
     /// A scheduler giving `quantum` bytes per unit of weight per round, holding at most
-    /// `limit` items in total.
+    /// `limit` items per flow (a per-flow limit, so one busy flow cannot take the whole
+    /// buffer and starve the others).
     pub fn new(quantum: usize, limit: usize) -> Self {
         Drr {
             flows: Vec::new(),
@@ -116,11 +117,11 @@ impl<T> Drr<T> {
 
     /// Queues an item of `len` bytes for flow `key`; gives it back when the scheduler is full.
     pub fn push(&mut self, key: u32, len: usize, item: T) -> Result<(), T> {
-        if self.queued >= self.limit {
-            return Err(item);
-        }
         let i = self.flow(key);
         let f = &mut self.flows[i];
+        if f.queue.len() >= self.limit {
+            return Err(item);
+        }
         f.queue.push_back((len, item));
         self.queued += 1;
         if !f.active {
@@ -228,12 +229,14 @@ mod tests {
         assert!(d.is_empty());
     }
 
-    /// The scheduler refuses items past its limit.
+    /// The scheduler refuses items past a flow's limit, but still takes other flows'.
     #[test]
     fn drr_limit() {
         let mut d = Drr::new(1500, 2);
         assert!(d.push(1, 10, ()).is_ok());
         assert!(d.push(1, 10, ()).is_ok());
-        assert!(d.push(2, 10, ()).is_err());
+        assert!(d.push(1, 10, ()).is_err());
+        assert!(d.push(2, 10, ()).is_ok());
+        assert_eq!(d.len(), 3);
     }
 }

@@ -28,7 +28,7 @@ pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
 /// Largest frame accepted from a stream peer (QEMU's own limit is 69632).
 pub const MAX_STREAM_FRAME: usize = 69632;
 /// Bytes of queued output per stream port before frames are dropped.
-const STREAM_WBUF_LIMIT: usize = 4 << 20;
+const STREAM_WBUF_LIMIT: usize = 512 << 10;
 /// Frames queued per TAP/packet port before frames are dropped.
 const FRAME_QUEUE_LIMIT: usize = 2048;
 /// Frames read from one port per loop iteration (fairness between ports).
@@ -253,6 +253,15 @@ impl PortIo {
                 p.qlens.push(frame.len());
                 true
             }
+        }
+    }
+
+    /// True if the port is up and its own output queue has room (otherwise the engine keeps
+    /// frames in its weighted backlog).
+    pub fn has_room(&self) -> bool {
+        match self {
+            PortIo::Stream(s) => s.conn.is_some() && s.wbuf.len() - s.wstart <= STREAM_WBUF_LIMIT,
+            PortIo::Tap(p) | PortIo::Packet(p, _) => p.qlens.len() < FRAME_QUEUE_LIMIT,
         }
     }
 

@@ -12,11 +12,19 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use switch::extension::Now;
+use switch::qos::Drr;
 use switch::{Dataplane, PortId};
 
 use crate::backend::{LinkEvent, PortIo};
 use crate::persist;
 use crate::sys;
+
+/// Weight of a source port without `qos.min_weight` in the fair share of a congested output.
+pub const DEFAULT_FLOW_WEIGHT: u32 = 10;
+/// Frames kept per source port in an output port's backlog.
+const BACKLOG_PER_FLOW: usize = 512;
+/// DRR quantum per unit of weight, in bytes.
+const DRR_QUANTUM: usize = 1514;
 
 /// A command run on the dataplane thread.
 pub type Command = Box<dyn FnOnce(&mut Engine) + Send>;
@@ -31,6 +39,9 @@ pub struct Engine {
     pub run_dir: PathBuf,
     /// Set to stop the loop.
     pub stop: bool,
+    /// Per output port: frames waiting for room, scheduled by source-port weight
+    /// (`qos.min_weight`) with deficit round robin.
+    backlog: Vec<Option<Drr<Vec<u8>>>>,
     origin: Instant,
 }
 
@@ -89,6 +100,9 @@ impl Engine {
 
     /// Closes and forgets the backend of port `id`.
     pub fn close_port(&mut self, id: PortId) {
+        if let Some(b) = self.backlog.get_mut(id as usize) {
+            *b = None;
+        }
         if let Some(Some(mut io)) = self.io.get_mut(id as usize).map(Option::take) {
             let _ = io.flush();
             io.close();
@@ -113,6 +127,7 @@ pub fn start(
         io: Vec::new(),
         run_dir,
         stop: false,
+        backlog: Vec::new(),
         origin: Instant::now(),
     };
     let ids: Vec<PortId> = engine.dp.ports().iter().map(|p| p.id).collect();
@@ -133,6 +148,18 @@ pub fn start(
     Ok((EngineHandle { tx, kick }, h))
 }
 
+fn source_weights(dp: &Dataplane) -> Vec<u32> {
+    let ports = dp.ports();
+    let n = ports.iter().map(|p| p.id as usize + 1).max().unwrap_or(0);
+    let mut w = vec![DEFAULT_FLOW_WEIGHT; n];
+    for p in ports {
+        if let Some(x) = p.config.qos.min_weight {
+            w[p.id as usize] = x;
+        }
+    }
+    w
+}
+
 fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>) {
     let kfd = kick.as_raw_fd();
     let mut pfds: Vec<libc::pollfd> = Vec::new();
@@ -140,6 +167,8 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
     let mut last_age = Instant::now();
     let mut rx_frames: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut rx_lens: Vec<usize> = Vec::new();
+    let mut weights: Vec<u32> = Vec::new();
+    let mut ran_commands = true;
     while !e.stop {
         pfds.clear();
         who.clear();
@@ -192,6 +221,14 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
         }
         while let Ok(cmd) = rx.try_recv() {
             cmd(&mut e);
+            ran_commands = true;
+        }
+        if ran_commands {
+            weights = source_weights(&e.dp);
+            if e.backlog.len() < e.io.len() {
+                e.backlog.resize_with(e.io.len(), || None);
+            }
+            ran_commands = false;
         }
         if e.stop {
             break;
@@ -217,29 +254,64 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                     rx_lens.push(f.len());
                 });
                 let mut off = 0;
-                let Engine { dp, io: ios, .. } = &mut e;
+                let Engine {
+                    dp,
+                    io: ios,
+                    backlog,
+                    ..
+                } = &mut e;
+                let w = weights
+                    .get(id as usize)
+                    .copied()
+                    .unwrap_or(DEFAULT_FLOW_WEIGHT);
                 for &l in &rx_lens {
                     let frame = &rx_frames[off..off + l];
                     off += l;
-                    dp.process(
-                        id,
-                        frame,
-                        now_t,
-                        &mut |p, bytes| match ios.get_mut(p as usize) {
-                            Some(Some(o)) => o.queue(bytes),
-                            _ => false,
-                        },
-                    );
+                    dp.process(id, frame, now_t, &mut |p, bytes| {
+                        let Some(Some(o)) = ios.get_mut(p as usize) else {
+                            return false;
+                        };
+                        if !o.is_up() {
+                            return false;
+                        }
+                        let Some(bl) = backlog.get_mut(p as usize) else {
+                            return o.queue(bytes);
+                        };
+                        if bl.as_ref().is_none_or(|d| d.is_empty()) && o.queue(bytes) {
+                            return true;
+                        }
+                        // congested: wait in the weighted backlog
+                        let d = bl.get_or_insert_with(|| Drr::new(DRR_QUANTUM, BACKLOG_PER_FLOW));
+                        d.set_weight(id, w);
+                        d.push(id, bytes.len(), bytes.to_vec()).is_ok()
+                    });
                 }
                 if ev == LinkEvent::Down {
                     e.dp.set_link(id, false);
                 }
             }
         }
-        // writes
+        // writes, then refill from the weighted backlog
         let mut downs = Vec::new();
         for (i, io) in e.io.iter_mut().enumerate() {
-            if let Some(io) = io {
+            let Some(io) = io else { continue };
+            let bl = e.backlog.get_mut(i).and_then(Option::as_mut);
+            if io.has_output() && io.flush() == LinkEvent::Down {
+                downs.push(i as PortId);
+                if let Some(d) = bl {
+                    while d.pop().is_some() {}
+                }
+                continue;
+            }
+            if let Some(d) = bl {
+                while !d.is_empty() && io.has_room() {
+                    match d.pop() {
+                        Some(f) => {
+                            io.queue(&f);
+                        }
+                        None => break,
+                    }
+                }
                 if io.has_output() && io.flush() == LinkEvent::Down {
                     downs.push(i as PortId);
                 }
