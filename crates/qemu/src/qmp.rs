@@ -628,8 +628,9 @@ impl QmpClient {
         })
     }
 
-    /// Waits for the next event named `name` (e.g. `DEVICE_DELETED`) whose data matches
-    /// `filter`. Subscribe-before-act callers should use [`QmpClient::events`] instead.
+    /// Waits on `rx` for the next event named `name` (e.g. `DEVICE_DELETED`) whose data
+    /// matches `filter`. Take `rx` from [`QmpClient::events`] *before* running the command
+    /// that causes the event, so that it cannot be missed.
     pub async fn wait_event(
         &self,
         rx: &mut broadcast::Receiver<QmpEvent>,
@@ -864,6 +865,27 @@ impl QmpClient {
     }
 }
 
+impl QemuVersion {
+    /// True if this QEMU is at least `major.minor`.
+    pub fn at_least(&self, major: u64, minor: u64) -> bool {
+        (self.major, self.minor) >= (major, minor)
+    }
+}
+
+/// Migration URIs to save a VM's state to `path` and to load it back: `file:` on QEMU 8.2
+/// and newer, `exec:cat` (path shell-quoted) on older QEMU such as 7.2, which has no `file:`
+/// transport. Returns `(save_uri, restore_uri)` for [`QmpClient::migrate`] and
+/// [`QmpClient::migrate_incoming`] (the latter on a QEMU started with `-incoming defer`).
+pub fn state_file_uris(path: &Path, version: &QemuVersion) -> (String, String) {
+    let p = path.to_string_lossy();
+    if version.at_least(8, 2) && !p.contains(',') {
+        (format!("file:{p}"), format!("file:{p}"))
+    } else {
+        let q = format!("'{}'", p.replace('\'', "'\\''"));
+        (format!("exec:cat > {q}"), format!("exec:cat {q}"))
+    }
+}
+
 fn merge_args(mut base: Value, extra: Value) -> Result<Value> {
     match extra {
         Value::Null => Ok(base),
@@ -986,6 +1008,25 @@ mod tests {
         );
         assert_eq!(g.capabilities, vec!["oob".to_string()]);
         assert!(Greeting::parse(&json!({"return": {}})).is_err());
+    }
+
+    /// Old QEMU saves through a shell-quoted `exec:cat`, new QEMU through `file:`.
+    #[test]
+    fn state_uris_by_version() {
+        let v = |major, minor| QemuVersion {
+            major,
+            minor,
+            micro: 0,
+            package: String::new(),
+        };
+        let (save, restore) = state_file_uris(Path::new("/s/it's.bin"), &v(7, 2));
+        assert_eq!(save, r"exec:cat > '/s/it'\''s.bin'");
+        assert_eq!(restore, r"exec:cat '/s/it'\''s.bin'");
+        let (save, restore) = state_file_uris(Path::new("/s/vm.bin"), &v(9, 0));
+        assert_eq!(
+            (save.as_str(), restore.as_str()),
+            ("file:/s/vm.bin", "file:/s/vm.bin")
+        );
     }
 
     /// Unknown run states and migration statuses decode instead of failing.

@@ -48,10 +48,9 @@ async fn lifecycle_save_and_restore() {
     )
     .await
     .unwrap();
-    let state = dir.path().join("state.bin");
-    q.migrate(&format!("exec:cat > {}", state.display()))
-        .await
-        .unwrap();
+    let state = dir.path().join("it's state.bin");
+    let (save_uri, restore_uri) = qemu::qmp::state_file_uris(&state, &q.greeting().version);
+    q.migrate(&save_uri).await.unwrap();
     let info = q
         .wait_migration(Duration::from_millis(50), Duration::from_secs(60))
         .await
@@ -71,9 +70,7 @@ async fn lifecycle_save_and_restore() {
     let vm2 = launch(cfg).await;
     let q2 = &vm2.qmp;
     assert_eq!(q2.query_status().await.unwrap().status, RunState::Inmigrate);
-    q2.migrate_incoming(&format!("exec:cat {}", state.display()))
-        .await
-        .unwrap();
+    q2.migrate_incoming(&restore_uri).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let s = q2.query_status().await.unwrap();
