@@ -733,4 +733,22 @@ mod tests {
         assert!(l4_checksum_ok(&f));
         assert!(!complete_partial_checksum(&mut f, 10_000, 16));
     }
+
+    proptest::proptest! {
+        /// Parsing, checksum completion and segmentation never panic on arbitrary bytes, and
+        /// segmentation never emits a frame longer than its input.
+        #[test]
+        fn arbitrary_bytes_never_panic(
+            mut b in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..400),
+            start in 0usize..500,
+            off in 0usize..40,
+            mss in 1usize..300,
+        ) {
+            let _ = parse(&b);
+            let n = b.len();
+            let _ = segment_tcp(&b, mss, &mut |s| assert!(s.len() <= n));
+            let _ = l4_checksum_ok(&b);
+            complete_partial_checksum(&mut b, start, off);
+        }
+    }
 }

@@ -330,6 +330,13 @@ impl StreamPeer {
         c.write_all(&b).unwrap();
     }
 
+    /// True once the switch closed the connection (a read returns EOF).
+    pub fn is_closed(&mut self) -> bool {
+        let c = self.conn.as_mut().expect("connected");
+        let mut b = [0u8; 1];
+        matches!(c.read(&mut b), Ok(0))
+    }
+
     /// Reads frames until `pred` holds for one (returned) or `timeout` passes.
     pub fn recv_until(
         &mut self,
