@@ -41,7 +41,20 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                e.exit();
+            }
+            eprintln!("{}", usage_error_line(&e.to_string()));
+            std::process::exit(2);
+        }
+    };
     let result = match cli.command {
         Command::Disk(c) => cmd::disk::run(c).map(|_| 0),
         other => run_remote(&cli.socket, other),
@@ -67,6 +80,17 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })
+}
+
+/// clap's multi-line usage error as one line (the contract: one line on stderr).
+fn usage_error_line(text: &str) -> String {
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more information"))
+        .filter(|l| !l.is_empty())
+        .collect();
+    format!("{} (see --help)", parts.join(" "))
 }
 
 /// The error and its causes on one line.
