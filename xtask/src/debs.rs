@@ -4,8 +4,10 @@
 use crate::cache::Cache;
 use crate::cmd;
 use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::PathBuf;
+use std::sync::Mutex;
 
 /// A package at an exact version.
 #[derive(Clone, Debug)]
@@ -22,9 +24,24 @@ impl Pkg {
     }
 }
 
+/// apt-cache answers, memoised for the life of the process (apt-cache is slow on a busy host).
+static APT_CACHE: Mutex<BTreeMap<String, String>> = Mutex::new(BTreeMap::new());
+
+fn apt_cache(args: &[&str]) -> Result<String> {
+    let key = args.join(" ");
+    if let Some(v) = APT_CACHE.lock().ok().and_then(|m| m.get(&key).cloned()) {
+        return Ok(v);
+    }
+    let out = cmd::stdout(cmd::command("apt-cache", args))?;
+    if let Ok(mut m) = APT_CACHE.lock() {
+        m.insert(key, out.clone());
+    }
+    Ok(out)
+}
+
 /// The candidate version apt would install for `name`.
 pub fn candidate(name: &str) -> Result<Pkg> {
-    let out = cmd::stdout(cmd::command("apt-cache", ["policy", name]))?;
+    let out = apt_cache(&["policy", name])?;
     let version = out
         .lines()
         .find_map(|l| l.trim().strip_prefix("Candidate:"))
@@ -43,7 +60,7 @@ pub fn candidate(name: &str) -> Result<Pkg> {
 
 /// The package a metapackage (such as `linux-image-amd64`) depends on first.
 pub fn first_dependency(meta: &str, prefix: &str) -> Result<String> {
-    let out = cmd::stdout(cmd::command("apt-cache", ["depends", "--important", meta]))?;
+    let out = apt_cache(&["depends", "--important", meta])?;
     out.lines()
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(|d| {

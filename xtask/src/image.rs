@@ -19,7 +19,7 @@ use std::time::Instant;
 pub const BUILDER_VERSION: &str = "vireo-guest-image/1";
 
 /// Kernel command line of every test guest.
-pub const CMDLINE: &str = "console=ttyS0,115200 quiet panic=-1";
+pub const CMDLINE: &str = "console=ttyS0,115200 quiet panic=-1 no_timer_check";
 
 /// The static busybox (package busybox-static).
 pub const BUSYBOX: &str = "/bin/busybox";
@@ -209,6 +209,7 @@ pub fn cache_key(repo: &Path, cache: &Cache, spec: &ImageSpec) -> Result<(String
 
 /// Builds the image unless the cache has it.
 pub fn build(repo: &Path, cache: &Cache, spec: &ImageSpec) -> Result<Built> {
+    disk::check_size(spec.size)?;
     let _lock = cache.lock()?;
     let p = prepare(repo, cache, spec)?;
     let key = p.inputs.key();

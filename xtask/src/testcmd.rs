@@ -7,6 +7,7 @@
 //!   reports Secure Boot enabled; same checks.
 //! - `gen2-nosb-vhdx`: the generation 2 image written as VHDX, booted by plain OVMF.
 //! - `qemu-ga`: generation 1 with Debian's qemu-ga: guest-sync, host name, guest-shutdown.
+//! - `vireo-agent`: generation 2 (Secure Boot) with the static `vireo-guest`: the same checks.
 //! - `cache`: a second build is a cache hit (image untouched); a changed input rebuilds and
 //!   lands in the initramfs; bad options are refused without touching the cache.
 
@@ -23,16 +24,24 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-const SCENARIOS: &[&str] = &["gen1", "gen2", "gen2-nosb-vhdx", "qemu-ga", "cache"];
+const SCENARIOS: &[&str] = &[
+    "gen1",
+    "gen2",
+    "gen2-nosb-vhdx",
+    "qemu-ga",
+    "vireo-agent",
+    "cache",
+];
 const SIZE: u64 = 256 << 20;
 
 /// Arguments of `guest-test`.
 #[derive(clap::Args, Clone)]
 pub struct TestArgs {
-    /// Scenario to run (repeatable): gen1, gen2, gen2-nosb-vhdx, qemu-ga, cache. Default: all.
+    /// Scenario to run (repeatable): gen1, gen2, gen2-nosb-vhdx, qemu-ga, vireo-agent, cache.
+    /// Default: all.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
-    /// Agent for the gen1/gen2 scenarios (qemu-ga has its own scenario).
+    /// Agent for the gen1/gen2 scenarios (the agents have their own scenarios).
     #[arg(long, value_enum, default_value = "none")]
     agent: AgentKind,
     /// Seconds to wait for VIREO-GUEST-READY.
@@ -85,7 +94,8 @@ pub fn run(a: &TestArgs) -> Result<()> {
             "gen1" => boot_scenario(&ctx, Generation::One, true, false),
             "gen2" => boot_scenario(&ctx, Generation::Two, true, false),
             "gen2-nosb-vhdx" => boot_scenario(&ctx, Generation::Two, false, true),
-            "qemu-ga" => qemu_ga_scenario(&ctx),
+            "qemu-ga" => agent_scenario(&ctx, Generation::One, AgentKind::QemuGa),
+            "vireo-agent" => agent_scenario(&ctx, Generation::Two, AgentKind::Vireo),
             _ => cache_scenario(&ctx),
         };
         match r {
@@ -235,22 +245,19 @@ fn boot_scenario(ctx: &Ctx, generation: Generation, secure_boot: bool, vhdx: boo
     common_checks(&mut g, name)
 }
 
-fn qemu_ga_scenario(ctx: &Ctx) -> Result<()> {
-    let built = image::build(
-        &repo_root(),
-        &ctx.cache,
-        &spec(Generation::One, AgentKind::QemuGa),
-    )?;
-    let out = ctx.work.join("qemu-ga.raw");
+fn agent_scenario(ctx: &Ctx, generation: Generation, agent: AgentKind) -> Result<()> {
+    let name = agent.name();
+    let built = image::build(&repo_root(), &ctx.cache, &spec(generation, agent))?;
+    let out = ctx.work.join(format!("{name}.raw"));
     image::export(&ctx.cache, &built, &out)?;
-    let mut m = machine(ctx, "qemu-ga", Generation::One, false, out, "raw");
+    let mut m = machine(ctx, name, generation, true, out, "raw");
     m.nic = false;
-    let qga = ctx.work.join("qemu-ga.qga");
+    let qga = ctx.work.join(format!("{name}.qga"));
     m.qga_socket = Some(qga.clone());
-    let mut g = Guest::spawn(&m, &ctx.work.join("qemu-ga.serial.log"))?;
-    wait_ready(&mut g, ctx, "qemu-ga")?;
+    let mut g = Guest::spawn(&m, &ctx.work.join(format!("{name}.serial.log")))?;
+    wait_ready(&mut g, ctx, name)?;
     ensure!(
-        g.line_value("VIREO-GUEST-AGENT=").as_deref() == Some("qemu-ga"),
+        g.line_value("VIREO-GUEST-AGENT=").as_deref() == Some(name),
         "agent marker missing"
     );
     // The agent may take a moment after READY; guest-sync with a fresh id resynchronises.
@@ -275,9 +282,9 @@ fn qemu_ga_scenario(ctx: &Ctx) -> Result<()> {
             }
         }
     }
-    ensure!(synced, "qemu-ga did not answer guest-sync within 40s");
+    ensure!(synced, "{name} did not answer guest-sync within 40s");
     println!(
-        "  qemu-ga: guest-sync answered {:.2}s after READY",
+        "  {name}: guest-sync answered {:.2}s after READY",
         t0.elapsed().as_secs_f64()
     );
     let host = crate::boot::json_call(&mut r, &mut w, "guest-get-host-name", None)?;
@@ -286,14 +293,21 @@ fn qemu_ga_scenario(ctx: &Ctx) -> Result<()> {
         "guest-get-host-name returned {host}"
     );
     let info = crate::boot::json_call(&mut r, &mut w, "guest-info", None)?;
-    println!("  qemu-ga: version {}", info["version"]);
-    // guest-shutdown sends no reply; the guest's /sbin/shutdown powers off.
+    println!("  {name}: version {}", info["version"]);
+    // guest-shutdown sends no reply; qemu-ga runs the guest's /sbin/shutdown.
+    let t0 = Instant::now();
     let req =
         serde_json::json!({ "execute": "guest-shutdown", "arguments": { "mode": "powerdown" } });
     std::io::Write::write_all(&mut w, format!("{req}\n").as_bytes())?;
-    g.wait_for("VIREO-GUEST-SHUTDOWN poweroff", Duration::from_secs(30))?;
+    if agent == AgentKind::QemuGa {
+        g.wait_for("VIREO-GUEST-SHUTDOWN poweroff", Duration::from_secs(30))?;
+    }
     let st = g.wait_exit(Duration::from_secs(30))?;
     ensure!(st.success(), "QEMU exited with {st}");
+    println!(
+        "  {name}: guest-shutdown to QEMU exit {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -405,13 +419,14 @@ fn cache_scenario(ctx: &Ctx) -> Result<()> {
             c.key, a.key
         );
 
-        // Bad input: refused, nothing new in the cache.
-        let count = || {
+        // Bad input: refused, and no cache entry for it appears (others may share the cache,
+        // so look at what new entries contain rather than at their number).
+        let entries = || -> Vec<PathBuf> {
             fs::read_dir(ctx.cache.images())
-                .map(|d| d.count())
-                .unwrap_or(0)
+                .map(|d| d.filter_map(|e| e.ok()).map(|e| e.path()).collect())
+                .unwrap_or_default()
         };
-        let n = count();
+        let before_bad = entries();
         let mut bad = spec(Generation::One, AgentKind::None);
         bad.size = 10 << 20;
         ensure!(
@@ -435,7 +450,17 @@ fn cache_scenario(ctx: &Ctx) -> Result<()> {
             err.contains("dynamically linked"),
             "unexpected error: {err}"
         );
-        ensure!(count() == n, "a refused build left files in the cache");
+        let dash = sha256_file(Path::new("/bin/dash"))?;
+        for p in entries().into_iter().filter(|p| !before_bad.contains(p)) {
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            ensure!(
+                !text.contains("size 10485760")
+                    && !text.contains("relative/path")
+                    && !text.contains(&dash),
+                "a refused build left {} in the cache",
+                p.display()
+            );
+        }
         Ok(())
     })();
     for key in created {
