@@ -430,6 +430,29 @@ impl Dataplane {
         now: Now,
         sink: &mut dyn FnMut(PortId, &[u8]) -> bool,
     ) {
+        self.process_inner(from, frame, now, false, sink)
+    }
+
+    /// Like [`Dataplane::process`] for a TCP super-frame (GSO/GRO) that the I/O layer will
+    /// pass on whole or segment per output port: it is exempt from the MTU check.
+    pub fn process_super_frame(
+        &mut self,
+        from: PortId,
+        frame: &[u8],
+        now: Now,
+        sink: &mut dyn FnMut(PortId, &[u8]) -> bool,
+    ) {
+        self.process_inner(from, frame, now, true, sink)
+    }
+
+    fn process_inner(
+        &mut self,
+        from: PortId,
+        frame: &[u8],
+        now: Now,
+        super_frame: bool,
+        sink: &mut dyn FnMut(PortId, &[u8]) -> bool,
+    ) {
         let mtu = self.mtu as usize;
         let Some(slot) = self
             .ports
@@ -452,7 +475,7 @@ impl Dataplane {
         } else {
             ETH_HLEN
         };
-        if frame.len() > mtu + hdr {
+        if frame.len() > mtu + hdr && !super_frame {
             slot.counters.drop(DropReason::Mtu);
             return;
         }
@@ -539,6 +562,8 @@ impl Dataplane {
                 }
             };
             let bytes: &[u8] = match tag {
+                // an untagged frame leaving untagged goes out as received: no copy
+                EgressTag::Untagged if parsed.tag.is_none() => frame,
                 EgressTag::Untagged => {
                     if !have_u {
                         self.untagged.clear();

@@ -53,6 +53,10 @@ impl TokenBucket {
         if self.tokens >= len {
             self.tokens -= len;
             true
+        } else if len > self.burst && self.tokens == self.burst {
+            // a frame larger than the bucket (a TCP super-frame) passes on a full bucket
+            self.tokens = 0;
+            true
         } else {
             false
         }

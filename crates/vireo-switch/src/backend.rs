@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use switch::Backend;
 
-use crate::sys;
+use crate::sys::{self, Gso, VNET_HDR_LEN};
 
 /// How often a disconnected `StreamConnect` port retries.
 pub const RECONNECT_INTERVAL: Duration = Duration::from_millis(250);
@@ -62,6 +62,7 @@ pub struct FramePort {
     fd: OwnedFd,
     qbuf: Vec<u8>,
     qlens: Vec<usize>,
+    qhdrs: Vec<[u8; VNET_HDR_LEN]>,
 }
 
 /// What happened to a port's link while polling.
@@ -197,15 +198,15 @@ impl PortIo {
 
     /// Reads up to a batch of frames, handing each to `f`. Returns a link event when the
     /// peer went away.
-    pub fn read_frames(&mut self, f: &mut dyn FnMut(&[u8])) -> LinkEvent {
+    pub fn read_frames(&mut self, f: &mut dyn FnMut(&[u8], Option<Gso>)) -> LinkEvent {
         match self {
-            PortIo::Stream(s) => s.read_frames(f),
+            PortIo::Stream(s) => s.read_frames(&mut |fr| f(fr, None)),
             PortIo::Tap(p) => {
                 let mut buf = [0u8; 65536];
                 for _ in 0..READ_BATCH {
                     match sys::read(p.fd.as_raw_fd(), &mut buf) {
                         Ok(0) => break,
-                        Ok(n) => f(&buf[..n]),
+                        Ok(n) => f(&buf[..n], None),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                         Err(e) if e.raw_os_error() == Some(libc::EIO) => break, // link down
                         Err(e) => {
@@ -245,15 +246,24 @@ impl PortIo {
                 s.wbuf.extend_from_slice(frame);
                 true
             }
-            PortIo::Tap(p) | PortIo::Packet(p, _) => {
-                if p.qlens.len() >= FRAME_QUEUE_LIMIT {
-                    return false;
-                }
-                p.qbuf.extend_from_slice(frame);
-                p.qlens.push(frame.len());
-                true
+            PortIo::Tap(p) | PortIo::Packet(p, _) => p.push(frame, [0; VNET_HDR_LEN]),
+        }
+    }
+
+    /// Queues a TCP super-frame: whole, with a GSO header, on a packet port (the kernel
+    /// segments it); split into segments elsewhere (QEMU stream and TAP peers take frames of
+    /// at most the MTU). False if any part could not be queued.
+    pub fn queue_super_frame(&mut self, frame: &[u8], gso: Gso) -> bool {
+        if let PortIo::Packet(p, _) = self {
+            if let Some(h) = sys::gso_header(frame, gso) {
+                return p.push(frame, h);
             }
         }
+        let mut ok = true;
+        let r = switch::frame::segment_tcp(frame, usize::from(gso.size), &mut |seg| {
+            ok &= self.queue(seg);
+        });
+        ok && r.is_some()
     }
 
     /// True if the port is up and its own output queue has room (otherwise the engine keeps
@@ -299,8 +309,10 @@ impl PortIo {
                 let mut off = 0;
                 let mut sent = 0;
                 while sent < p.qlens.len() {
-                    let lens = &p.qlens[sent..p.qlens.len().min(sent + 64)];
-                    match sys::sendmmsg(p.fd.as_raw_fd(), &p.qbuf[off..], lens) {
+                    let end = p.qlens.len().min(sent + 64);
+                    let lens = &p.qlens[sent..end];
+                    let hdrs = &p.qhdrs[sent..end];
+                    match sys::sendmmsg(p.fd.as_raw_fd(), &p.qbuf[off..], lens, hdrs) {
                         Ok(0) => break,
                         Ok(n) => {
                             off += lens[..n].iter().sum::<usize>();
@@ -334,15 +346,28 @@ impl FramePort {
             fd,
             qbuf: Vec::with_capacity(1 << 20),
             qlens: Vec::new(),
+            qhdrs: Vec::new(),
         }
+    }
+
+    fn push(&mut self, frame: &[u8], hdr: [u8; VNET_HDR_LEN]) -> bool {
+        if self.qlens.len() >= FRAME_QUEUE_LIMIT {
+            return false;
+        }
+        self.qbuf.extend_from_slice(frame);
+        self.qlens.push(frame.len());
+        self.qhdrs.push(hdr);
+        true
     }
 
     fn consume(&mut self, frames: usize, bytes: usize) {
         if frames == self.qlens.len() {
             self.qlens.clear();
+            self.qhdrs.clear();
             self.qbuf.clear();
         } else if frames > 0 {
             self.qlens.drain(..frames);
+            self.qhdrs.drain(..frames);
             self.qbuf.drain(..bytes);
         }
     }

@@ -167,6 +167,7 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
     let mut last_age = Instant::now();
     let mut rx_frames: Vec<u8> = Vec::with_capacity(1 << 20);
     let mut rx_lens: Vec<usize> = Vec::new();
+    let mut rx_gso: Vec<Option<sys::Gso>> = Vec::new();
     let mut weights: Vec<u32> = Vec::new();
     let mut ran_commands = true;
     while !e.stop {
@@ -249,9 +250,11 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
             if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 rx_frames.clear();
                 rx_lens.clear();
-                let ev = io.read_frames(&mut |f| {
+                rx_gso.clear();
+                let ev = io.read_frames(&mut |f, gso| {
                     rx_frames.extend_from_slice(f);
                     rx_lens.push(f.len());
+                    rx_gso.push(gso);
                 });
                 let mut off = 0;
                 let Engine {
@@ -264,27 +267,55 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                     .get(id as usize)
                     .copied()
                     .unwrap_or(DEFAULT_FLOW_WEIGHT);
-                for &l in &rx_lens {
+                for (&l, &gso) in rx_lens.iter().zip(&rx_gso) {
                     let frame = &rx_frames[off..off + l];
                     off += l;
-                    dp.process(id, frame, now_t, &mut |p, bytes| {
+                    let mut sink = |p: PortId, bytes: &[u8]| {
                         let Some(Some(o)) = ios.get_mut(p as usize) else {
                             return false;
                         };
                         if !o.is_up() {
                             return false;
                         }
-                        let Some(bl) = backlog.get_mut(p as usize) else {
-                            return o.queue(bytes);
-                        };
-                        if bl.as_ref().is_none_or(|d| d.is_empty()) && o.queue(bytes) {
-                            return true;
+                        let congested = backlog
+                            .get(p as usize)
+                            .and_then(Option::as_ref)
+                            .is_some_and(|d| !d.is_empty());
+                        if !congested {
+                            let ok = match gso {
+                                Some(g) => o.queue_super_frame(bytes, g),
+                                None => o.queue(bytes),
+                            };
+                            if ok {
+                                return true;
+                            }
                         }
-                        // congested: wait in the weighted backlog
+                        let Some(bl) = backlog.get_mut(p as usize) else {
+                            return false;
+                        };
+                        // congested: wait in the weighted backlog (as MTU-sized frames)
                         let d = bl.get_or_insert_with(|| Drr::new(DRR_QUANTUM, BACKLOG_PER_FLOW));
                         d.set_weight(id, w);
-                        d.push(id, bytes.len(), bytes.to_vec()).is_ok()
-                    });
+                        match gso {
+                            Some(g) => {
+                                let mut ok = true;
+                                let _ = switch::frame::segment_tcp(
+                                    bytes,
+                                    usize::from(g.size),
+                                    &mut |s| {
+                                        ok &= d.push(id, s.len(), s.to_vec()).is_ok();
+                                    },
+                                );
+                                ok
+                            }
+                            None => d.push(id, bytes.len(), bytes.to_vec()).is_ok(),
+                        }
+                    };
+                    if gso.is_some() {
+                        dp.process_super_frame(id, frame, now_t, &mut sink);
+                    } else {
+                        dp.process(id, frame, now_t, &mut sink);
+                    }
                 }
                 if ev == LinkEvent::Down {
                     e.dp.set_link(id, false);

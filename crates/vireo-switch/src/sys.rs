@@ -208,6 +208,43 @@ pub fn write(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
 }
 
 const AUX_SPACE: usize = 64;
+
+/// A TCP super-frame's segment size (from a virtio-net header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gso {
+    /// Payload bytes per segment (the sender's MSS).
+    pub size: u16,
+}
+
+/// The virtio-net header that makes the kernel segment a TCP super-frame on send (and fill
+/// in its checksums); `None` if the frame is not IPv4/IPv6 TCP.
+pub fn gso_header(frame: &[u8], gso: Gso) -> Option<[u8; VNET_HDR_LEN]> {
+    let p = switch::frame::parse(frame).ok()?;
+    let l3 = p.l3_offset;
+    let (ty, l4) = match p.l3 {
+        switch::frame::L3::Ipv4 {
+            l4: switch::frame::L4::Tcp { .. },
+            ..
+        } => (
+            VIRTIO_NET_HDR_GSO_TCPV4,
+            l3 + usize::from(frame[l3] & 0x0f) * 4,
+        ),
+        switch::frame::L3::Ipv6 {
+            l4: switch::frame::L4::Tcp { .. },
+            ..
+        } => (VIRTIO_NET_HDR_GSO_TCPV6, l3 + 40),
+        _ => return None,
+    };
+    let thl = usize::from(*frame.get(l4 + 12)? >> 4) * 4;
+    let mut h = [0u8; VNET_HDR_LEN];
+    h[0] = VIRTIO_NET_HDR_F_NEEDS_CSUM;
+    h[1] = ty;
+    h[2..4].copy_from_slice(&((l4 + thl) as u16).to_le_bytes());
+    h[4..6].copy_from_slice(&gso.size.to_le_bytes());
+    h[6..8].copy_from_slice(&(l4 as u16).to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes());
+    Some(h)
+}
 /// Size of the virtio-net header in front of every frame on a PACKET_VNET_HDR socket.
 pub const VNET_HDR_LEN: usize = 10;
 const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
@@ -239,9 +276,10 @@ impl RecvBatch {
     }
 
     /// Receives up to the batch size without blocking and calls `f` on each frame, with the
-    /// 802.1Q tag the kernel had stripped put back, partial checksums completed and TCP
-    /// super-frames (GSO/GRO) split into segments of the sender's MSS.
-    pub fn recv(&mut self, fd: RawFd, f: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+    /// 802.1Q tag the kernel had stripped put back and partial checksums completed. TCP
+    /// super-frames (GSO/GRO) are handed on whole with their [`Gso`] segment size (their
+    /// checksum stays partial: whoever segments them fills it in).
+    pub fn recv(&mut self, fd: RawFd, f: &mut dyn FnMut(&[u8], Option<Gso>)) -> io::Result<usize> {
         let n = self.bufs.len();
         for i in 0..n {
             self.iovs[i].iov_base = self.bufs[i][4..].as_mut_ptr() as *mut libc::c_void;
@@ -296,19 +334,26 @@ impl RecvBatch {
                 }
                 None => &mut buf[start..end],
             };
-            if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-                switch::frame::complete_partial_checksum(frame, csum_start, csum_offset);
-            }
             let tcp_gso = matches!(
                 gso_type & 0x7f,
                 VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
             );
             if tcp_gso && gso_size > 0 {
-                if switch::frame::segment_tcp(frame, gso_size, f).is_none() {
-                    tracing::debug!(len, "undecodable TCP GSO frame dropped");
-                }
+                f(
+                    frame,
+                    Some(Gso {
+                        size: gso_size as u16,
+                    }),
+                );
+                continue;
+            }
+            if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+                switch::frame::complete_partial_checksum(frame, csum_start, csum_offset);
+            }
+            if gso_type == 0 {
+                f(frame, None);
             } else {
-                f(frame);
+                tracing::debug!(gso_type, len, "unsupported GSO type; frame dropped");
             }
         }
         Ok(got)
@@ -344,16 +389,20 @@ impl RecvBatch {
     }
 }
 
-/// Sends frames from a flat buffer with `sendmmsg` on a PACKET_VNET_HDR socket (each
-/// frame goes out behind an empty virtio-net header); returns how many were sent.
-pub fn sendmmsg(fd: RawFd, buf: &[u8], lens: &[usize]) -> io::Result<usize> {
-    static ZERO_HDR: [u8; VNET_HDR_LEN] = [0; VNET_HDR_LEN];
+/// Sends frames from a flat buffer with `sendmmsg` on a PACKET_VNET_HDR socket, each behind
+/// its virtio-net header (`hdrs[i]`); returns how many were sent.
+pub fn sendmmsg(
+    fd: RawFd,
+    buf: &[u8],
+    lens: &[usize],
+    hdrs: &[[u8; VNET_HDR_LEN]],
+) -> io::Result<usize> {
     let mut iovs: Vec<[libc::iovec; 2]> = Vec::with_capacity(lens.len());
     let mut off = 0;
-    for &l in lens {
+    for (&l, h) in lens.iter().zip(hdrs) {
         iovs.push([
             libc::iovec {
-                iov_base: ZERO_HDR.as_ptr() as *mut libc::c_void,
+                iov_base: h.as_ptr() as *mut libc::c_void,
                 iov_len: VNET_HDR_LEN,
             },
             libc::iovec {
@@ -364,18 +413,18 @@ pub fn sendmmsg(fd: RawFd, buf: &[u8], lens: &[usize]) -> io::Result<usize> {
         off += l;
     }
     // SAFETY: mmsghdr is plain data.
-    let mut hdrs: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; lens.len()];
-    for (h, iov) in hdrs.iter_mut().zip(iovs.iter_mut()) {
+    let mut mh: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; iovs.len()];
+    for (h, iov) in mh.iter_mut().zip(iovs.iter_mut()) {
         h.msg_hdr.msg_iov = iov.as_mut_ptr();
         h.msg_hdr.msg_iovlen = 2;
     }
-    // SAFETY: headers point at iovecs over `buf` and a static header, all alive for the call;
-    // the kernel only reads through them.
+    // SAFETY: headers point at iovecs over `buf` and `hdrs`, all alive for the call; the
+    // kernel only reads through them.
     let r = unsafe {
         libc::sendmmsg(
             fd,
-            hdrs.as_mut_ptr(),
-            hdrs.len() as libc::c_uint,
+            mh.as_mut_ptr(),
+            mh.len() as libc::c_uint,
             libc::MSG_DONTWAIT,
         )
     };
