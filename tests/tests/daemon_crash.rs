@@ -47,7 +47,7 @@ fn kill9_daemon_and_worker() {
     assert_eq!(
         h.exec(
             "a",
-            "nohup sh -c 'while :; do date +%s%N >> /run/ticks; sleep 0.2; done' >/dev/null 2>&1 &"
+            "setsid sh -c 'while :; do cut -d\" \" -f1 /proc/uptime >> /run/ticks; sleep 0.2; done' </dev/null >/dev/null 2>&1 &"
         )
         .0,
         0
@@ -82,17 +82,13 @@ fn kill9_daemon_and_worker() {
     assert_eq!(boot_id(&h, "a"), boot, "the guest did not reboot");
     // The guest's loop never stalled for long (ticks every 0.2 s, no gap over 2 s).
     let (_, ticks) = h.exec("a", "cat /run/ticks");
-    let t: Vec<u128> = ticks
+    let t: Vec<f64> = ticks
         .lines()
         .filter_map(|l| l.trim().parse().ok())
         .collect();
     assert!(t.len() > 5, "{ticks}");
-    let max_gap = t
-        .windows(2)
-        .map(|w| w[1].saturating_sub(w[0]))
-        .max()
-        .unwrap_or(0);
-    assert!(max_gap < 2_000_000_000, "guest stalled for {max_gap} ns");
+    let max_gap = t.windows(2).map(|w| w[1] - w[0]).fold(0.0f64, f64::max);
+    assert!(max_gap < 2.0, "guest loop stalled for {max_gap} s");
     // Still controllable.
     h.ok(&["vm", "resume", "b"]);
     assert_eq!(h.show("b")["state"], "running");

@@ -3,7 +3,7 @@
 use std::time::Duration;
 use vireo_e2e::*;
 
-const COUNTER: &str = "nohup sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done' >/dev/null 2>&1 & echo $! > /run/counter.pid; echo started";
+const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 & echo $! > /run/counter.pid; echo started";
 
 fn counter(h: &Host, vm: &str) -> (u64, String) {
     let (code, out) = h.exec(vm, "cat /run/counter; cat /run/counter.pid");
