@@ -3,12 +3,17 @@
 # nbd-serve and against qemu-nbd serving the same raw file, same patterns,
 # interleaved in one run; prints a ratio table (ours / qemu-nbd).
 #
-# usage: crates/nbd/bench/nbd-bench.sh [RUNTIME_SECONDS=8] [SIZE_MIB=512]
+# Each pattern runs REPEAT times per server, alternating which server goes
+# first; the table shows medians (the machine is shared, so single runs are
+# noisy).
+#
+# usage: crates/nbd/bench/nbd-bench.sh [RUNTIME_SECONDS=5] [SIZE_MIB=512] [REPEAT=3]
 # needs: fio, qemu-nbd (scripts/setup.sh), cargo.
 set -euo pipefail
 
-RUNTIME=${1:-8}
+RUNTIME=${1:-5}
 SIZE_MIB=${2:-512}
+REPEAT=${3:-3}
 ROOT=$(cd "$(dirname "$0")/../../.." && pwd)
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-nbd}
 for t in fio qemu-nbd python3; do
@@ -55,9 +60,11 @@ PATTERNS=(
 
 RESULTS=$WORK/results.txt
 : >"$RESULTS"
-for p in "${PATTERNS[@]}"; do
+for rep in $(seq "$REPEAT"); do
+ order="ours qemu"; [ $((rep % 2)) -eq 0 ] && order="qemu ours"
+ for p in "${PATTERNS[@]}"; do
   read -r name rw bs qd <<<"$p"
-  for server in ours qemu; do
+  for server in $order; do
     out=$WORK/$name-$server.json
     fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/$server.sock" \
       --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${SIZE_MIB}M" --time_based \
@@ -72,15 +79,20 @@ lat = d.get("clat_ns", {}).get("mean", 0) / 1000
 print(name, server, f'{d["iops"]:.0f}', f'{d["bw_bytes"] / 2**20:.1f}', f'{lat:.1f}')
 PY
   done
+ done
 done
 
 python3 - "$RESULTS" <<'PY'
-import sys
-rows = {}
+import statistics, sys
+runs = {}
 for line in open(sys.argv[1]):
     name, server, iops, mib, lat = line.split()
-    rows.setdefault(name, {})[server] = (float(iops), float(mib), float(lat))
-print(f'{"pattern":<20} {"ours IOPS":>10} {"ours MiB/s":>11} {"qemu-nbd IOPS":>14} {"qemu MiB/s":>11} {"ratio":>6}')
+    runs.setdefault(name, {}).setdefault(server, []).append((float(iops), float(mib)))
+rows = {
+    name: {srv: (statistics.median(r[0] for r in v), statistics.median(r[1] for r in v)) for srv, v in by.items()}
+    for name, by in runs.items()
+}
+print(f'{"pattern (median)":<20} {"ours IOPS":>10} {"ours MiB/s":>11} {"qemu-nbd IOPS":>14} {"qemu MiB/s":>11} {"ratio":>6}')
 for name, r in rows.items():
     o, q = r["ours"], r["qemu"]
     ratio = o[0] / q[0] if q[0] else float("nan")
