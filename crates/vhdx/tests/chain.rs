@@ -33,10 +33,6 @@ fn child(path: &Path, parent: &Path) -> Vhdx {
     .unwrap()
 }
 
-fn rw(p: &Path) -> Vhdx {
-    Vhdx::open(p, OpenOptions { read_only: false }).unwrap()
-}
-
 fn ro(p: &Path) -> Vhdx {
     Vhdx::open(p, OpenOptions { read_only: true }).unwrap()
 }
