@@ -27,7 +27,7 @@ use tracing::{debug, info, warn, Instrument};
 use crate::error::{Errno, Error, ErrorKind};
 use crate::export::{Export, ZeroMode};
 use crate::handshake::{self, HandshakeError, Negotiated};
-use crate::proto::{BASE_ALLOCATION_ID, CMD_BLOCK_STATUS, MAX_STRING, REQUEST_HEADER_LEN};
+use crate::proto::{BASE_ALLOCATION_ID, MAX_STRING, REQUEST_HEADER_LEN};
 use crate::reply;
 use crate::request::{self, Header, Limits, Op};
 use crate::stats::{ExportStats, StatsCounters};
@@ -547,11 +547,7 @@ where
                 Err((errno, msg)) => {
                     debug!(cookie = h.cookie, kind = h.kind, offset = h.offset, len = h.len, %errno, msg, "request refused");
                     StatsCounters::add(&stats.errors, 1);
-                    let bytes = if h.kind == CMD_BLOCK_STATUS || structured {
-                        reply::error(structured, h.cookie, errno, msg)
-                    } else {
-                        reply::error(false, h.cookie, errno, msg)
-                    };
+                    let bytes = reply::error(structured, h.cookie, errno, msg);
                     let _ = tx.send(Outgoing { bytes, _slot: slot, _budget: Some(reserved) });
                     continue;
                 }

@@ -282,3 +282,45 @@ fn two_connections_concurrently() {
     assert_eq!(st.total_connections, 2);
     assert_eq!(st.bytes_written, 32 * MIB);
 }
+
+/// The same server over loopback TCP: nbdinfo reads the export by name and
+/// qemu-io verifies a written pattern.
+#[test]
+fn loopback_tcp() {
+    let server = nbd::Server::new(nbd::ServerConfig::default()).unwrap();
+    let e: Arc<dyn Export> = Arc::new(nbd::MemExport::new(8 * MIB));
+    server.add_export("tcpdisk", e).unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = server.clone();
+    let serving = rt.spawn(async move { s.serve_tcp(listener).await });
+    let uri = format!("nbd://127.0.0.1:{port}/tcpdisk");
+    let out = run_ok("nbdinfo", &["--size", &uri]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (8 * MIB).to_string()
+    );
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            &uri,
+            "-c",
+            "write -P 0x3c 4k 8k",
+            "-c",
+            "read -P 0x3c 4k 8k",
+        ],
+    );
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("failed"));
+    server.shutdown();
+    rt.block_on(serving).unwrap().unwrap();
+    assert_eq!(server.stats("tcpdisk").unwrap().bytes_written, 8192);
+}

@@ -43,30 +43,62 @@ fn qemu_reconnects_across_restart() {
         .spawn()
         .expect("qemu-io");
     let mut stdin = qemu.stdin.take().unwrap();
-    // qemu-io takes one line per wakeup: pace the commands.
-    let mut say = |cmd: &str, settle_ms: u64| {
+    let mut stdout = qemu.stdout.take().unwrap();
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let seen2 = seen.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            seen2
+                .lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    // qemu-io reads stdin with buffered fgets: send a line only when it
+    // shows its prompt, or queued lines wait for the next wakeup.
+    let mut sent = 0;
+    let mut say = |cmd: &str| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while seen.lock().unwrap().matches("qemu-io> ").count() <= sent {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "qemu-io stuck before {cmd:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         stdin.write_all(cmd.as_bytes()).unwrap();
         stdin.write_all(b"\n").unwrap();
         stdin.flush().unwrap();
-        std::thread::sleep(Duration::from_millis(settle_ms));
+        sent += 1;
     };
-    say("write -P 0x5a 0 1M", 1500);
+    say("write -P 0x5a 0 1M");
+    say("flush");
+    // Wait for the flush to complete (next prompt), then stop the server.
+    say("");
     first.stop();
     assert!(sock.exists(), "socket path stays for the next server");
     // Issued while no server runs: waits for the reconnect.
-    say("write -P 0x6b 1M 1M", 1500);
+    say("write -P 0x6b 1M 1M");
+    std::thread::sleep(Duration::from_millis(1500));
     let second = serve_file(&sock, &img);
-    std::thread::sleep(Duration::from_millis(3000));
-    say("read -P 0x5a 0 1M", 300);
-    say("read -P 0x6b 1M 1M", 300);
-    say("write -P 0x7c 2M 64k", 300);
-    say("flush", 300);
-    say("quit", 0);
+    say("read -P 0x5a 0 1M");
+    say("read -P 0x6b 1M 1M");
+    say("write -P 0x7c 2M 64k");
+    say("flush");
+    say("quit");
     drop(stdin);
-    let out = qemu.wait_with_output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "qemu-io failed: {text}\n{err}");
+    let status = qemu.wait().unwrap();
+    reader.join().unwrap();
+    let text = seen.lock().unwrap().clone();
+    let mut err = String::new();
+    if let Some(mut e) = qemu.stderr.take() {
+        let _ = e.read_to_string(&mut err);
+    }
+    assert!(status.success(), "qemu-io failed: {text}\n{err}");
     assert!(
         !text.contains("failed") && !text.to_lowercase().contains("error"),
         "{text}\n{err}"
