@@ -90,7 +90,8 @@ host="$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')"
 # Guest artefacts: the test-guest kernel and qemu-guest-agent are NOT installed on the host;
 # they are downloaded (apt-get download) and unpacked into the guest cache by the xtask.
 if [[ "${SETUP_SKIP_GUEST:-0}" != 1 ]]; then
-    if ! apt-cache policy linux-image-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+    policy="$(apt-cache policy linux-image-amd64 2>/dev/null || true)"
+    if [[ "$policy" != *"Candidate: "[0-9]* ]]; then
         say "apt-get update (no candidate for linux-image-amd64)"
         apt-get update -qq >>"$LOG" 2>&1 || die "apt-get update failed"
     fi

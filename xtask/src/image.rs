@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Bump when the builder's output changes for equal inputs.
-pub const BUILDER_VERSION: &str = "vireo-guest-image/1";
+pub const BUILDER_VERSION: &str = "vireo-guest-image/2";
 
 /// Kernel command line of every test guest.
 pub const CMDLINE: &str = "console=ttyS0,115200 quiet panic=-1 no_timer_check";
@@ -254,7 +254,7 @@ fn build_into(p: &Prepared, spec: &ImageSpec, key: &str, work: &Path) -> Result<
     let cpio = initramfs(p)?;
     let cpio_path = work.join("initrd.cpio");
     fs::write(&cpio_path, cpio)?;
-    let mut c = cmd::command("gzip", ["-9", "-n"]);
+    let mut c = cmd::command("gzip", ["-6", "-n"]);
     c.arg(&cpio_path);
     cmd::run(c)?;
     let initrd = work.join("initrd.cpio.gz");
