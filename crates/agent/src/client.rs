@@ -37,8 +37,8 @@ use crate::protocol::{
     GuestFsfreezeThaw, GuestGetHostName, GuestGetOsinfo, GuestGetTime, GuestInfo,
     GuestNetworkGetInterfaces, GuestNetworkInterface, GuestOsInfo, GuestPing, GuestSetTime,
     GuestShutdown, GuestSyncDelimited, KvpPair, KvpPool, MemoryStatus, QgaError, Request, Response,
-    ShutdownMode, VireoExecRead, VireoKvpDelete, VireoKvpGet, VireoKvpList, VireoKvpSet,
-    VireoMemoryStatus, CLASS_COMMAND_NOT_FOUND,
+    ShutdownMode, VireoExecRead, VireoExecSignal, VireoKvpDelete, VireoKvpGet, VireoKvpList,
+    VireoKvpSet, VireoMemoryStatus, CLASS_COMMAND_NOT_FOUND,
 };
 
 /// What kind of failure an [`AgentError`] is, for callers that branch on it.
@@ -555,6 +555,17 @@ impl AgentClient {
     /// `vireo-exec-read` (vireo-guest only): output produced since the last read.
     pub async fn exec_read(&self, pid: i64) -> Result<ExecStatus, AgentError> {
         decode_status(self.call(&VireoExecRead { pid }).await?)
+    }
+
+    /// `vireo-exec-signal` (vireo-guest only): sends `signal` to a running `exec` process
+    /// (e.g. 2 for Ctrl-C, 9 to kill); its exit is then reported by the status calls.
+    pub async fn exec_signal(&self, pid: i64, signal: i64) -> Result<(), AgentError> {
+        self.call(&VireoExecSignal {
+            pid,
+            signal: Some(signal),
+        })
+        .await
+        .map(|_| ())
     }
 
     /// Runs `req` in the guest and streams its output, ending with [`RunEvent::Exited`].

@@ -386,6 +386,22 @@ impl Command for VireoExecRead {
     type Returns = GuestExecStatus;
 }
 
+/// `vireo-exec-signal {pid, signal?}` (Vireo extension): sends `signal` (default 15,
+/// SIGTERM) to a process started by `guest-exec` that has not been reaped yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VireoExecSignal {
+    /// The pid `guest-exec` returned.
+    pub pid: i64,
+    /// Signal number, 15 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i64>,
+}
+impl Command for VireoExecSignal {
+    const NAME: &'static str = "vireo-exec-signal";
+    type Returns = Empty;
+}
+
 /// State of a process started by `guest-exec`.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -717,6 +733,7 @@ pub const VIREO_COMMANDS: &[&str] = &[
     VireoKvpDelete::NAME,
     VireoMemoryStatus::NAME,
     VireoExecRead::NAME,
+    VireoExecSignal::NAME,
 ];
 
 #[cfg(test)]

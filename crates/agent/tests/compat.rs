@@ -239,6 +239,21 @@ async fn vireo_guest_binary_standard_services_and_extensions() {
         ]
     );
 
+    // A running process can be signalled; its end is reported with the signal.
+    let pid = c.exec(&req(&["sleep", "30"])).await.unwrap();
+    let e = c.exec_signal(pid, 0).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+    c.exec_signal(pid, 9).await.unwrap();
+    let exit = loop {
+        if let Some(x) = c.exec_status(pid).await.unwrap().exit {
+            break x;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((exit.code, exit.signal), (None, Some(9)));
+    let e = c.exec_signal(pid, 9).await.unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Refused, "{e}");
+
     // Simulated shutdown: no reply, reported as success.
     c.shutdown(ShutdownMode::Reboot).await.unwrap();
     c.ping().await.unwrap();

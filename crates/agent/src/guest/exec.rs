@@ -219,6 +219,30 @@ impl ExecTable {
         Ok(pid)
     }
 
+    /// `vireo-exec-signal`: signals a process of the table that has not been reaped.
+    pub fn signal(&self, pid: i64, signal: i64) -> Result<(), String> {
+        let sig = libc::c_int::try_from(signal)
+            .ok()
+            .filter(|s| (1..=64).contains(s))
+            .ok_or_else(|| "Invalid parameter 'signal'".to_string())?;
+        let procs = self.procs.lock().unwrap_or_else(|e| e.into_inner());
+        let shared = procs
+            .get(&pid)
+            .ok_or_else(|| "Invalid parameter 'pid'".to_string())?;
+        let p = lock(shared);
+        if p.status.is_some() {
+            // Already reaped: the pid may belong to someone else now.
+            return Ok(());
+        }
+        let raw = libc::pid_t::try_from(pid).map_err(|_| "Invalid parameter 'pid'".to_string())?;
+        // SAFETY: kill takes no pointers; the pid is our unreaped child.
+        if unsafe { libc::kill(raw, sig) } != 0 {
+            return Err(format!("kill: {}", std::io::Error::last_os_error()));
+        }
+        tracing::info!(pid, signal = sig, "signalled process for the host");
+        Ok(())
+    }
+
     /// `guest-exec-status` (`drain == false`: all output, at exit only) or
     /// `vireo-exec-read` (`drain == true`: output since the last read, at any time).
     pub fn status(&self, pid: i64, drain: bool) -> Result<GuestExecStatus, String> {

@@ -26,8 +26,8 @@ use crate::protocol::{
     GuestFsfreezeThaw, GuestGetHostName, GuestGetMemoryBlockInfo, GuestGetOsinfo, GuestGetTime,
     GuestHostName, GuestInfo, GuestMemoryBlockInfo, GuestNetworkGetInterfaces, GuestPing,
     GuestSetTime, GuestShutdown, GuestSync, GuestSyncDelimited, KvpPool, KvpValue, QgaError,
-    Request, Response, ShutdownMode, VireoExecRead, VireoKvpDelete, VireoKvpGet, VireoKvpList,
-    VireoKvpSet, VireoMemoryStatus, CLASS_COMMAND_NOT_FOUND, CLASS_GENERIC,
+    Request, Response, ShutdownMode, VireoExecRead, VireoExecSignal, VireoKvpDelete, VireoKvpGet,
+    VireoKvpList, VireoKvpSet, VireoMemoryStatus, CLASS_COMMAND_NOT_FOUND, CLASS_GENERIC,
 };
 
 pub use kvp::{KvpError, KvpStore, DEFAULT_KVP_ROOT};
@@ -72,6 +72,7 @@ const COMMANDS: &[(&str, bool)] = &[
     (VireoKvpDelete::NAME, true),
     (VireoMemoryStatus::NAME, true),
     (VireoExecRead::NAME, true),
+    (VireoExecSignal::NAME, true),
 ];
 
 /// What the agent does on requests that change the machine.
@@ -333,6 +334,12 @@ impl Server {
                 .and_then(|c| to_value(self.execs.status(c.pid, false).map_err(generic)?)),
             VireoExecRead::NAME => args::<VireoExecRead>(a)
                 .and_then(|c| to_value(self.execs.status(c.pid, true).map_err(generic)?)),
+            VireoExecSignal::NAME => args::<VireoExecSignal>(a).and_then(|c| {
+                self.execs
+                    .signal(c.pid, c.signal.unwrap_or(15))
+                    .map_err(generic)?;
+                to_value(protocol::Empty {})
+            }),
             GuestFsfreezeStatus::NAME => no_args(&a).and_then(|_| {
                 to_value(if self.frozen() {
                     FsfreezeStatus::Frozen
