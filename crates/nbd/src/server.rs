@@ -243,17 +243,21 @@ impl Server {
         self.inner.shutdown.cancel();
     }
 
-    /// Accepts clients on a unix socket until shutdown, then waits for its
+    /// Accepts clients on a unix socket until shutdown, then closes the
+    /// listener (a new server may bind the path) and waits for its
     /// connections to finish.
     pub async fn serve_unix(&self, listener: UnixListener) -> Result<(), Error> {
-        let l = &listener;
-        self.accept_loop(move || async move {
-            let (s, addr) = l.accept().await?;
-            let peer = addr
-                .as_pathname()
-                .map(|p| p.display().to_string())
-                .unwrap_or_else(|| "unix".to_string());
-            Ok((s, peer))
+        let l = Arc::new(listener);
+        self.accept_loop(move || {
+            let l = l.clone();
+            async move {
+                let (s, addr) = l.accept().await?;
+                let peer = addr
+                    .as_pathname()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| "unix".to_string());
+                Ok((s, peer))
+            }
         })
         .await
     }
@@ -261,12 +265,15 @@ impl Server {
     /// Accepts clients on a TCP listener (bind it to loopback) until
     /// shutdown, then waits for its connections to finish.
     pub async fn serve_tcp(&self, listener: TcpListener) -> Result<(), Error> {
-        let l = &listener;
-        self.accept_loop(move || async move {
-            let (s, addr) = l.accept().await?;
-            // Latency matters more than packet count for small replies.
-            let _ = s.set_nodelay(true);
-            Ok((s, addr.to_string()))
+        let l = Arc::new(listener);
+        self.accept_loop(move || {
+            let l = l.clone();
+            async move {
+                let (s, addr) = l.accept().await?;
+                // Latency matters more than packet count for small replies.
+                let _ = s.set_nodelay(true);
+                Ok((s, addr.to_string()))
+            }
         })
         .await
     }
@@ -327,6 +334,9 @@ impl Server {
                 }
             }
         }
+        // Close the listening socket now, so a new server can take over the
+        // path while these connections drain.
+        drop(accept);
         tracker.close();
         tracker.wait().await;
         Ok(())

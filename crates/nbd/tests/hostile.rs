@@ -359,3 +359,61 @@ fn client_that_never_reads_is_bounded() {
     writer.join().unwrap();
     healthy(&srv.socket, "");
 }
+
+/// Reads beyond the first MiB take 250 ms each.
+struct SlowHigh(MemExport, Arc<std::sync::atomic::AtomicU64>);
+
+impl Export for SlowHigh {
+    fn size(&self) -> u64 {
+        self.0.size()
+    }
+    fn flags(&self) -> ExportFlags {
+        self.0.flags()
+    }
+    fn read_at(&self, buf: &mut [u8], off: u64) -> std::io::Result<()> {
+        if off >= MIB {
+            std::thread::sleep(Duration::from_millis(250));
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        self.0.read_at(buf, off)
+    }
+    fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> std::io::Result<()> {
+        self.0.write_at(buf, off, fua)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A client that floods slow requests uses only its own I/O threads: a
+/// second client's requests complete while most of the flood is still
+/// queued.
+#[test]
+fn flooding_client_does_not_starve_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let done = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let e: Arc<dyn Export> = Arc::new(SlowHigh(MemExport::new(4 * MIB), done.clone()));
+    let srv = TestServer::start(&dir.path().join("s"), vec![("", e)]);
+    let mut flood = connect(&srv.socket);
+    handshake(&mut flood, "", false);
+    let mut reqs = Vec::new();
+    for i in 0..64u64 {
+        reqs.extend_from_slice(&request(0, 0, i, MIB + i * 4096, 4096));
+    }
+    flood.write_all(&reqs).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    for _ in 0..5 {
+        healthy(&srv.socket, "");
+    }
+    let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        finished < 64,
+        "other clients waited for the whole flood ({finished} of 64 done)"
+    );
+    for _ in 0..64 {
+        let (err, _) = read_simple(&mut flood);
+        assert_eq!(err, 0);
+        let mut d = vec![0u8; 4096];
+        flood.read_exact(&mut d).unwrap();
+    }
+}
