@@ -487,10 +487,20 @@ impl AgentClient {
         self.call(&GuestInfo).await
     }
 
-    /// Whether the agent is vireo-guest (its `guest-info` lists the `vireo-*` commands).
+    /// Whether the agent has Vireo's extensions: its `guest-info` lists the KVP, memory
+    /// status and streamed-exec commands as enabled. (Commands added later are detected
+    /// per call: an older agent answers them with [`ErrorKind::Unsupported`].)
     pub async fn supports_vireo_extensions(&self) -> Result<bool, AgentError> {
         let info = self.info().await?;
-        Ok(protocol::VIREO_COMMANDS.iter().all(|c| info.supports(c)))
+        Ok([
+            VireoKvpSet::NAME,
+            VireoKvpGet::NAME,
+            VireoKvpList::NAME,
+            VireoMemoryStatus::NAME,
+            VireoExecRead::NAME,
+        ]
+        .iter()
+        .all(|c| info.supports(c)))
     }
 
     /// `guest-get-osinfo`.
