@@ -171,6 +171,13 @@ fn serve_main(o: &Opts) -> Result<ExitCode, String> {
         ));
     }
     init_logging(o.log.as_deref(), o.verbose)?;
+    // A kernel-started init may leave PATH unset; guest-exec looks programs up in it.
+    if std::env::var_os("PATH").is_none() {
+        std::env::set_var(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        );
+    }
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
