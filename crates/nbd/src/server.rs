@@ -594,29 +594,32 @@ where
     }
     .await;
     drop(tx);
-    let end = match end {
-        Ok(e) => e,
+    let failed = match end {
+        Ok(end) => {
+            match end {
+                End::Eof => debug!("client closed the connection"),
+                End::Disconnect => debug!("client sent NBD_CMD_DISC"),
+                End::Shutdown => info!("server shutdown: draining connection"),
+                End::WriterGone => debug!("client stopped accepting replies"),
+            }
+            let abort = writer.abort_handle();
+            match tokio::time::timeout(cfg.drain_timeout, writer).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => debug!(error = %e, "writing replies failed"),
+                Ok(Err(e)) => warn!(error = %e, "reply writer failed"),
+                Err(_) => {
+                    warn!("replies not drained in time; dropping connection");
+                    abort.abort();
+                }
+            }
+            None
+        }
         Err(e) => {
+            // Protocol violation or broken stream: hard disconnect.
             writer.abort();
-            return Err(e);
+            Some(e)
         }
     };
-    match end {
-        End::Eof => debug!("client closed the connection"),
-        End::Disconnect => debug!("client sent NBD_CMD_DISC"),
-        End::Shutdown => info!("server shutdown: draining connection"),
-        End::WriterGone => debug!("client stopped accepting replies"),
-    }
-    let abort = writer.abort_handle();
-    match tokio::time::timeout(cfg.drain_timeout, writer).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => debug!(error = %e, "writing replies failed"),
-        Ok(Err(e)) => warn!(error = %e, "reply writer failed"),
-        Err(_) => {
-            warn!("replies not drained in time; dropping connection");
-            abort.abort();
-        }
-    }
     // Wait for export calls still running (their replies are discarded),
     // then make completed writes durable before the client can reconnect.
     let _ = io_slots
@@ -630,7 +633,7 @@ where
             Err(e) => warn!(error = %e, "flush at disconnect panicked"),
         }
     }
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Runs one validated request against the export and encodes its reply.
