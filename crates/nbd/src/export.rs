@@ -191,3 +191,92 @@ pub fn write_zero_buffers<E: Export + ?Sized>(export: &E, off: u64, len: u64) ->
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod model_tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Write(u64, u16, u8),
+        Trim(u64, u32),
+        Zero(u64, u32, bool),
+    }
+
+    const SIZE: u64 = 512 << 10;
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            (0..SIZE, 1u16..20000, 1u8..=255).prop_map(|(o, l, b)| Step::Write(o, l, b)),
+            (0..SIZE, 1u32..200_000).prop_map(|(o, l)| Step::Trim(o, l)),
+            (0..SIZE, 1u32..200_000, any::<bool>()).prop_map(|(o, l, t)| Step::Zero(o, l, t)),
+        ]
+    }
+
+    fn check(e: &dyn Export, steps: &[Step]) -> Result<(), TestCaseError> {
+        let mut model = vec![0u8; SIZE as usize];
+        for s in steps {
+            match *s {
+                Step::Write(o, l, b) => {
+                    let l = u64::from(l).min(SIZE - o);
+                    e.write_at(&vec![b; l as usize], o, false).unwrap();
+                    model[o as usize..(o + l) as usize].fill(b);
+                }
+                Step::Trim(o, l) | Step::Zero(o, l, _) => {
+                    let l = u64::from(l).min(SIZE - o);
+                    match s {
+                        Step::Trim(..) => e.trim(o, l, false).unwrap(),
+                        Step::Zero(_, _, t) => e
+                            .write_zeroes(
+                                o,
+                                l,
+                                ZeroMode {
+                                    may_trim: *t,
+                                    fast: false,
+                                    fua: true,
+                                },
+                            )
+                            .unwrap(),
+                        Step::Write(..) => unreachable!(),
+                    }
+                    model[o as usize..(o + l) as usize].fill(0);
+                }
+            }
+        }
+        let mut back = vec![0u8; SIZE as usize];
+        e.read_at(&mut back, 0).unwrap();
+        prop_assert!(back == model, "export contents differ from the model");
+        // Block status covers the export contiguously and never calls data a hole.
+        let ext = e.block_status(0, SIZE).unwrap();
+        let mut pos = 0;
+        for x in &ext {
+            prop_assert_eq!(x.offset, pos);
+            if x.zero {
+                prop_assert!(model[x.offset as usize..x.end() as usize]
+                    .iter()
+                    .all(|b| *b == 0));
+            }
+            pos = x.end();
+        }
+        prop_assert_eq!(pos, SIZE);
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// Random writes, trims and zeroes on MemExport match a plain buffer.
+        #[test]
+        fn mem_export_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+            check(&MemExport::new(SIZE), &steps)?;
+        }
+
+        /// The same on FileExport over a sparse temp file.
+        #[test]
+        fn file_export_matches_model(steps in proptest::collection::vec(step(), 1..40)) {
+            let f = tempfile::tempfile().unwrap();
+            f.set_len(SIZE).unwrap();
+            check(&FileExport::from_file(f, false).unwrap(), &steps)?;
+        }
+    }
+}
