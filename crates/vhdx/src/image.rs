@@ -247,7 +247,10 @@ impl Vhdx {
         hdr.validate().map_err(hdr_err)?;
         let log_offset = hdr.log_offset;
         let log_length = u64::from(hdr.log_length);
-        if log_offset + log_length > file_len {
+        if log_offset
+            .checked_add(log_length)
+            .map_or(true, |end| end > file_len)
+        {
             return Err(hdr_err(HeaderError::LogLayout {
                 offset: log_offset,
                 length: hdr.log_length,
@@ -1442,7 +1445,7 @@ fn validate_bat(
             }
             continue;
         }
-        let bad = if off + len > file_len {
+        let bad = if off.checked_add(len).map_or(true, |end| end > file_len) {
             Some("beyond the end of the file")
         } else if meta.iter().any(|(a, b)| overlaps(off, off + len, *a, *b)) {
             Some("inside a metadata region")
