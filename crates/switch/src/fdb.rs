@@ -3,11 +3,42 @@
 //! Pure: time is passed in as nanoseconds from any monotonic origin.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 use serde::Serialize;
 
 use crate::config::Mac;
 use crate::PortId;
+
+/// A fast hasher for the small fixed-size FDB key (VLAN + MAC). Keys come from frames, so
+/// the multiply-xorshift mix keeps flooding attacks from clustering buckets cheaply enough,
+/// and the table size is capped anyway.
+#[derive(Default, Clone, Copy)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        x ^= x >> 33;
+        x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        x ^ (x >> 33)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).rotate_left(5) ^ self.0.wrapping_mul(31);
+        }
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.0 = self.0.rotate_left(16) ^ u64::from(v);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.0 = self.0.rotate_left(8) ^ v as u64;
+    }
+}
+
+type Table = HashMap<(u16, Mac), Entry, BuildHasherDefault<KeyHasher>>;
 
 /// One FDB entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,7 +82,7 @@ pub struct FdbRow {
 /// MAC table keyed by (VLAN, MAC).
 #[derive(Debug, Clone)]
 pub struct Fdb {
-    table: HashMap<(u16, Mac), Entry>,
+    table: Table,
     aging_ns: u64,
     max_entries: usize,
 }
@@ -61,7 +92,7 @@ impl Fdb {
     /// `max_entries` dynamic entries (protection against MAC flooding).
     pub fn new(aging_secs: u64, max_entries: usize) -> Self {
         Fdb {
-            table: HashMap::new(),
+            table: Table::default(),
             aging_ns: aging_secs.saturating_mul(1_000_000_000),
             max_entries,
         }

@@ -37,18 +37,25 @@ done
 ip -n $A addr add 10.99.0.1/24 dev eth0
 ip -n $B addr add 10.99.0.2/24 dev eth0
 
-measure() { # prints: tcp_gbps udp_pps
+cpu_ticks() { # user+system clock ticks of a pid (0 if none)
+  if [ -n "${1:-}" ]; then awk '{print $14+$15}' /proc/$1/stat; else echo 0; fi
+}
+
+measure() { # prints: tcp_gbps udp_pps switch_cpu_s_during_udp
   ip netns exec $B iperf3 -s -D -1 -p 5201 >/dev/null
   sleep 0.3
   local tcp udp
   tcp=$(ip netns exec $A iperf3 -c 10.99.0.2 -p 5201 -t "$T" -J | python3 -c 'import json,sys; print(json.load(sys.stdin)["end"]["sum_received"]["bits_per_second"]/1e9)')
   ip netns exec $B iperf3 -s -D -1 -p 5202 >/dev/null
   sleep 0.3
-  udp=$(ip netns exec $A iperf3 -c 10.99.0.2 -p 5202 -u -l 64 -b 0 -t "$T" -J | python3 -c '
+  local c0 c1
+  c0=$(cpu_ticks "$SWPID")
+  udp=$(ip netns exec $A iperf3 -c 10.99.0.2 -p 5202 -u -l 64 -b 0 -P 2 -t "$T" -J | python3 -c '
 import json,sys
 s=json.load(sys.stdin)["end"]["sum"]
 print((s["packets"]-s["lost_packets"])/s["seconds"])')
-  echo "$tcp $udp"
+  c1=$(cpu_ticks "$SWPID")
+  echo "$tcp $udp $(( c1 - c0 ))"
 }
 
 # Linux bridge
@@ -56,7 +63,7 @@ ip link add $BR type bridge
 ip link set $BR up
 ip link set ${S}oA master $BR; ip link set ${S}oB master $BR
 ip netns exec $A ping -c 1 -W 2 10.99.0.2 >/dev/null 2>&1 || ip netns exec $A busybox ping -c 1 -W 2 10.99.0.2 >/dev/null
-read -r BR_TCP BR_UDP < <(measure)
+read -r BR_TCP BR_UDP _ < <(measure)
 ip link set ${S}oA nomaster; ip link set ${S}oB nomaster; ip link del $BR
 
 # vireo-switch
@@ -69,13 +76,18 @@ JSON
 SWPID=$!
 sleep 1
 ip netns exec $A busybox ping -c 1 -W 2 10.99.0.2 >/dev/null
-read -r SW_TCP SW_UDP < <(measure)
+read -r SW_TCP SW_UDP SW_TICKS < <(measure)
 
-python3 - "$BR_TCP" "$BR_UDP" "$SW_TCP" "$SW_UDP" <<'PY'
+python3 - "$BR_TCP" "$BR_UDP" "$SW_TCP" "$SW_UDP" "$SW_TICKS" "$T" "$(getconf CLK_TCK)" <<'PY'
 import sys
-bt, bu, st, su = map(float, sys.argv[1:])
+bt, bu, st, su, ticks, t, hz = map(float, sys.argv[1:])
 print("| path | Linux bridge | vireo-switch | ratio (switch/bridge) |")
 print("|---|---|---|---|")
 print(f"| iperf3 TCP, 1 stream | {bt:.2f} Gbit/s | {st:.2f} Gbit/s | {st/bt:.2f} |")
-print(f"| iperf3 UDP 64 B payload, received | {bu/1e3:.0f} kframes/s | {su/1e3:.0f} kframes/s | {su/bu:.2f} |")
+print(f"| iperf3 UDP 64 B payload (2 streams), received | {bu/1e3:.0f} kframes/s | {su/1e3:.0f} kframes/s | {su/bu:.2f} |")
+cpu = ticks / hz
+if cpu > 0:
+    # frames the switch moved (iperf3 packets) per second of its own CPU time
+    print(f"\nvireo-switch during the UDP run: {cpu:.2f} CPU-s for {su*t/1e3:.0f} kframes "
+          f"= {su*t/cpu/1e6:.2f} Mframes per CPU-second")
 PY

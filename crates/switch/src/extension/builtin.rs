@@ -116,6 +116,9 @@ impl Capture {
     }
 
     fn record(&mut self, port: PortId, unix_ns: u64, frame: &[u8]) {
+        if self.sinks.is_empty() {
+            return;
+        }
         if let Some(w) = self.sinks.get_mut(&port) {
             if let Err(e) = w.write_frame(unix_ns, frame) {
                 tracing::warn!(port, error = %e, "capture write failed; stopping capture");
@@ -178,6 +181,9 @@ impl SwitchExtension for Acl {
         ExtensionClass::Filter
     }
     fn ingress(&mut self, ctx: &Ingress<'_>) -> Verdict {
+        if self.tables.is_empty() {
+            return Verdict::Pass;
+        }
         let Some((_, t)) = self.tables.get_mut(&ctx.port) else {
             return Verdict::Pass;
         };
@@ -191,6 +197,9 @@ impl SwitchExtension for Acl {
         }
     }
     fn egress(&mut self, ctx: &Egress<'_>) -> Verdict {
+        if self.tables.is_empty() {
+            return Verdict::Pass;
+        }
         let Some((_, t)) = self.tables.get_mut(&ctx.to) else {
             return Verdict::Pass;
         };
@@ -241,6 +250,9 @@ impl SwitchExtension for Qos {
         ExtensionClass::Filter
     }
     fn ingress(&mut self, ctx: &Ingress<'_>) -> Verdict {
+        if self.buckets.is_empty() {
+            return Verdict::Pass;
+        }
         let Some(e) = self.buckets.get_mut(&ctx.port) else {
             return Verdict::Pass;
         };
@@ -251,6 +263,9 @@ impl SwitchExtension for Qos {
         }
     }
     fn egress(&mut self, ctx: &Egress<'_>) -> Verdict {
+        if self.buckets.is_empty() {
+            return Verdict::Pass;
+        }
         let Some(e) = self.buckets.get_mut(&ctx.to) else {
             return Verdict::Pass;
         };
