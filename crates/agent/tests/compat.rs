@@ -259,3 +259,36 @@ async fn vireo_guest_binary_standard_services_and_extensions() {
     c.ping().await.unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+/// The `vireo-guest kvp` subcommands refuse bad input with a message and change nothing;
+/// a missing key exits 1 and a bad command line exits 2.
+#[test]
+fn vireo_guest_cli_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(vireo_guest_bin())
+            .args(args)
+            .arg("--kvp-dir")
+            .arg(dir.path())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["kvp", "set", "../escape", "v"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("must not start with"));
+    let big = "v".repeat(5000);
+    let out = run(&["kvp", "set", "k", &big]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert_eq!(run(&["kvp", "get", "missing"]).status.code(), Some(1));
+    assert_eq!(run(&["kvp", "frobnicate"]).status.code(), Some(2));
+    assert_eq!(run(&["--bogus"]).status.code(), Some(2));
+    let out = run(&["kvp", "set", "ok.key", "line1\nline2"]);
+    assert!(out.status.success());
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("guest/ok.key")).unwrap(),
+        "line1\nline2"
+    );
+    let out = run(&["kvp", "list", "--pool", "guest"]);
+    assert_eq!(out.stdout, b"ok.key=line1\nline2\n");
+}
