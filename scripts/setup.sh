@@ -87,6 +87,19 @@ host="$(rustc -vV 2>/dev/null | sed -n 's/^host: //p')"
 [[ "$host" == x86_64-unknown-linux-gnu ]] ||
     die "rustc host target is '$host', the static guest agent needs x86_64-unknown-linux-gnu"
 
+# Prove it: a static-pie hello world must link and have no program interpreter.
+tmpd="$(mktemp -d /tmp/vireo-setup.XXXXXX)"
+printf 'fn main() {}\n' >"$tmpd/m.rs"
+if ! rustc -C target-feature=+crt-static -o "$tmpd/m" "$tmpd/m.rs" >>"$LOG" 2>&1; then
+    rm -rf "$tmpd"
+    die "rustc cannot link a static (+crt-static) executable; is libc6-dev installed?"
+fi
+if LC_ALL=C ldd "$tmpd/m" 2>&1 | grep -q '=>'; then
+    rm -rf "$tmpd"
+    die "rustc -C target-feature=+crt-static produced a dynamic executable"
+fi
+rm -rf "$tmpd"
+
 # Guest artefacts: the test-guest kernel and qemu-guest-agent are NOT installed on the host;
 # they are downloaded (apt-get download) and unpacked into the guest cache by the xtask.
 if [[ "${SETUP_SKIP_GUEST:-0}" != 1 ]]; then

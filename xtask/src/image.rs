@@ -397,6 +397,28 @@ fn agent_name(p: &Prepared) -> &'static str {
     }
 }
 
+/// Removes cached images (raw, vhdx, inputs) whose inputs name another builder version, or
+/// all of them; returns how many images went.
+pub fn clean(cache: &Cache, all: bool) -> Result<usize> {
+    let _lock = cache.lock()?;
+    let current = format!("builder {BUILDER_VERSION}\n");
+    let mut removed = 0;
+    for e in fs::read_dir(cache.images())? {
+        let p = e?.path();
+        if !p.extension().is_some_and(|x| x == "inputs") {
+            continue;
+        }
+        let text = fs::read_to_string(&p).unwrap_or_default();
+        if all || !text.starts_with(&current) {
+            for ext in ["raw", "vhdx", "inputs"] {
+                let _ = fs::remove_file(p.with_extension(ext));
+            }
+            removed += 1;
+        }
+    }
+    Ok(removed)
+}
+
 /// Copies the cached image to `out`: raw for any extension but `.vhdx`.
 pub fn export(cache: &Cache, built: &Built, out: &Path) -> Result<()> {
     let is_vhdx = out

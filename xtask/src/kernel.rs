@@ -205,3 +205,38 @@ pub fn resolve_modules(k: &Kernel, wanted: &[&str]) -> Result<Modules> {
         modules_dep,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// On the real Debian kernel (fetched into the default cache if needed): the modules
+    /// the guests need resolve, built-ins are left out, and every dependency loads before
+    /// its user.
+    #[test]
+    fn resolves_real_kernel_modules() {
+        let cache = Cache::open(&crate::repo_root().join(".cache/guest")).unwrap();
+        let k = {
+            let _lock = cache.lock().unwrap();
+            let pkg = resolve(None).expect("apt lists: run scripts/setup.sh");
+            ensure(&cache, &pkg).unwrap()
+        };
+        let m = resolve_modules(&k, MODULES).unwrap();
+        let pos = |stem: &str| {
+            m.order
+                .iter()
+                .position(|r| r.ends_with(&format!("/{stem}.ko")))
+                .unwrap_or_else(|| panic!("{stem} missing from {:?}", m.order))
+        };
+        assert!(pos("jbd2") < pos("ext4") && pos("mbcache") < pos("ext4"));
+        assert!(pos("libata") < pos("ata_piix") && pos("scsi_mod") < pos("sd_mod"));
+        assert!(pos("virtio") < pos("virtio_pci") && pos("virtio_ring") < pos("virtio_net"));
+        pos("e1000");
+        pos("8021q");
+        assert!(m
+            .modules_dep
+            .lines()
+            .any(|l| l.starts_with("kernel/fs/ext4/ext4.ko: ") && l.contains("jbd2.ko")));
+        assert!(resolve_modules(&k, &["no_such_module_xyz"]).is_err());
+    }
+}

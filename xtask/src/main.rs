@@ -43,6 +43,17 @@ enum Cmd {
     GuestBoot(boot::BootArgs),
     /// Boot tests: each generation, qemu-ga, VHDX output, cache behaviour.
     GuestTest(testcmd::TestArgs),
+    /// Remove cached images made by other builder versions (or all with --all).
+    GuestCacheClean(CleanArgs),
+}
+
+#[derive(Args, Clone)]
+struct CleanArgs {
+    /// Remove every cached image, not only stale ones.
+    #[arg(long)]
+    all: bool,
+    #[command(flatten)]
+    cache: CacheArgs,
 }
 
 #[derive(Args, Clone)]
@@ -164,6 +175,13 @@ fn main() {
         }),
         Cmd::GuestBoot(a) => boot::boot_cmd(&a),
         Cmd::GuestTest(a) => testcmd::run(&a),
+        Cmd::GuestCacheClean(a) => open_cache(&a.cache).and_then(|c| {
+            let removed = image::clean(&c, a.all)?;
+            if removed > 0 {
+                println!("guest: removed {removed} cached image(s)");
+            }
+            Ok(())
+        }),
     };
     if let Err(e) = res {
         eprintln!("error: {e:#}");
