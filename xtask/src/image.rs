@@ -405,7 +405,7 @@ pub fn clean(cache: &Cache, all: bool) -> Result<usize> {
     let mut removed = 0;
     for e in fs::read_dir(cache.images())? {
         let p = e?.path();
-        if !p.extension().is_some_and(|x| x == "inputs") {
+        if p.extension() != Some(std::ffi::OsStr::new("inputs")) {
             continue;
         }
         let text = fs::read_to_string(&p).unwrap_or_default();
