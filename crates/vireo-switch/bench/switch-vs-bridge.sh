@@ -74,8 +74,11 @@ cat > "$DIR/cfg.json" <<JSON
 JSON
 "$BIN" --config "$DIR/cfg.json" --control "$DIR/c.sock" --run-dir "$DIR/run" 2>"$DIR/switch.log" &
 SWPID=$!
-sleep 1
-ip netns exec $A busybox ping -c 1 -W 2 10.99.0.2 >/dev/null
+for i in 1 2 3 4 5; do
+  sleep 1
+  ip netns exec $A busybox ping -c 1 -W 2 10.99.0.2 >/dev/null 2>&1 && break
+  [ $i = 5 ] && { echo "no connectivity through vireo-switch:" >&2; cat "$DIR/switch.log" >&2; exit 1; }
+done
 read -r SW_TCP SW_UDP SW_TICKS < <(measure)
 
 python3 - "$BR_TCP" "$BR_UDP" "$SW_TCP" "$SW_UDP" "$SW_TICKS" "$T" "$(getconf CLK_TCK)" <<'PY'
