@@ -165,7 +165,7 @@ fn bad_requests_change_nothing() {
     let (st, _) = sw.api(
         "POST",
         "/v1/ports",
-        Some(packet_port("p0", "lo", access(1))),
+        Some(packet_port("p0", "nonexistent1", access(1))),
     );
     assert_eq!(st, 409);
     let (st, v) = sw.api(
@@ -590,4 +590,80 @@ fn unplug_disconnects_peer() {
     let path = p["config"]["backend"]["path"].as_str().unwrap().to_string();
     assert!(path.ends_with("/ports/vm2.sock"), "{path}");
     assert!(std::path::Path::new(&path).exists());
+}
+
+/// Switch types: an external switch gets an `uplink` port on its interface (trunk of all
+/// VLANs, native 1) and, shared with the host, a `host` TAP port in `host_vlan`; a VM's
+/// VLAN 20 frame leaves the uplink tagged 20 (seen in a capture of the uplink), and
+/// untagged wire traffic (native VLAN 1) does not reach the VM.
+#[test]
+fn external_switch_uplink_and_host_port() {
+    require("ip");
+    require("busybox");
+    let t = tag();
+    let wire = Netns::new(&format!("vsw{t}w"));
+    let outer = format!("vsw{t}up");
+    wire.veth("eth0", &outer, Some("10.79.0.1/24"));
+    let _l = Link(outer.clone());
+    let name = format!("e{t}");
+    let host_if = format!("vsw-{name}");
+    let _h = Link(host_if.clone());
+    let sw = Switch::start(json!({"name": name, "type": "external", "uplink": outer,
+                                  "share_host": true, "host_vlan": 10}));
+    let ports = sw.ok("GET", "/v1/ports", None);
+    let by = |n: &str| {
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["config"]["name"] == n)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(by("uplink")["config"]["role"], "uplink");
+    assert_eq!(
+        by("uplink")["config"]["vlan"],
+        json!({"mode": "trunk", "allowed": "1-4094", "native": 1})
+    );
+    assert_eq!(by("host")["config"]["vlan"], access(10));
+    assert!(
+        std::path::Path::new(&format!("/sys/class/net/{host_if}")).exists(),
+        "no host TAP"
+    );
+    let sock = sw.dir.path().join("vm.sock");
+    let mut peer = StreamPeer::listen(&sock);
+    sw.ok("POST", "/v1/ports", Some(json!({"name": "vm", "backend": {"kind": "stream_connect", "path": sock}, "vlan": access(20)})));
+    peer.accept();
+    sw.wait_up("vm");
+    let cap = sw.dir.path().join("uplink.pcap");
+    sw.ok(
+        "POST",
+        "/v1/ports/uplink/capture",
+        Some(json!({"path": cap})),
+    );
+    let mut f = vec![0xff; 6];
+    f.extend_from_slice(&[2, 0, 0, 0, 0, 0x20, 0x88, 0xb5]);
+    f.extend_from_slice(b"vlan-20-marker");
+    f.resize(60, 0);
+    peer.send(&f);
+    // untagged traffic from the wire (ARP broadcasts, native VLAN 1)
+    let _ = wire.exec_ok("busybox ping -w 2 -c 2 10.79.0.9");
+    std::thread::sleep(Duration::from_millis(300));
+    sw.ok("DELETE", "/v1/ports/uplink/capture", None);
+    let frames = switch::capture::read_pcap(&std::fs::read(&cap).unwrap()).unwrap();
+    let tagged = frames
+        .iter()
+        .find(|(_, fr)| fr.windows(14).any(|w| w == b"vlan-20-marker"))
+        .expect("marker frame not sent on the uplink");
+    assert_eq!(
+        &tagged.1[12..16],
+        &[0x81, 0x00, 0x00, 20],
+        "not tagged 20 on the uplink"
+    );
+    assert!(sw.counters("uplink")["rx_packets"].as_u64().unwrap() >= 1);
+    let got = peer.recv_until(Duration::from_millis(500), |_| true);
+    assert!(
+        got.is_none(),
+        "native-VLAN wire traffic reached the VLAN 20 VM: {got:?}"
+    );
 }
