@@ -168,6 +168,10 @@ fn common_checks(g: &mut Guest, name: &str) -> Result<()> {
         .with_context(|| format!("{name}: the serial shell did not report the disk ({want})"))?;
     let t = g.wait_for("VIREO-GUEST-NET eth0 10.0.2.15", Duration::from_secs(40))?;
     println!("  {name}: DHCP lease on eth0 at {:.2}s", t.as_secs_f64());
+    // Modules loaded from the initramfs (by name; present in every generation).
+    g.type_line("echo VIREO-T-MODS-$(grep -c -E '^(ext4|8021q|virtio_console|evdev|e1000|sd_mod) ' /proc/modules)")?;
+    g.wait_for("VIREO-T-MODS-6", Duration::from_secs(10))
+        .with_context(|| format!("{name}: not all kernel modules are loaded"))?;
     g.type_line("echo VIREO-T-HOST-$(hostname)")?;
     g.wait_for("VIREO-T-HOST-vireo-guest", Duration::from_secs(10))?;
     let t0 = Instant::now();
