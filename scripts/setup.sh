@@ -12,7 +12,7 @@ set -euo pipefail
 
 PACKAGES=(
     # machine emulator, firmware, disk tools
-    qemu-system-x86 qemu-utils ovmf
+    qemu-system-x86 qemu-utils ovmf ipxe-qemu  # ipxe-qemu: NIC option ROMs (e1000, virtio-net, PXE)
     # test guests: initramfs, boot media (see docs/test-guests.md)
     busybox-static cpio xz-utils gzip dosfstools mtools
     extlinux syslinux syslinux-common gdisk
