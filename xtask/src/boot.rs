@@ -255,12 +255,12 @@ impl Guest {
         }
     }
 
-    /// The rest of the first serial line that starts with `prefix`.
+    /// What follows `prefix` on the first serial line containing it (a marker may follow a
+    /// shell prompt on the same line).
     pub fn line_value(&self, prefix: &str) -> Option<String> {
         self.serial().lines().find_map(|l| {
-            l.trim_end_matches('\r')
-                .strip_prefix(prefix)
-                .map(str::to_owned)
+            let l = l.trim_end_matches('\r');
+            l.find(prefix).map(|i| l[i + prefix.len()..].to_owned())
         })
     }
 
