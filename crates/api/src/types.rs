@@ -391,6 +391,20 @@ pub struct VmInfo {
     pub status_message: Option<String>,
     /// Seconds since the VM was started, while running.
     pub uptime_secs: Option<u64>,
+    /// Timings of the last start (for `vireo bench boot`).
+    #[serde(default)]
+    pub last_start: Option<StartTimings>,
+}
+
+/// How long the last start took, measured from the moment vireod received the request.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct StartTimings {
+    /// Until QEMU was exec'd: Vireo's own overhead.
+    pub api_to_qemu_exec_ms: Option<f64>,
+    /// Until QEMU was running the guest (the start call returned).
+    pub api_to_running_ms: f64,
+    /// Until the guest agent first answered.
+    pub api_to_first_heartbeat_ms: Option<f64>,
 }
 
 /// Host facts (`vireo host show`).

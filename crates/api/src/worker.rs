@@ -46,6 +46,20 @@ pub struct WorkerStatus {
     pub accel: Accel,
     /// Whether this worker re-attached to an already running QEMU.
     pub attached: bool,
+    /// Unix time in ns just before QEMU was exec'd (not known after a re-attach).
+    #[serde(default)]
+    pub qemu_exec_ns: Option<u64>,
+    /// Unix time in ns of the first answered heartbeat.
+    #[serde(default)]
+    pub first_heartbeat_ns: Option<u64>,
+}
+
+/// Unix time in nanoseconds.
+pub fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
 }
 
 /// `POST /shutdown` body: what the guest agent should do.

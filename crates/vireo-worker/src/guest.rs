@@ -16,6 +16,8 @@ pub struct GuestState {
     pub heartbeat: Heartbeat,
     /// Facts from the agent.
     pub info: Option<GuestInfo>,
+    /// Unix ns of the first answered ping.
+    pub first_answer_ns: Option<u64>,
 }
 
 impl GuestState {
@@ -24,6 +26,7 @@ impl GuestState {
         GuestState {
             heartbeat: Heartbeat::new(LOST_AFTER),
             info: None,
+            first_answer_ns: None,
         }
     }
 
@@ -47,7 +50,15 @@ pub async fn heartbeat_loop(client: Arc<AgentClient>, state: Arc<Mutex<GuestStat
     let mut synced_time = false;
     loop {
         let started = Instant::now();
-        let ok = tokio::time::timeout(Duration::from_secs(2), client.ping())
+        // Before first contact, ping often with a short timeout so the first heartbeat is seen
+        // promptly after the agent starts; afterwards once a second.
+        let contacted = lock(&state).first_answer_ns.is_some();
+        let (timeout, interval) = if contacted {
+            (Duration::from_secs(2), Duration::from_secs(1))
+        } else {
+            (Duration::from_millis(600), Duration::from_millis(200))
+        };
+        let ok = tokio::time::timeout(timeout, client.ping())
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false);
@@ -55,8 +66,14 @@ pub async fn heartbeat_loop(client: Arc<AgentClient>, state: Arc<Mutex<GuestStat
             // Force a fresh guest-sync on the next attempt.
             client.disconnect().await;
         }
-        if let Some((old, new)) = lock(&state).heartbeat.observe(Instant::now(), ok) {
-            tracing::info!("heartbeat {old} -> {new}");
+        {
+            let mut s = lock(&state);
+            if ok && s.first_answer_ns.is_none() {
+                s.first_answer_ns = Some(api::worker::now_ns());
+            }
+            if let Some((old, new)) = s.heartbeat.observe(Instant::now(), ok) {
+                tracing::info!("heartbeat {old} -> {new}");
+            }
         }
         if ok && last_info.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
             if let Some(info) = collect_info(&client).await {
@@ -72,7 +89,7 @@ pub async fn heartbeat_loop(client: Arc<AgentClient>, state: Arc<Mutex<GuestStat
             synced_time = false;
         }
         let spent = started.elapsed();
-        tokio::time::sleep(Duration::from_secs(1).saturating_sub(spent)).await;
+        tokio::time::sleep(interval.saturating_sub(spent)).await;
     }
 }
 

@@ -15,6 +15,9 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// Unix ns just before QEMU was exec'd (0: re-attached).
+pub static EXEC_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// The QEMU we spawned, kept so that it is reaped when it exits.
 static CHILD: Mutex<Option<QemuProcess>> = Mutex::new(None);
 
@@ -139,6 +142,7 @@ pub async fn spawn_qemu(l: &LaunchSpec) -> anyhow::Result<u32> {
         cfg.to_display_string().unwrap_or_default(),
     )
     .context("writing qemu.cmdline")?;
+    EXEC_NS.store(api::worker::now_ns(), std::sync::atomic::Ordering::SeqCst);
     let mut p = QemuProcess::spawn(&qemu::process::default_binary(), &args, &paths)
         .context("starting QEMU")?;
     p.wait_ready(Duration::from_secs(30))

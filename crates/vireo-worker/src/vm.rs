@@ -109,6 +109,12 @@ impl Vm {
             started_at: self.started_at,
             accel: self.accel,
             attached: self.attached,
+            qemu_exec_ns: Some(crate::launch::EXEC_NS.load(Ordering::SeqCst)).filter(|n| *n != 0),
+            first_heartbeat_ns: self
+                .guest
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .first_answer_ns,
         })
     }
 

@@ -30,6 +30,9 @@ enum Command {
     /// Virtual machines.
     #[command(subcommand)]
     Vm(cmd::vm::VmCommand),
+    /// Benchmarks against a live host.
+    #[command(subcommand)]
+    Bench(cmd::bench::BenchCommand),
     /// VHDX and raw disk images (works without a running host).
     #[command(subcommand)]
     Disk(cmd::disk::DiskCommand),
@@ -47,7 +50,9 @@ fn main() {
             use clap::error::ErrorKind;
             if matches!(
                 e.kind(),
-                ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
             ) {
                 e.exit();
             }
@@ -77,6 +82,7 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
         match command {
             Command::Host(c) => cmd::host::run(&client, c).await.map(|_| 0),
             Command::Vm(c) => cmd::vm::run(&client, c).await,
+            Command::Bench(c) => cmd::bench::run(&client, c).await.map(|_| 0),
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })

@@ -33,6 +33,8 @@ struct VmEntry {
     status_message: Option<String>,
     worker_restarts: u32,
     last_status: Option<WorkerStatus>,
+    /// Request time (unix ns) and duration of the last start.
+    last_start: Option<(u64, StartTimings)>,
 }
 
 /// Host-wide facts the manager needs.
@@ -75,6 +77,7 @@ impl Manager {
                     status_message: None,
                     worker_restarts: 0,
                     last_status: None,
+                    last_start: None,
                 },
             );
         }
@@ -221,6 +224,13 @@ impl Manager {
             console_log: self.store.vm_dir(uuid).join("console.log"),
             status_message,
             uptime_secs: status.map(|s| now_unix().saturating_sub(s.started_at)),
+            last_start: e.last_start.map(|(t0, mut t)| {
+                let ms = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6;
+                if let Some(s) = status {
+                    t.api_to_first_heartbeat_ms = s.first_heartbeat_ns.map(ms);
+                }
+                t
+            }),
         }
     }
 
@@ -293,6 +303,7 @@ impl Manager {
                 status_message: None,
                 worker_restarts: 0,
                 last_status: None,
+                last_start: None,
             },
         );
         let e = vms
@@ -404,6 +415,7 @@ impl Manager {
 
     /// Starts a VM (or resumes it from its saved state).
     pub async fn start(&self, name: &str) -> ApiResult<VmInfo> {
+        let t0 = api::worker::now_ns();
         let (uuid, op) = self.find(name)?;
         let _g = op.lock().await;
         if self.qemu_pid(&uuid).is_some() {
@@ -453,6 +465,15 @@ impl Manager {
         }
         if launch.restore_from.is_some() {
             let _ = std::fs::remove_file(&saved);
+        }
+        let ms = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6;
+        if let Some(e) = lock(&self.vms).get_mut(&uuid) {
+            let timings = StartTimings {
+                api_to_qemu_exec_ms: e.last_status.as_ref().and_then(|s| s.qemu_exec_ns).map(ms),
+                api_to_running_ms: ms(api::worker::now_ns()),
+                api_to_first_heartbeat_ms: None,
+            };
+            e.last_start = Some((t0, timings));
         }
         self.show(name)
     }

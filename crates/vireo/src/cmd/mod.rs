@@ -1,4 +1,5 @@
 //! One module per command group.
+pub mod bench;
 pub mod disk;
 pub mod host;
 pub mod output;
