@@ -20,6 +20,8 @@ PACKAGES=(
     sbsigntool efitools
     # NBD peers, load generators, cluster store, networking
     libnbd-bin python3-libnbd fio iperf3 etcd-server dnsmasq-base iproute2
+    # real qemu-ga on the host: the agent crate checks protocol compatibility against it
+    qemu-guest-agent
     # static build of the guest agent (crt-static links against glibc's libc.a)
     gcc libc6-dev
 )
