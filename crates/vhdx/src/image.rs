@@ -426,6 +426,12 @@ impl Vhdx {
             Box::new([])
         };
 
+        // Parent (before anything is written: a broken chain changes nothing).
+        let parent = match &locator {
+            Some(l) => Some(open_parent(path, l, &md, ctx)?),
+            None => None,
+        };
+
         // Everything validated: replay for read-write opens.
         let mut header = hdr;
         let mut slot = slot;
@@ -464,11 +470,6 @@ impl Vhdx {
             }
         }
 
-        // Parent.
-        let parent = match &locator {
-            Some(l) => Some(open_parent(path, l, &md, ctx)?),
-            None => None,
-        };
         let file_len = file
             .metadata()
             .map_err(|e| Error::io("reading size of", path, e))?

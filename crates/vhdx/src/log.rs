@@ -296,7 +296,7 @@ mod tests {
             &[(3 << 20, &page_b), (4 << 20, &page_a)],
         );
         let mut log = vec![0u8; 1 << 20];
-        log[..e1.len()].copy_from_slice(&e1);
+        log[64 << 10..(64 << 10) + e1.len()].copy_from_slice(&e1);
         // e2 wraps: starts two sectors before the end.
         let start = log.len() - 2 * SECTOR;
         for (i, b) in e2.iter().enumerate() {

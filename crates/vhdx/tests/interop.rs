@@ -26,13 +26,13 @@ fn qemu_written_images_read_back() {
         let opts = format!("subformat={sub},block_size={bs},{extra}");
         run(
             "qemu-img",
-            &["create", "-q", "-f", "vhdx", "-o", &opts, p(&img), "70M"],
+            &["create", "-q", "-f", "vhdx", "-o", &opts, p(&img), "40M"],
         );
         let writes = [
             "write -P 0x11 0 64k",
             "write -P 0x22 1048064 4096", // straddles a 1 MiB block boundary
             "write -P 0x33 33554432 2M",
-            "write -P 0x44 69206016 1M", // last MiB
+            "write -P 0x44 40894464 1M", // last MiB
             "write -z 33554432 4096",
         ];
         let mut args = vec!["-f", "vhdx"];
@@ -49,7 +49,7 @@ fn qemu_written_images_read_back() {
         let expect = std::fs::read(&raw).unwrap();
         let v = Vhdx::open(&img, OpenOptions { read_only: true }).unwrap();
         assert_eq!(v.logical_sector_size(), *ls);
-        assert_eq!(v.size(), 70 << 20);
+        assert_eq!(v.size(), 40 << 20);
         assert_eq!(
             v.disk_type(),
             if *sub == "fixed" {

@@ -252,7 +252,7 @@ fn main() {
             name: "rand read 4K qd1",
             bs: 4096,
             step: stride,
-            count: 20_000,
+            count: 60_000,
             depth: 1,
             write: false,
         },
@@ -260,7 +260,7 @@ fn main() {
             name: "rand read 4K qd32",
             bs: 4096,
             step: stride,
-            count: 20_000,
+            count: 60_000,
             depth: 32,
             write: false,
         },
@@ -268,7 +268,7 @@ fn main() {
             name: "rand write 4K qd1",
             bs: 4096,
             step: stride,
-            count: 20_000,
+            count: 60_000,
             depth: 1,
             write: true,
         },
@@ -276,7 +276,7 @@ fn main() {
             name: "rand write 4K qd32",
             bs: 4096,
             step: stride,
-            count: 20_000,
+            count: 60_000,
             depth: 32,
             write: true,
         },
@@ -296,42 +296,42 @@ fn main() {
         ("dynamic", &ours, Some(&qv), &qc),
         ("differencing", &ours_child, None, &qc_child),
     ] {
-        // Fresh child for each run of writes would change the pattern; the child
-        // is written by the first write pattern and stays allocated after.
+        // Differencing first: the dynamic rows then write to its parent. The child's
+        // first write pattern allocates; later patterns find its blocks allocated.
         let v = Arc::new(Vhdx::open(our_path, OpenOptions { read_only: false }).expect("open"));
         for p in &pats {
-            let o = median(
-                (0..reps)
-                    .map(|_| {
-                        our_bench(
-                            size,
-                            p,
-                            |b, off| v.read_at(b, off).expect("read"),
-                            |b, off| v.write_at(b, off).expect("write"),
-                            &|| v.flush().expect("flush"),
-                            false,
-                        )
-                    })
-                    .collect(),
-            );
-            let qv_t =
-                qemu_vhdx.map(|q| median((0..reps).map(|_| qemu_bench("vhdx", q, p)).collect()));
-            let qc_t = median((0..reps).map(|_| qemu_bench("qcow2", qcow, p)).collect());
-            let qr_t = median((0..reps).map(|_| qemu_bench("raw", &raw, p)).collect());
-            let rp_t = median(
-                (0..reps)
-                    .map(|_| {
-                        our_bench(
-                            size,
-                            p,
-                            |b, off| rawf.read_exact_at(b, off).expect("raw read"),
-                            |b, off| rawf.write_all_at(b, off).expect("raw write"),
-                            &|| rawf.sync_data().expect("raw sync"),
-                            false,
-                        )
-                    })
-                    .collect(),
-            );
+            // Interleave the contenders in each repetition so background load and
+            // write-back hit them alike; report medians.
+            let (mut ot, mut qvt, mut qct, mut qrt, mut rpt) =
+                (vec![], vec![], vec![], vec![], vec![]);
+            for _ in 0..reps {
+                ot.push(our_bench(
+                    size,
+                    p,
+                    |b, off| v.read_at(b, off).expect("read"),
+                    |b, off| v.write_at(b, off).expect("write"),
+                    &|| v.flush().expect("flush"),
+                    false,
+                ));
+                if let Some(q) = qemu_vhdx {
+                    qvt.push(qemu_bench("vhdx", q, p));
+                }
+                qct.push(qemu_bench("qcow2", qcow, p));
+                qrt.push(qemu_bench("raw", &raw, p));
+                rpt.push(our_bench(
+                    size,
+                    p,
+                    |b, off| rawf.read_exact_at(b, off).expect("raw read"),
+                    |b, off| rawf.write_all_at(b, off).expect("raw write"),
+                    &|| rawf.sync_data().expect("raw sync"),
+                    false,
+                ));
+            }
+            let o = median(ot);
+            let qv_t = (!qvt.is_empty()).then(|| median(qvt));
+            let qc_t = median(qct);
+            let qr_t = median(qrt);
+            let rp_t = median(rpt);
             let om = mbps(p, o);
             println!(
                 "| {img} | {} | {:.0} | {} | {:.0} | {:.0} | {:.0} | {} | {:.2} |",
