@@ -1,0 +1,480 @@
+//! The host-wide balancer: each VM's demand and the host's free memory in, one memory target
+//! per VM out.
+//!
+//! One round ([`balance`]), run about once a second by vireod:
+//!
+//! 1. **Budget.** VMs together may hold at most what they hold now plus what the host can
+//!    spare now (`free_for_vms - reserve`, negative when the host itself ate into the
+//!    reserve), and never more than `total - reserve`.
+//! 2. **Fixed VMs.** A static VM keeps its startup RAM. A dynamic VM whose demand report is
+//!    older than [`BalanceConfig::stale_after_ms`] (or that never reported) keeps its current
+//!    assignment ([`Reason::StaleDemand`]): no blind shrinking of a guest we cannot see.
+//! 3. **Wanted.** Every other VM wants `demand × (1 + buffer)`, clamped to `[minimum, maximum]`.
+//! 4. **Sharing.** If all wanted fit in the budget, each VM gets what it wants. Otherwise every
+//!    VM gets its minimum and the rest is shared by weight (weighted water-filling: a VM's
+//!    share above its minimum is proportional to its weight, capped at what it wants, and what
+//!    a capped VM leaves is shared again). Weight 0 VMs only get what the others leave.
+//! 5. **Growth limit.** The sum of all increases is limited to what the host can spare *now*
+//!    (memory a shrinking VM gives back counts from the next round, once the balloon has
+//!    actually taken it). Minimums are served first, then the rest by weight. This is what
+//!    stops a VM with a huge maximum from grabbing the host: it only grows into free memory,
+//!    and as soon as another VM needs memory the sharing step takes it back.
+//! 6. **Hysteresis.** Moves smaller than `max(2 % of assigned, 8 MiB)` are skipped, unless
+//!    the guest's demand is above what it has.
+//! 7. **Split.** The target below startup is reached with the balloon, the part above startup
+//!    with virtio-mem in whole blocks ([`BalanceConfig::block_size`]).
+//!
+//! The function is deterministic and keeps no state: the same input gives the same output,
+//! and a converged state (every target applied) gives `target == assigned` for every VM.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{MemorySettings, ALIGN, MIB};
+
+/// One VM as the balancer sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmDemand {
+    /// The VM's id (echoed in its [`Decision`]).
+    pub id: String,
+    /// Its memory settings.
+    pub settings: MemorySettings,
+    /// Memory the guest has now, bytes: balloon `actual` (QMP `query-balloon`) plus the
+    /// virtio-mem device's plugged `size`.
+    pub assigned: u64,
+    /// Bytes the guest needs ([`crate::guest_demand`]); ignored when the report is stale.
+    pub demand: u64,
+    /// When `demand` was reported (milliseconds on the caller's monotonic clock); `None`: the
+    /// guest never reported.
+    pub reported_at: Option<u64>,
+}
+
+/// The host's memory, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMemory {
+    /// Physical memory of the host (`MemTotal`).
+    pub total: u64,
+    /// Memory free on the host right now (`MemAvailable`), not counting what VMs already hold;
+    /// the balancer subtracts the reserve itself.
+    pub free_for_vms: u64,
+    /// Memory never handed to VMs (host kernel, vireod, workers, QEMU overhead).
+    pub reserve: u64,
+}
+
+impl HostMemory {
+    /// The most all VMs together can ever hold: `total - reserve`.
+    pub fn vm_limit(&self) -> u64 {
+        self.total.saturating_sub(self.reserve)
+    }
+
+    /// What VMs may grow into now: `free_for_vms - reserve`.
+    pub fn spare(&self) -> u64 {
+        self.free_for_vms.saturating_sub(self.reserve)
+    }
+}
+
+/// Tunables of the balancer; [`Default`] is what vireod uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalanceConfig {
+    /// virtio-mem block size, bytes (the device's `block-size`; 2 MiB on x86).
+    pub block_size: u64,
+    /// A demand report older than this is stale, milliseconds.
+    pub stale_after_ms: u64,
+    /// Skip moves smaller than this percentage of the assigned memory...
+    pub hysteresis_percent: u32,
+    /// ...or smaller than this many bytes.
+    pub hysteresis_min: u64,
+}
+
+impl Default for BalanceConfig {
+    fn default() -> Self {
+        BalanceConfig {
+            block_size: 2 * MIB,
+            stale_after_ms: 10_000,
+            hysteresis_percent: 2,
+            hysteresis_min: 8 * MIB,
+        }
+    }
+}
+
+/// Why the balancer chose a target (shown by `vireo memory status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// Dynamic memory is off: the VM keeps its startup RAM.
+    Static,
+    /// No fresh demand report (agent or balloon driver silent): the VM keeps what it has.
+    StaleDemand,
+    /// The VM gets demand plus buffer.
+    Demand,
+    /// Demand plus buffer is below the minimum: the VM is held at its minimum.
+    AtMinimum,
+    /// Demand plus buffer is above the maximum: the VM is held at its maximum.
+    AtMaximum,
+    /// The host cannot give every VM what it wants: shared by weight.
+    Weighted,
+    /// Growth limited to what the host can spare now; more follows in the next rounds.
+    GrowthLimited,
+    /// The change would be too small to be worth it; the VM keeps what it has.
+    Hysteresis,
+    /// The VMs' minimums do not fit in the host's memory (only possible when memory outside
+    /// Vireo's control grew): every VM is held at its minimum.
+    MinimumsExceedHost,
+}
+
+impl Reason {
+    /// The kebab-case name (`stale-demand`, `growth-limited`...).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::Static => "static",
+            Reason::StaleDemand => "stale-demand",
+            Reason::Demand => "demand",
+            Reason::AtMinimum => "at-minimum",
+            Reason::AtMaximum => "at-maximum",
+            Reason::Weighted => "weighted",
+            Reason::GrowthLimited => "growth-limited",
+            Reason::Hysteresis => "hysteresis",
+            Reason::MinimumsExceedHost => "minimums-exceed-host",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The balancer's decision for one VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Decision {
+    /// The VM's id.
+    pub id: String,
+    /// Memory the guest should have, bytes (`balloon_target + virtio_mem_requested`).
+    pub target: u64,
+    /// Value for QMP `balloon`: the part of `target` within startup RAM.
+    pub balloon_target: u64,
+    /// Value for the virtio-mem device's `requested-size`: the part of `target` above startup,
+    /// a multiple of the block size.
+    pub virtio_mem_requested: u64,
+    /// Why.
+    pub reason: Reason,
+    /// Demand used this round (the reported one, even when stale).
+    pub demand: u64,
+    /// What the VM would get if the host had enough (demand plus buffer, within its limits).
+    pub wanted: u64,
+    /// demand / assigned, in percent (over 100: the guest needs more than it has).
+    pub pressure_percent: u32,
+}
+
+impl Decision {
+    /// True if the target differs from `assigned` (the worker has something to do).
+    pub fn changes(&self, assigned: u64) -> bool {
+        self.target != assigned
+    }
+}
+
+/// One balancer round with the default [`BalanceConfig`]; `now_ms` is on the same clock as
+/// [`VmDemand::reported_at`]. Returns one decision per VM, in the order given.
+pub fn balance(vms: &[VmDemand], host: &HostMemory, now_ms: u64) -> Vec<Decision> {
+    balance_with(vms, host, now_ms, &BalanceConfig::default())
+}
+
+/// Per-VM working state of one round.
+struct Slot {
+    floor: u64,
+    ceiling: u64,
+    wanted: u64,
+    /// Demand plus buffer before clamping.
+    raw: u64,
+    target: u64,
+    weight: u32,
+    reason: Option<Reason>,
+    /// Shares by demand this round (dynamic with a fresh report).
+    active: bool,
+}
+
+/// One balancer round with explicit tunables. See the module documentation for the rules.
+pub fn balance_with(
+    vms: &[VmDemand],
+    host: &HostMemory,
+    now_ms: u64,
+    cfg: &BalanceConfig,
+) -> Vec<Decision> {
+    let block = cfg.block_size.max(ALIGN);
+    let spare = host.spare();
+    let held = vms.iter().fold(0u64, |a, v| a.saturating_add(v.assigned));
+    // When the host's own use ate into the reserve, the budget is below what VMs hold: they
+    // give memory back.
+    let budget = host.vm_limit().min(
+        held.saturating_add(host.free_for_vms)
+            .saturating_sub(host.reserve),
+    );
+
+    let mut slots: Vec<Slot> = vms
+        .iter()
+        .map(|v| {
+            let s = &v.settings;
+            let floor = s.floor();
+            let ceiling = align_down(s.ceiling(), s.startup, block).max(floor);
+            let fresh = v
+                .reported_at
+                .is_some_and(|t| now_ms.saturating_sub(t) <= cfg.stale_after_ms);
+            let raw = with_buffer(v.demand, s.buffer_percent);
+            let mut slot = Slot {
+                floor,
+                ceiling,
+                wanted: align_up(raw, s.startup, block).clamp(floor, ceiling),
+                raw,
+                target: 0,
+                weight: s.weight,
+                reason: None,
+                active: false,
+            };
+            if !s.dynamic {
+                slot.target = s.startup;
+                slot.wanted = s.startup;
+                slot.reason = Some(Reason::Static);
+            } else if !fresh {
+                slot.target = v.assigned.clamp(floor, ceiling);
+                slot.reason = Some(Reason::StaleDemand);
+            } else {
+                slot.active = true;
+            }
+            slot
+        })
+        .collect();
+
+    share(&mut slots, budget, block, vms);
+    limit_growth(&mut slots, vms, spare, block);
+    hysteresis(&mut slots, vms, budget, cfg);
+
+    vms.iter()
+        .zip(slots)
+        .map(|(v, s)| {
+            let reason = s
+                .reason
+                .unwrap_or(if s.target >= s.ceiling && s.raw > s.ceiling {
+                    Reason::AtMaximum
+                } else if s.target <= s.floor && s.raw <= s.floor {
+                    Reason::AtMinimum
+                } else {
+                    Reason::Demand
+                });
+            let startup = v.settings.startup;
+            Decision {
+                id: v.id.clone(),
+                target: s.target,
+                balloon_target: s.target.min(startup),
+                virtio_mem_requested: s.target.saturating_sub(startup),
+                reason,
+                demand: v.demand,
+                wanted: s.wanted,
+                pressure_percent: pressure(v.demand, v.assigned),
+            }
+        })
+        .collect()
+}
+
+/// Steps 3 and 4: targets of the active VMs from the budget left by the fixed ones.
+fn share(slots: &mut [Slot], budget: u64, block: u64, vms: &[VmDemand]) {
+    let fixed: u64 = slots.iter().filter(|s| !s.active).map(|s| s.target).sum();
+    let floors: u64 = slots.iter().filter(|s| s.active).map(|s| s.floor).sum();
+    let wanted: u64 = slots.iter().filter(|s| s.active).map(|s| s.wanted).sum();
+    let avail = budget.saturating_sub(fixed);
+    if floors > avail {
+        // Minimums first: stale VMs give back down to their minimum as far as needed.
+        let mut deficit = floors - avail;
+        for s in slots.iter_mut() {
+            if s.active {
+                s.target = s.floor;
+                s.reason = Some(Reason::MinimumsExceedHost);
+            } else if s.reason == Some(Reason::StaleDemand) && deficit > 0 {
+                let give = (s.target - s.floor).min(deficit);
+                if give > 0 {
+                    s.target -= give;
+                    deficit -= give;
+                    s.reason = Some(Reason::MinimumsExceedHost);
+                }
+            }
+        }
+        return;
+    }
+    if wanted <= avail {
+        for s in slots.iter_mut().filter(|s| s.active) {
+            s.target = s.wanted;
+        }
+        return;
+    }
+    let idx: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].active).collect();
+    let excess: Vec<u64> = idx
+        .iter()
+        .map(|&i| slots[i].wanted - slots[i].floor)
+        .collect();
+    let weights: Vec<u32> = idx.iter().map(|&i| slots[i].weight).collect();
+    let shares = water_fill(&excess, &weights, avail - floors);
+    for (k, &i) in idx.iter().enumerate() {
+        let s = &mut slots[i];
+        s.target = align_down(s.floor + shares[k], vms[i].settings.startup, block).max(s.floor);
+        if s.target < s.wanted {
+            s.reason = Some(Reason::Weighted);
+        }
+    }
+}
+
+/// Step 5: the sum of increases stays within what the host can spare now; minimums first.
+fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
+    let growth: Vec<u64> = slots
+        .iter()
+        .zip(vms)
+        .map(|(s, v)| s.target.saturating_sub(v.assigned))
+        .collect();
+    if growth.iter().sum::<u64>() <= spare {
+        return;
+    }
+    let deficit: Vec<u64> = slots
+        .iter()
+        .zip(vms)
+        .map(|(s, v)| s.floor.min(s.target).saturating_sub(v.assigned))
+        .collect();
+    let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
+    let first = water_fill(&deficit, &weights, spare);
+    let left = spare - first.iter().sum::<u64>();
+    let rest: Vec<u64> = growth.iter().zip(&deficit).map(|(g, d)| g - d).collect();
+    let second = water_fill(&rest, &weights, left);
+    for (i, (s, v)) in slots.iter_mut().zip(vms).enumerate() {
+        let granted = first[i] + second[i];
+        if granted >= growth[i] {
+            continue;
+        }
+        let t = align_down(v.assigned + granted, v.settings.startup, block).max(v.assigned);
+        s.target = t.min(s.target);
+        s.reason = Some(Reason::GrowthLimited);
+    }
+}
+
+/// Step 6: skip small moves of VMs that share by demand. Small decreases are only skipped while
+/// the budget still holds.
+fn hysteresis(slots: &mut [Slot], vms: &[VmDemand], budget: u64, cfg: &BalanceConfig) {
+    let threshold = |a: u64| {
+        (a / 100)
+            .saturating_mul(u64::from(cfg.hysteresis_percent))
+            .max(cfg.hysteresis_min)
+    };
+    let mut shrinks = Vec::new();
+    for (i, (s, v)) in slots.iter_mut().zip(vms).enumerate() {
+        let movable = s.active && s.reason != Some(Reason::MinimumsExceedHost);
+        let inside = v.assigned >= s.floor && v.assigned <= s.ceiling;
+        if !movable || !inside || s.target == v.assigned {
+            continue;
+        }
+        if s.target > v.assigned {
+            if s.target - v.assigned < threshold(v.assigned) && v.demand <= v.assigned {
+                s.target = v.assigned;
+                s.reason = Some(Reason::Hysteresis);
+            }
+        } else if v.assigned - s.target < threshold(v.assigned) {
+            shrinks.push(i);
+        }
+    }
+    let sum: u64 = slots.iter().map(|s| s.target).sum();
+    let mut slack = budget.saturating_sub(sum);
+    shrinks.sort_by_key(|&i| vms[i].assigned - slots[i].target);
+    for i in shrinks {
+        let delta = vms[i].assigned - slots[i].target;
+        if delta > slack {
+            break;
+        }
+        slack -= delta;
+        slots[i].target = vms[i].assigned;
+        slots[i].reason = Some(Reason::Hysteresis);
+    }
+}
+
+/// Weighted water-filling: shares `budget` among claims `excess` in proportion to `weights`,
+/// no claim getting more than it asks; what a satisfied claim leaves goes to the others.
+/// Zero-weight claims only get what positive-weight claims leave, shared equally.
+/// The sum of the result never exceeds `budget`.
+pub(crate) fn water_fill(excess: &[u64], weights: &[u32], budget: u64) -> Vec<u64> {
+    let total: u64 = excess.iter().fold(0u64, |a, &e| a.saturating_add(e));
+    if total <= budget {
+        return excess.to_vec();
+    }
+    let mut out = vec![0u64; excess.len()];
+    let mut remaining = budget;
+    let mut idx: Vec<usize> = (0..excess.len())
+        .filter(|&i| weights[i] > 0 && excess[i] > 0)
+        .collect();
+    // Ascending by excess per unit of weight: the first ones are satisfied first.
+    idx.sort_by(|&a, &b| {
+        let l = u128::from(excess[a]) * u128::from(weights[b]);
+        let r = u128::from(excess[b]) * u128::from(weights[a]);
+        l.cmp(&r).then(a.cmp(&b))
+    });
+    let mut wsum: u128 = idx.iter().map(|&i| u128::from(weights[i])).sum();
+    let mut k = 0;
+    while k < idx.len() {
+        let i = idx[k];
+        let fits = u128::from(excess[i]) * wsum <= u128::from(remaining) * u128::from(weights[i]);
+        if !fits {
+            break;
+        }
+        out[i] = excess[i];
+        remaining -= excess[i];
+        wsum -= u128::from(weights[i]);
+        k += 1;
+    }
+    if k < idx.len() {
+        let level = u128::from(remaining);
+        for &i in &idx[k..] {
+            // Cannot exceed `remaining`: weights[i] <= wsum.
+            out[i] = (level * u128::from(weights[i]) / wsum) as u64;
+        }
+        return out;
+    }
+    let zero: Vec<usize> = (0..excess.len())
+        .filter(|&i| weights[i] == 0 && excess[i] > 0)
+        .collect();
+    let ex: Vec<u64> = zero.iter().map(|&i| excess[i]).collect();
+    let ones = vec![1u32; zero.len()];
+    for (k, share) in water_fill(&ex, &ones, remaining).into_iter().enumerate() {
+        out[zero[k]] = share;
+    }
+    out
+}
+
+/// demand × (1 + buffer / 100), saturating.
+fn with_buffer(demand: u64, buffer_percent: u32) -> u64 {
+    let v = u128::from(demand) * (100 + u128::from(buffer_percent)) / 100;
+    u64::try_from(v).unwrap_or(u64::MAX)
+}
+
+/// Rounds `t` down to what the devices can do: 2 MiB within startup, whole virtio-mem blocks
+/// above it.
+fn align_down(t: u64, startup: u64, block: u64) -> u64 {
+    if t <= startup {
+        t - t % ALIGN
+    } else {
+        startup + (t - startup) / block * block
+    }
+}
+
+/// Rounds `t` up like [`align_down`] rounds down (saturating).
+fn align_up(t: u64, startup: u64, block: u64) -> u64 {
+    let up = t.div_ceil(ALIGN).saturating_mul(ALIGN);
+    if up <= startup {
+        up
+    } else {
+        let above = (t.max(startup) - startup)
+            .div_ceil(block)
+            .saturating_mul(block);
+        startup.saturating_add(above)
+    }
+}
+
+/// demand / assigned in percent, saturating.
+fn pressure(demand: u64, assigned: u64) -> u32 {
+    if assigned == 0 {
+        return if demand == 0 { 0 } else { u32::MAX };
+    }
+    u32::try_from(u128::from(demand) * 100 / u128::from(assigned)).unwrap_or(u32::MAX)
+}

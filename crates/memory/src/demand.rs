@@ -1,0 +1,108 @@
+//! Guest memory demand: how many bytes a guest needs, from what the guest reports.
+//!
+//! The virtio-balloon driver reports `/proc/meminfo`-like statistics without any agent
+//! (QEMU's `guest-stats` on the balloon device: `stats-total-memory`,
+//! `stats-available-memory`, `stats-free-memory`). Where `vireo-guest` runs, its
+//! `vireo-memory-status` adds `Committed_AS`, which shows memory the guest has promised but
+//! not yet touched (a program that just allocated), so the balancer can grow the VM before
+//! the pages are used.
+
+/// Balloon statistics (QEMU `qom-get /machine/peripheral/balloon0 guest-stats`), bytes.
+/// A statistic the guest did not report is `None` (QEMU shows it as -1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BalloonStats {
+    /// `stats-total-memory`: RAM the guest sees (shrinks as the balloon inflates).
+    pub total: Option<u64>,
+    /// `stats-available-memory` (`MemAvailable`).
+    pub available: Option<u64>,
+    /// `stats-free-memory` (`MemFree`), used when `available` is missing (old guests).
+    pub free: Option<u64>,
+}
+
+/// The guest agent's `vireo-memory-status` (`agent::MemoryStatus`), bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct AgentMemory {
+    /// `MemTotal`.
+    pub total: u64,
+    /// `MemAvailable`.
+    pub available: u64,
+    /// `Committed_AS`.
+    pub committed: u64,
+}
+
+/// The guest's demand in bytes, or `None` when nothing usable was reported.
+///
+/// Demand is used memory: total minus available (minus free if the guest does not report
+/// available). The agent's figures, when given, replace the balloon's (same source, but
+/// fresher). Committed memory then raises demand, by at most half of used memory: Linux
+/// overcommits, and counting all of `Committed_AS` would make a guest that reserved more than
+/// it will ever touch grow to its maximum.
+pub fn guest_demand(balloon: Option<&BalloonStats>, agent: Option<&AgentMemory>) -> Option<u64> {
+    let used = match (agent, balloon) {
+        (Some(a), _) if a.total > 0 => a.total.saturating_sub(a.available),
+        (_, Some(b)) => {
+            let total = b.total?;
+            let avail = b.available.or(b.free)?;
+            total.saturating_sub(avail)
+        }
+        _ => return None,
+    };
+    let committed = agent.map_or(0, |a| a.committed);
+    Some(used.max(committed.min(used.saturating_add(used / 2))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MIB;
+
+    /// Balloon statistics alone: total minus available, or minus free on old guests.
+    #[test]
+    fn balloon_only() {
+        let b = BalloonStats {
+            total: Some(1024 * MIB),
+            available: Some(700 * MIB),
+            free: Some(100 * MIB),
+        };
+        assert_eq!(guest_demand(Some(&b), None), Some(324 * MIB));
+        let b = BalloonStats {
+            available: None,
+            ..b
+        };
+        assert_eq!(guest_demand(Some(&b), None), Some(924 * MIB));
+        let b = BalloonStats { total: None, ..b };
+        assert_eq!(guest_demand(Some(&b), None), None);
+        assert_eq!(guest_demand(None, None), None);
+    }
+
+    /// The agent's report wins, and committed memory raises demand by at most half of used.
+    #[test]
+    fn agent_refines() {
+        let b = BalloonStats {
+            total: Some(1024 * MIB),
+            available: Some(700 * MIB),
+            free: None,
+        };
+        let a = AgentMemory {
+            total: 1024 * MIB,
+            available: 624 * MIB,
+            committed: 300 * MIB,
+        };
+        assert_eq!(guest_demand(Some(&b), Some(&a)), Some(400 * MIB));
+        let a = AgentMemory {
+            committed: 500 * MIB,
+            ..a
+        };
+        assert_eq!(guest_demand(Some(&b), Some(&a)), Some(500 * MIB));
+        let a = AgentMemory {
+            committed: 64 * 1024 * MIB,
+            ..a
+        };
+        assert_eq!(guest_demand(None, Some(&a)), Some(600 * MIB));
+        // An empty agent report falls back to the balloon.
+        assert_eq!(
+            guest_demand(Some(&b), Some(&AgentMemory::default())),
+            Some(324 * MIB)
+        );
+    }
+}
