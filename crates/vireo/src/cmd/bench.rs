@@ -206,7 +206,8 @@ async fn bench_generation(
     let req = CreateVm {
         name: name.clone(),
         generation,
-        memory: Some(256 << 20),
+        // OVMF needs room to decompress the kernel: 512 MiB for generation 2.
+        memory: Some(if generation == 1 { 256 << 20 } else { 512 << 20 }),
         disks: vec![CreateDisk {
             path: image,
             bus: None,
