@@ -14,13 +14,13 @@
 //!    VM gets its minimum and the rest is shared by weight (weighted water-filling: a VM's
 //!    share above its minimum is proportional to its weight, capped at what it wants, and what
 //!    a capped VM leaves is shared again). Weight 0 VMs only get what the others leave.
-//! 5. **Growth limit.** The sum of all increases is limited to what the host can spare *now*
+//! 5. **Hysteresis.** Moves smaller than `max(2 % of assigned, 8 MiB)` are skipped, unless
+//!    the guest's demand is above what it has (decreases only while the budget still holds).
+//! 6. **Growth limit.** The sum of all increases is limited to what the host can spare *now*
 //!    (memory a shrinking VM gives back counts from the next round, once the balloon has
 //!    actually taken it). Minimums are served first, then the rest by weight. This is what
 //!    stops a VM with a huge maximum from grabbing the host: it only grows into free memory,
 //!    and as soon as another VM needs memory the sharing step takes it back.
-//! 6. **Hysteresis.** Moves smaller than `max(2 % of assigned, 8 MiB)` are skipped, unless
-//!    the guest's demand is above what it has.
 //! 7. **Split.** The target below startup is reached with the balloon, the part above startup
 //!    with virtio-mem in whole blocks ([`BalanceConfig::block_size`]).
 //!
@@ -116,9 +116,10 @@ pub enum Reason {
     GrowthLimited,
     /// The change would be too small to be worth it; the VM keeps what it has.
     Hysteresis,
-    /// The VMs' minimums do not fit in the host's memory (only possible when memory outside
-    /// Vireo's control grew): every VM is held at its minimum.
-    MinimumsExceedHost,
+    /// The host is short of memory even with every VM at its minimum (only possible when the
+    /// host's own use grew into the reserve): VMs are held at their minimum, and VMs with
+    /// stale reports give memory back towards theirs.
+    HostShortage,
 }
 
 impl Reason {
@@ -133,7 +134,7 @@ impl Reason {
             Reason::Weighted => "weighted",
             Reason::GrowthLimited => "growth-limited",
             Reason::Hysteresis => "hysteresis",
-            Reason::MinimumsExceedHost => "minimums-exceed-host",
+            Reason::HostShortage => "host-shortage",
         }
     }
 }
@@ -164,13 +165,9 @@ pub struct Decision {
     pub wanted: u64,
     /// demand / assigned, in percent (over 100: the guest needs more than it has).
     pub pressure_percent: u32,
-}
-
-impl Decision {
-    /// True if the target differs from `assigned` (the worker has something to do).
-    pub fn changes(&self, assigned: u64) -> bool {
-        self.target != assigned
-    }
+    /// The target differs from `assigned` (rounded down to 2 MiB / whole blocks): the worker
+    /// has something to apply.
+    pub changed: bool,
 }
 
 /// One balancer round with the default [`BalanceConfig`]; `now_ms` is on the same clock as
@@ -191,6 +188,8 @@ struct Slot {
     reason: Option<Reason>,
     /// Shares by demand this round (dynamic with a fresh report).
     active: bool,
+    /// `assigned` rounded down like targets are (the state a target is compared with).
+    current: u64,
 }
 
 /// One balancer round with explicit tunables. See the module documentation for the rules.
@@ -214,6 +213,7 @@ pub fn balance_with(
         .iter()
         .map(|v| {
             let s = &v.settings;
+            let current = align_down(v.assigned, s.startup, block);
             let floor = s.floor();
             let ceiling = align_down(s.ceiling(), s.startup, block).max(floor);
             let fresh = v
@@ -229,13 +229,14 @@ pub fn balance_with(
                 weight: s.weight,
                 reason: None,
                 active: false,
+                current,
             };
             if !s.dynamic {
                 slot.target = s.startup;
                 slot.wanted = s.startup;
                 slot.reason = Some(Reason::Static);
             } else if !fresh {
-                slot.target = v.assigned.clamp(floor, ceiling);
+                slot.target = current.clamp(floor, ceiling);
                 slot.reason = Some(Reason::StaleDemand);
             } else {
                 slot.active = true;
@@ -245,8 +246,8 @@ pub fn balance_with(
         .collect();
 
     share(&mut slots, budget, block, vms);
-    limit_growth(&mut slots, vms, spare, block);
     hysteresis(&mut slots, vms, budget, cfg);
+    limit_growth(&mut slots, vms, spare, block);
 
     vms.iter()
         .zip(slots)
@@ -270,6 +271,7 @@ pub fn balance_with(
                 demand: v.demand,
                 wanted: s.wanted,
                 pressure_percent: pressure(v.demand, v.assigned),
+                changed: s.target != s.current,
             }
         })
         .collect()
@@ -280,25 +282,39 @@ fn share(slots: &mut [Slot], budget: u64, block: u64, vms: &[VmDemand]) {
     let fixed: u64 = slots.iter().filter(|s| !s.active).map(|s| s.target).sum();
     let floors: u64 = slots.iter().filter(|s| s.active).map(|s| s.floor).sum();
     let wanted: u64 = slots.iter().filter(|s| s.active).map(|s| s.wanted).sum();
-    let avail = budget.saturating_sub(fixed);
-    if floors > avail {
-        // Minimums first: stale VMs give back down to their minimum as far as needed.
-        let mut deficit = floors - avail;
-        for s in slots.iter_mut() {
-            if s.active {
-                s.target = s.floor;
-                s.reason = Some(Reason::MinimumsExceedHost);
-            } else if s.reason == Some(Reason::StaleDemand) && deficit > 0 {
-                let give = (s.target - s.floor).min(deficit);
-                if give > 0 {
-                    s.target -= give;
-                    deficit -= give;
-                    s.reason = Some(Reason::MinimumsExceedHost);
-                }
+    if fixed.saturating_add(floors) > budget {
+        // The host is short even with every active VM at its minimum: they get exactly that,
+        // and VMs with stale reports give back towards their minimum as far as needed (the
+        // reserve comes before "no blind shrinking").
+        let deficit = fixed.saturating_add(floors) - budget;
+        let stale: Vec<usize> = (0..slots.len())
+            .filter(|&i| slots[i].reason == Some(Reason::StaleDemand))
+            .collect();
+        let excess: Vec<u64> = stale
+            .iter()
+            .map(|&i| slots[i].target - slots[i].floor)
+            .collect();
+        let weights: Vec<u32> = stale.iter().map(|&i| slots[i].weight).collect();
+        let keep = water_fill(
+            &excess,
+            &weights,
+            excess.iter().sum::<u64>().saturating_sub(deficit),
+        );
+        for (k, &i) in stale.iter().enumerate() {
+            let s = &mut slots[i];
+            let t = align_down(s.floor + keep[k], vms[i].settings.startup, block).max(s.floor);
+            if t < s.target {
+                s.target = t;
+                s.reason = Some(Reason::HostShortage);
             }
+        }
+        for s in slots.iter_mut().filter(|s| s.active) {
+            s.target = s.floor;
+            s.reason = Some(Reason::HostShortage);
         }
         return;
     }
+    let avail = budget - fixed;
     if wanted <= avail {
         for s in slots.iter_mut().filter(|s| s.active) {
             s.target = s.wanted;
@@ -321,12 +337,12 @@ fn share(slots: &mut [Slot], budget: u64, block: u64, vms: &[VmDemand]) {
     }
 }
 
-/// Step 5: the sum of increases stays within what the host can spare now; minimums first.
+/// Step 6: the sum of increases stays within what the host can spare now; minimums first.
 fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
     let growth: Vec<u64> = slots
         .iter()
         .zip(vms)
-        .map(|(s, v)| s.target.saturating_sub(v.assigned))
+        .map(|(s, _)| s.target.saturating_sub(s.current))
         .collect();
     if growth.iter().sum::<u64>() <= spare {
         return;
@@ -334,7 +350,7 @@ fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
     let deficit: Vec<u64> = slots
         .iter()
         .zip(vms)
-        .map(|(s, v)| s.floor.min(s.target).saturating_sub(v.assigned))
+        .map(|(s, _)| s.floor.min(s.target).saturating_sub(s.current))
         .collect();
     let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
     let first = water_fill(&deficit, &weights, spare);
@@ -346,14 +362,15 @@ fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
         if granted >= growth[i] {
             continue;
         }
-        let t = align_down(v.assigned + granted, v.settings.startup, block).max(v.assigned);
+        let t = align_down(s.current + granted, v.settings.startup, block).max(s.current);
         s.target = t.min(s.target);
         s.reason = Some(Reason::GrowthLimited);
     }
 }
 
-/// Step 6: skip small moves of VMs that share by demand. Small decreases are only skipped while
-/// the budget still holds.
+/// Step 5: skip small moves of VMs that share by demand. Small decreases are only skipped while
+/// the budget still holds; this runs before the growth limit, so a skipped decrease never
+/// blocks another VM's growth for good.
 fn hysteresis(slots: &mut [Slot], vms: &[VmDemand], budget: u64, cfg: &BalanceConfig) {
     let threshold = |a: u64| {
         (a / 100)
@@ -362,31 +379,33 @@ fn hysteresis(slots: &mut [Slot], vms: &[VmDemand], budget: u64, cfg: &BalanceCo
     };
     let mut shrinks = Vec::new();
     for (i, (s, v)) in slots.iter_mut().zip(vms).enumerate() {
-        let movable = s.active && s.reason != Some(Reason::MinimumsExceedHost);
-        let inside = v.assigned >= s.floor && v.assigned <= s.ceiling;
-        if !movable || !inside || s.target == v.assigned {
+        let movable = s.active && s.reason != Some(Reason::HostShortage);
+        let cur = s.current;
+        let inside = cur >= s.floor && cur <= s.ceiling;
+        if !movable || !inside || s.target == cur {
             continue;
         }
-        if s.target > v.assigned {
-            if s.target - v.assigned < threshold(v.assigned) && v.demand <= v.assigned {
-                s.target = v.assigned;
+        if s.target > cur {
+            if s.target - cur < threshold(cur) && v.demand <= v.assigned {
+                s.target = cur;
                 s.reason = Some(Reason::Hysteresis);
             }
-        } else if v.assigned - s.target < threshold(v.assigned) {
+        } else if cur - s.target < threshold(cur) {
             shrinks.push(i);
         }
     }
     let sum: u64 = slots.iter().map(|s| s.target).sum();
     let mut slack = budget.saturating_sub(sum);
-    shrinks.sort_by_key(|&i| vms[i].assigned - slots[i].target);
+    shrinks.sort_by_key(|&i| slots[i].current - slots[i].target);
     for i in shrinks {
-        let delta = vms[i].assigned - slots[i].target;
+        let s = &mut slots[i];
+        let delta = s.current - s.target;
         if delta > slack {
             break;
         }
         slack -= delta;
-        slots[i].target = vms[i].assigned;
-        slots[i].reason = Some(Reason::Hysteresis);
+        s.target = s.current;
+        s.reason = Some(Reason::Hysteresis);
     }
 }
 
@@ -395,8 +414,8 @@ fn hysteresis(slots: &mut [Slot], vms: &[VmDemand], budget: u64, cfg: &BalanceCo
 /// Zero-weight claims only get what positive-weight claims leave, shared equally.
 /// The sum of the result never exceeds `budget`.
 pub(crate) fn water_fill(excess: &[u64], weights: &[u32], budget: u64) -> Vec<u64> {
-    let total: u64 = excess.iter().fold(0u64, |a, &e| a.saturating_add(e));
-    if total <= budget {
+    let total: u128 = excess.iter().map(|&e| u128::from(e)).sum();
+    if total <= u128::from(budget) {
         return excess.to_vec();
     }
     let mut out = vec![0u64; excess.len()];
@@ -477,4 +496,37 @@ fn pressure(demand: u64, assigned: u64) -> u32 {
         return if demand == 0 { 0 } else { u32::MAX };
     }
     u32::try_from(u128::from(demand) * 100 / u128::from(assigned)).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Water-filling: proportional to weight, capped claims leave their rest to the others,
+    /// zero weights only get leftovers, and the sum never exceeds the budget.
+    #[test]
+    fn water_fill_rules() {
+        assert_eq!(water_fill(&[10, 10], &[1, 1], 100), vec![10, 10]);
+        assert_eq!(water_fill(&[100, 100], &[3, 1], 40), vec![30, 10]);
+        assert_eq!(water_fill(&[5, 100, 100], &[1, 1, 2], 65), vec![5, 20, 40]);
+        assert_eq!(water_fill(&[100, 100], &[1, 0], 50), vec![50, 0]);
+        assert_eq!(
+            water_fill(&[10, 100, 100], &[1, 0, 0], 60),
+            vec![10, 25, 25]
+        );
+        let r = water_fill(&[u64::MAX, u64::MAX], &[10_000, 1], u64::MAX);
+        assert!(r[0].checked_add(r[1]).is_some());
+        assert!(r[0] / 10_000 + 1 >= r[1]);
+    }
+
+    /// Alignment: 2 MiB within startup, whole blocks above it.
+    #[test]
+    fn alignment() {
+        let (st, blk) = (1024 * MIB, 128 * MIB);
+        assert_eq!(align_down(1023 * MIB, st, blk), 1022 * MIB);
+        assert_eq!(align_up(1021 * MIB, st, blk), 1022 * MIB);
+        assert_eq!(align_down(1100 * MIB, st, blk), 1024 * MIB);
+        assert_eq!(align_up(1100 * MIB, st, blk), 1152 * MIB);
+        assert_eq!(align_up(u64::MAX, st, blk), u64::MAX);
+    }
 }

@@ -307,7 +307,7 @@ fn static_vms_fixed_and_counted() {
 /// If host memory outside Vireo's control eats into the minimums, every VM is held at its
 /// minimum and the status says why.
 #[test]
-fn minimums_exceed_host() {
+fn host_shortage() {
     let mut w = World::new(8 * GIB, 2 * GIB, 4 * GIB);
     let a = w.add(
         MemorySettings::dynamic(2 * GIB, 2 * GIB, 4 * GIB),
@@ -319,7 +319,28 @@ fn minimums_exceed_host() {
     let b = w.add(MemorySettings::dynamic(2 * GIB, GIB, 4 * GIB), GIB, 3 * GIB);
     let d = w.round();
     assert_eq!((d[a].target, d[b].target), (2 * GIB, GIB));
-    assert!(d.iter().all(|d| d.reason == Reason::MinimumsExceedHost));
+    assert!(d.iter().all(|d| d.reason == Reason::HostShortage));
+}
+
+/// The reserve comes before "no blind shrinking": when the host's own use grows into the
+/// reserve, a VM with a stale report gives back towards its minimum.
+#[test]
+fn stale_vm_yields_to_host_shortage() {
+    let mut w = World::new(8 * GIB, 2 * GIB, GIB);
+    let stale = w.add(dynamic(), 4 * GIB, 3 * GIB);
+    let active = w.add(dynamic(), GIB, GIB);
+    w.vms[stale].reported_at = None;
+    w.other += 2 * GIB;
+    let d = w.round();
+    assert_eq!(
+        (d[stale].target, d[stale].reason),
+        (2 * GIB + 768 * MIB, Reason::HostShortage)
+    );
+    assert_eq!(
+        (d[active].target, d[active].reason),
+        (256 * MIB, Reason::HostShortage)
+    );
+    assert_eq!(w.held() + w.other + w.reserve, w.total);
 }
 
 /// A minimum raised while running is reached as soon as the host can spare it.
