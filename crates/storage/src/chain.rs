@@ -1,0 +1,484 @@
+//! [`DiskChain`]: the export of one VM disk. Reads fall through the VHDX chain, writes go to
+//! the leaf, and the active chain can be switched atomically (checkpoint create) or merged
+//! live (checkpoint remove) while clients keep doing I/O.
+//!
+//! Every request holds a shared lock on the active layers for its whole duration; a switch
+//! takes the lock exclusively, so new requests wait, in-flight ones drain, and the switch
+//! sees a quiet chain. No write can land in a layer that is no longer the leaf.
+//!
+//! During a live merge of the leaf `L` into its parent `P`, the export writes every request
+//! to `L` and to `P` ("mirror"), and the merger copies `L`'s blocks into `P` one at a time
+//! under a per-block lock that excludes guest writes to that block. When every block is
+//! copied, `P` shows exactly what `L` shows and becomes the leaf.
+
+use crate::error::{to_io, Result, StorageError};
+use crate::image::{open_image, Image};
+use nbd::{BlockSize, Export, ExportFlags, Extent, ZeroMode};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
+
+/// Stripes of per-block merge locks.
+const STRIPES: usize = 256;
+
+struct Layers {
+    /// Where requests go (`None` only while a switch has it taken apart).
+    top: Option<Image>,
+    /// Merge target that receives every write too.
+    mirror: Option<Arc<Vhdx>>,
+}
+
+/// One disk served over NBD: a VHDX chain opened from its leaf, or a raw image.
+pub struct DiskChain {
+    layers: RwLock<Layers>,
+    size: u64,
+    read_only: bool,
+    stripes: Box<[RwLock<()>]>,
+}
+
+fn gone() -> io::Error {
+    io::Error::other("the disk is being switched after a failed operation")
+}
+
+impl DiskChain {
+    /// Opens the image at `leaf` (format detected by [`open_image`]).
+    pub fn open(leaf: &Path, read_only: bool) -> Result<DiskChain> {
+        Ok(DiskChain::from_image(
+            open_image(leaf, read_only)?,
+            read_only,
+        ))
+    }
+
+    /// Opens a chain whose live merge of `top` into its parent `target` was interrupted:
+    /// `target` read-write, `top` on top of it, every write mirrored into both.
+    pub fn open_merging(top: &Path, target: &Path) -> Result<DiskChain> {
+        let t = Arc::new(
+            Vhdx::open(target, OpenOptions { read_only: false })
+                .map_err(StorageError::image("opening merge target", target))?,
+        );
+        let l = Vhdx::open_with_parents(
+            top,
+            OpenOptions { read_only: false },
+            std::slice::from_ref(&t),
+        )
+        .map_err(StorageError::image("opening", top))?;
+        let c = DiskChain::from_image(Image::Vhdx(Arc::new(l)), false);
+        c.write().mirror = Some(t);
+        Ok(c)
+    }
+
+    fn from_image(img: Image, read_only: bool) -> DiskChain {
+        DiskChain {
+            size: img.size(),
+            layers: RwLock::new(Layers {
+                top: Some(img),
+                mirror: None,
+            }),
+            read_only,
+            stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Layers> {
+        self.layers.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Layers> {
+        self.layers.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Paths of the active chain, leaf first.
+    pub fn chain_paths(&self) -> Vec<PathBuf> {
+        self.read()
+            .top
+            .as_ref()
+            .map(Image::chain_paths)
+            .unwrap_or_default()
+    }
+
+    /// Path of the leaf.
+    pub fn leaf(&self) -> Option<PathBuf> {
+        self.read().top.as_ref().map(|i| i.path().to_path_buf())
+    }
+
+    /// Whether the leaf is a raw image (no checkpoints possible).
+    pub fn is_raw(&self) -> bool {
+        matches!(self.read().top, Some(Image::Raw { .. }))
+    }
+
+    /// Whether a live merge is running (writes mirrored).
+    pub fn is_merging(&self) -> bool {
+        self.read().mirror.is_some()
+    }
+
+    /// Block size of the leaf VHDX (merge unit).
+    pub fn merge_block_size(&self) -> Option<u64> {
+        match &self.read().top {
+            Some(Image::Vhdx(v)) => Some(u64::from(v.block_size())),
+            _ => None,
+        }
+    }
+
+    /// Checkpoint create: pauses new requests, drains in-flight ones, flushes, creates
+    /// `new_leaf` as a differencing VHDX whose parent is the current leaf, reopens the old
+    /// leaf read-only as its parent, calls `commit(new_leaf)` (persist the new state) and
+    /// resumes. Any failure (including `commit`'s) leaves the old leaf active. Returns the
+    /// old leaf's path (now frozen).
+    pub fn switch_to_child(
+        &self,
+        new_leaf: &Path,
+        commit: impl FnOnce(&Path) -> Result<()>,
+    ) -> Result<PathBuf> {
+        let mut g = self.write();
+        if g.mirror.is_some() {
+            return Err(StorageError::Busy("a merge is running on this disk".into()));
+        }
+        let old = match g.top.take() {
+            Some(Image::Vhdx(v)) => v,
+            Some(raw @ Image::Raw { .. }) => {
+                let path = raw.path().to_path_buf();
+                g.top = Some(raw);
+                return Err(StorageError::RawDisk { path });
+            }
+            None => return Err(StorageError::Busy("the disk has no active chain".into())),
+        };
+        let old_path = old.path().to_path_buf();
+        let reopen = |g: &mut Layers, why: StorageError| -> StorageError {
+            match Vhdx::open(&old_path, OpenOptions { read_only: false }) {
+                Ok(v) => g.top = Some(Image::Vhdx(Arc::new(v))),
+                Err(e) => {
+                    tracing::error!(path = %old_path.display(), "reopening the leaf failed: {e}")
+                }
+            }
+            why
+        };
+        if let Err(e) = old.flush() {
+            g.top = Some(Image::Vhdx(old));
+            return Err(StorageError::Image {
+                op: "flushing",
+                path: old_path.clone(),
+                source: Box::new(e),
+            });
+        }
+        // Release the exclusive handle so the child can take the parent shared.
+        let closed = match Arc::try_unwrap(old) {
+            Ok(v) => v.close(),
+            Err(a) => {
+                g.top = Some(Image::Vhdx(a));
+                return Err(StorageError::Busy("the leaf is still in use".into()));
+            }
+        };
+        if let Err(e) = closed {
+            return Err(reopen(
+                &mut g,
+                StorageError::Image {
+                    op: "closing",
+                    path: old_path.clone(),
+                    source: Box::new(e),
+                },
+            ));
+        }
+        let opts = CreateOptions {
+            disk_type: DiskType::Differencing,
+            parent: Some(old_path.clone()),
+            ..CreateOptions::default()
+        };
+        let child = match Vhdx::create(new_leaf, &opts) {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_file(new_leaf);
+                return Err(reopen(
+                    &mut g,
+                    StorageError::Image {
+                        op: "creating",
+                        path: new_leaf.to_path_buf(),
+                        source: Box::new(e),
+                    },
+                ));
+            }
+        };
+        if let Err(e) = child.flush() {
+            drop(child);
+            let _ = std::fs::remove_file(new_leaf);
+            return Err(reopen(
+                &mut g,
+                StorageError::Image {
+                    op: "flushing",
+                    path: new_leaf.to_path_buf(),
+                    source: Box::new(e),
+                },
+            ));
+        }
+        if let Err(e) = commit(new_leaf) {
+            drop(child);
+            let _ = std::fs::remove_file(new_leaf);
+            return Err(reopen(&mut g, e));
+        }
+        g.top = Some(Image::Vhdx(Arc::new(child)));
+        tracing::info!(old = %old_path.display(), new = %new_leaf.display(), "switched to a new leaf");
+        Ok(old_path)
+    }
+
+    /// Starts a live merge of the leaf into its parent: the parent is reopened read-write
+    /// and from now on receives every write too. Returns (leaf, parent, blocks to copy).
+    pub fn begin_merge(&self) -> Result<(PathBuf, PathBuf, u64)> {
+        let mut g = self.write();
+        if g.mirror.is_some() {
+            return Err(StorageError::Busy(
+                "a merge is already running on this disk".into(),
+            ));
+        }
+        let leaf = match g.top.take() {
+            Some(Image::Vhdx(v)) => v,
+            Some(raw @ Image::Raw { .. }) => {
+                let path = raw.path().to_path_buf();
+                g.top = Some(raw);
+                return Err(StorageError::RawDisk { path });
+            }
+            None => return Err(StorageError::Busy("the disk has no active chain".into())),
+        };
+        let leaf_path = leaf.path().to_path_buf();
+        let Some(parent_path) = leaf.parent().map(|p| p.path().to_path_buf()) else {
+            g.top = Some(Image::Vhdx(leaf));
+            return Err(StorageError::Unsupported(format!(
+                "{} has no parent to merge into",
+                leaf_path.display()
+            )));
+        };
+        let flushed = leaf.flush();
+        let leaf = match (flushed, Arc::try_unwrap(leaf)) {
+            (Ok(()), Ok(v)) => v,
+            (_, Err(a)) => {
+                g.top = Some(Image::Vhdx(a));
+                return Err(StorageError::Busy("the leaf is still in use".into()));
+            }
+            (Err(e), Ok(v)) => {
+                g.top = Some(Image::Vhdx(Arc::new(v)));
+                return Err(StorageError::Image {
+                    op: "flushing",
+                    path: leaf_path,
+                    source: Box::new(e),
+                });
+            }
+        };
+        if let Err(e) = leaf.close() {
+            tracing::warn!("closing {}: {e}", leaf_path.display());
+        }
+        let opened = Vhdx::open(&parent_path, OpenOptions { read_only: false })
+            .map_err(StorageError::image("opening merge target", &parent_path))
+            .map(Arc::new)
+            .and_then(|t| {
+                Vhdx::open_with_parents(
+                    &leaf_path,
+                    OpenOptions { read_only: false },
+                    std::slice::from_ref(&t),
+                )
+                .map_err(StorageError::image("opening", &leaf_path))
+                .map(|l| (t, l))
+            });
+        match opened {
+            Ok((t, l)) => {
+                let blocks = l.size().div_ceil(u64::from(l.block_size()));
+                g.top = Some(Image::Vhdx(Arc::new(l)));
+                g.mirror = Some(t);
+                Ok((leaf_path, parent_path, blocks))
+            }
+            Err(e) => {
+                match Vhdx::open(&leaf_path, OpenOptions { read_only: false }) {
+                    Ok(v) => g.top = Some(Image::Vhdx(Arc::new(v))),
+                    Err(e2) => tracing::error!("reopening {}: {e2}", leaf_path.display()),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Copies block `block` of the leaf into the merge target (idempotent), then flushes the
+    /// target so the copy survives a crash before the progress that records it.
+    pub fn merge_block(&self, block: u64) -> Result<()> {
+        let g = self.read();
+        let (Some(Image::Vhdx(top)), Some(target)) = (&g.top, &g.mirror) else {
+            return Err(StorageError::Unsupported(
+                "no merge is running on this disk".into(),
+            ));
+        };
+        {
+            let _b = self.stripes[(block as usize) % STRIPES]
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            vhdx::merge_block(top, target, block)
+                .map_err(StorageError::image("merging into", target.path()))?;
+        }
+        target
+            .flush()
+            .map_err(StorageError::image("flushing", target.path()))
+    }
+
+    /// Ends a live merge: drains requests, flushes, makes the target the leaf and calls
+    /// `commit(target)` (persist) before requests resume. Returns the obsolete leaf's path
+    /// (the caller deletes it after committing).
+    pub fn finish_merge(&self, commit: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+        let mut g = self.write();
+        let Some(target) = g.mirror.clone() else {
+            return Err(StorageError::Unsupported(
+                "no merge is running on this disk".into(),
+            ));
+        };
+        let top_path = g
+            .top
+            .as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default();
+        if let Some(t) = &g.top {
+            t.flush().map_err(|e| StorageError::Io {
+                op: "flushing",
+                path: top_path.clone(),
+                source: e,
+            })?;
+        }
+        target
+            .flush()
+            .map_err(StorageError::image("flushing", target.path()))?;
+        commit(target.path())?;
+        g.top = Some(Image::Vhdx(target));
+        g.mirror = None;
+        tracing::info!(merged = %top_path.display(), "live merge finished");
+        Ok(top_path)
+    }
+
+    /// Stripe guards of the blocks `[off, off+len)` touches while merging.
+    fn stripe_guards(
+        &self,
+        mirror: bool,
+        off: u64,
+        len: u64,
+        bs: u64,
+    ) -> Vec<RwLockReadGuard<'_, ()>> {
+        if !mirror || len == 0 || bs == 0 {
+            return Vec::new();
+        }
+        let mut idx: Vec<usize> = (off / bs..=(off + len - 1) / bs)
+            .map(|b| (b as usize) % STRIPES)
+            .collect();
+        idx.sort_unstable();
+        idx.dedup();
+        idx.into_iter()
+            .map(|i| {
+                self.stripes[i]
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+            })
+            .collect()
+    }
+
+    fn mutate(
+        &self,
+        off: u64,
+        len: u64,
+        fua: bool,
+        op: impl Fn(&Image) -> io::Result<()>,
+        mirror_op: impl Fn(&Vhdx) -> vhdx::Result<()>,
+    ) -> io::Result<()> {
+        let g = self.read();
+        let top = g.top.as_ref().ok_or_else(gone)?;
+        let bs = match top {
+            Image::Vhdx(v) => u64::from(v.block_size()),
+            Image::Raw { .. } => 0,
+        };
+        let _s = self.stripe_guards(g.mirror.is_some(), off, len, bs);
+        op(top)?;
+        if let Some(m) = &g.mirror {
+            mirror_op(m).map_err(to_io)?;
+        }
+        if fua {
+            top.flush()?;
+            if let Some(m) = &g.mirror {
+                m.flush().map_err(to_io)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Export for DiskChain {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn flags(&self) -> ExportFlags {
+        ExportFlags {
+            read_only: self.read_only,
+            can_trim: true,
+            can_fast_zero: false,
+            can_multi_conn: true,
+            rotational: false,
+        }
+    }
+
+    fn block_size(&self) -> BlockSize {
+        BlockSize {
+            minimum: 1,
+            preferred: 4096,
+            maximum: 32 << 20,
+        }
+    }
+
+    fn description(&self) -> Option<String> {
+        self.leaf().map(|p| p.display().to_string())
+    }
+
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<()> {
+        self.read().top.as_ref().ok_or_else(gone)?.read_at(buf, off)
+    }
+
+    fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()> {
+        self.mutate(
+            off,
+            buf.len() as u64,
+            fua,
+            |t| t.write_at(buf, off),
+            |m| m.write_at(buf, off),
+        )
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        let g = self.read();
+        g.top.as_ref().ok_or_else(gone)?.flush()?;
+        if let Some(m) = &g.mirror {
+            m.flush().map_err(to_io)?;
+        }
+        Ok(())
+    }
+
+    fn trim(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
+        self.mutate(
+            off,
+            len,
+            fua,
+            |t| t.trim(off, len),
+            |m| m.write_zeroes(off, len),
+        )
+    }
+
+    fn write_zeroes(&self, off: u64, len: u64, mode: ZeroMode) -> io::Result<()> {
+        if mode.fast {
+            return Err(io::Error::from(io::ErrorKind::Unsupported));
+        }
+        self.mutate(
+            off,
+            len,
+            mode.fua,
+            |t| t.write_zeroes(off, len, mode),
+            |m| m.write_zeroes(off, len),
+        )
+    }
+
+    fn block_status(&self, off: u64, len: u64) -> io::Result<Vec<Extent>> {
+        self.read()
+            .top
+            .as_ref()
+            .ok_or_else(gone)?
+            .block_status(off, len)
+    }
+}
