@@ -61,6 +61,13 @@ pub struct HostMemory {
 }
 
 impl HostMemory {
+    /// The reserve used when the operator set none: 10 % of host memory, at least 1 GiB and
+    /// at most 8 GiB (never more than host memory), in 2 MiB units.
+    pub fn default_reserve(total: u64) -> u64 {
+        let r = (total / 10).clamp(crate::GIB, 8 * crate::GIB).min(total);
+        r - r % ALIGN
+    }
+
     /// The most all VMs together can ever hold: `total - reserve`.
     pub fn vm_limit(&self) -> u64 {
         self.total.saturating_sub(self.reserve)
@@ -501,6 +508,16 @@ fn pressure(demand: u64, assigned: u64) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The default reserve scales with the host within [1 GiB, 8 GiB].
+    #[test]
+    fn default_reserve() {
+        use crate::GIB;
+        assert_eq!(HostMemory::default_reserve(4 * GIB), GIB);
+        assert_eq!(HostMemory::default_reserve(24 * GIB), 2456 * MIB);
+        assert_eq!(HostMemory::default_reserve(256 * GIB), 8 * GIB);
+        assert_eq!(HostMemory::default_reserve(512 * MIB), 512 * MIB);
+    }
 
     /// Water-filling: proportional to weight, capped claims leave their rest to the others,
     /// zero weights only get leftovers, and the sum never exceeds the budget.

@@ -51,6 +51,26 @@ pub fn guest_demand(balloon: Option<&BalloonStats>, agent: Option<&AgentMemory>)
     Some(used.max(committed.min(used.saturating_add(used / 2))))
 }
 
+/// When the guest last reported its demand, for [`crate::VmDemand::reported_at`], from the
+/// times (caller's clock, milliseconds) the balloon statistics last changed (`last-update`)
+/// and the agent last answered `vireo-memory-status`.
+///
+/// Once the agent has answered during this boot (`agent_seen`), only the agent's answers
+/// count: if the agent is then killed or hangs, the VM's report goes stale and the balancer
+/// keeps its memory ([`crate::Reason::StaleDemand`]) rather than shrinking it on the coarser
+/// balloon figures. A guest without an agent is balanced on balloon statistics alone.
+pub fn demand_reported_at(
+    balloon_at: Option<u64>,
+    agent_at: Option<u64>,
+    agent_seen: bool,
+) -> Option<u64> {
+    if agent_seen {
+        agent_at
+    } else {
+        balloon_at
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -73,6 +93,15 @@ mod tests {
         let b = BalloonStats { total: None, ..b };
         assert_eq!(guest_demand(Some(&b), None), None);
         assert_eq!(guest_demand(None, None), None);
+    }
+
+    /// Once the agent has been seen, only its reports keep the demand fresh.
+    #[test]
+    fn report_time() {
+        assert_eq!(demand_reported_at(Some(9), None, false), Some(9));
+        assert_eq!(demand_reported_at(Some(9), Some(5), true), Some(5));
+        assert_eq!(demand_reported_at(Some(9), None, true), None);
+        assert_eq!(demand_reported_at(None, None, false), None);
     }
 
     /// The agent's report wins, and committed memory raises demand by at most half of used.

@@ -42,8 +42,11 @@ mod settings;
 
 pub use admission::{admit, AdmissionError};
 pub use balancer::{balance, balance_with, BalanceConfig, Decision, HostMemory, Reason, VmDemand};
-pub use demand::{guest_demand, AgentMemory, BalloonStats};
-pub use settings::{check_live_change, LiveChangeError, MemorySettings, SettingsError};
+pub use demand::{demand_reported_at, guest_demand, AgentMemory, BalloonStats};
+pub use settings::{
+    check_live_change, LiveChangeError, MemorySettings, SettingsError, DEFAULT_BUFFER_PERCENT,
+    DEFAULT_WEIGHT, MAX_BUFFER_PERCENT, MAX_WEIGHT, MIN_RAM,
+};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;
