@@ -1,0 +1,71 @@
+//! Quick A/B: sequential 1 MiB writes and reads through the crate versus a raw
+//! file, alternating, to separate the crate's overhead from machine noise.
+//! Usage: seqcheck DIR
+use std::os::unix::fs::FileExt;
+use std::time::Instant;
+use vhdx::{CreateOptions, Vhdx};
+
+fn main() {
+    let dir = std::path::PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "/var/tmp/seqcheck".into()),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let size: u64 = 1 << 30;
+    let v = Vhdx::create(
+        dir.join("a.vhdx"),
+        &CreateOptions {
+            size,
+            block_size: 32 << 20,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let raw = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(dir.join("a.raw"))
+        .unwrap();
+    raw.set_len(size).unwrap();
+    let mut buf = vec![0x5Au8; 1 << 20];
+    for i in 0..size >> 20 {
+        v.write_at(&buf, i << 20).unwrap();
+        raw.write_all_at(&buf, i << 20).unwrap();
+    }
+    v.flush().unwrap();
+    raw.sync_all().unwrap();
+    for round in 0..3 {
+        for which in ["vhdx", "raw"] {
+            let t = Instant::now();
+            for i in 0..size >> 20 {
+                if which == "vhdx" {
+                    v.write_at(&buf, i << 20).unwrap()
+                } else {
+                    raw.write_all_at(&buf, i << 20).unwrap()
+                }
+            }
+            let w = t.elapsed().as_secs_f64();
+            let _ = std::process::Command::new("sync").status();
+            let t = Instant::now();
+            for i in 0..size >> 20 {
+                if which == "vhdx" {
+                    v.read_at(&mut buf, i << 20).unwrap()
+                } else {
+                    raw.read_exact_at(&mut buf, i << 20).unwrap()
+                }
+            }
+            let r = t.elapsed().as_secs_f64();
+            println!(
+                "round {round} {which}: write {:.0} MB/s, read {:.0} MB/s",
+                1073.7 / w,
+                1073.7 / r
+            );
+        }
+    }
+    drop(v);
+    let _ = std::fs::remove_dir_all(&dir);
+}
