@@ -359,8 +359,9 @@ fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
         .zip(vms)
         .map(|(s, _)| s.floor.min(s.target).saturating_sub(s.current))
         .collect();
+    // Minimums are guarantees: shared equally, whatever the weights.
+    let first = water_fill(&deficit, &vec![1; deficit.len()], spare);
     let weights: Vec<u32> = slots.iter().map(|s| s.weight).collect();
-    let first = water_fill(&deficit, &weights, spare);
     let left = spare - first.iter().sum::<u64>();
     let rest: Vec<u64> = growth.iter().zip(&deficit).map(|(g, d)| g - d).collect();
     let second = water_fill(&rest, &weights, left);
