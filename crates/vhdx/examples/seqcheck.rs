@@ -14,6 +14,50 @@ fn main() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let size: u64 = 1 << 30;
+    // Allocation: first writes to a new image vs a new sparse raw file, with the
+    // write phase and the final flush timed separately.
+    for round in 0..2 {
+        let a = dir.join(format!("n{round}.vhdx"));
+        let r = dir.join(format!("n{round}.raw"));
+        let buf = vec![0x77u8; 1 << 20];
+        let t = Instant::now();
+        let v = Vhdx::create(
+            &a,
+            &CreateOptions {
+                size,
+                block_size: 32 << 20,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        for i in 0..size >> 20 {
+            v.write_at(&buf, i << 20).unwrap();
+        }
+        let w = t.elapsed().as_secs_f64();
+        v.flush().unwrap();
+        let f = t.elapsed().as_secs_f64() - w;
+        drop(v);
+        let _ = std::process::Command::new("sync").status();
+        let t = Instant::now();
+        let rf = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&r)
+            .unwrap();
+        rf.set_len(size).unwrap();
+        for i in 0..size >> 20 {
+            rf.write_all_at(&buf, i << 20).unwrap();
+        }
+        let rw = t.elapsed().as_secs_f64();
+        rf.sync_data().unwrap();
+        let rfl = t.elapsed().as_secs_f64() - rw;
+        println!("round {round} first write: vhdx write {w:.2}s + flush {f:.2}s; raw write {rw:.2}s + flush {rfl:.2}s");
+        let _ = std::fs::remove_file(&a);
+        let _ = std::fs::remove_file(&r);
+        let _ = std::process::Command::new("sync").status();
+    }
     let v = Vhdx::create(
         dir.join("a.vhdx"),
         &CreateOptions {
