@@ -4,6 +4,7 @@
 //! This crate must not depend on axum or hold routes: routes and auth live in `vireod`.
 #![warn(missing_docs)]
 
+pub mod checkpoint;
 pub mod client;
 pub mod types;
 pub mod units;

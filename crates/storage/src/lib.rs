@@ -20,6 +20,7 @@ mod error;
 mod image;
 mod service;
 mod state;
+pub mod wire;
 
 pub use chain::DiskChain;
 pub use error::{ErrorKind, Result, StorageError};

@@ -61,6 +61,7 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route("/exec", post(exec))
         .route("/exec/{pid}", get(exec_output))
         .route("/kvp", get(kvp_list).put(kvp_set))
+        .merge(crate::disks::routes())
         .with_state(vm)
 }
 

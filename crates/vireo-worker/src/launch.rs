@@ -6,11 +6,10 @@ use anyhow::{bail, Context};
 use api::worker::LaunchSpec;
 use api::{BootDevice, DiskBus, Generation, NicModel};
 use qemu::cmdline::{
-    self, DiskAttachment, DiskFormat, DiskMedia, DiskSource, Firmware, MachineConfig,
+    self, DiskAttachment, DiskMedia, DiskSource, Firmware, MachineConfig,
     NicAttachment, NicBackend,
 };
 use qemu::process::QemuProcess;
-use std::io::Read;
 use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,21 +19,6 @@ pub static EXEC_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64:
 
 /// The QEMU we spawned, kept so that it is reaped when it exits.
 static CHILD: Mutex<Option<QemuProcess>> = Mutex::new(None);
-
-/// Detects an image's format from its first bytes (never from its name).
-pub fn detect_format(path: &Path) -> anyhow::Result<DiskFormat> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening disk {}", path.display()))?;
-    let mut magic = [0u8; 8];
-    let n = f
-        .read(&mut magic)
-        .with_context(|| format!("reading disk {}", path.display()))?;
-    Ok(match &magic[..n] {
-        [b'Q', b'F', b'I', 0xfb, ..] => DiskFormat::Qcow2,
-        m if m.starts_with(b"vhdxfile") => DiskFormat::Vhdx,
-        _ => DiskFormat::Raw,
-    })
-}
 
 /// The QEMU machine for a launch.
 pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
@@ -53,9 +37,11 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
     for (i, d) in vm.disks.iter().enumerate() {
         disks.push(DiskAttachment {
             id: format!("disk{i}"),
-            source: DiskSource::File {
-                path: d.path.clone(),
-                format: detect_format(&d.path)?,
+            // Every disk goes through the disk service (crate::disks), whatever the bus.
+            source: DiskSource::Nbd {
+                socket_path: storage::socket_path(&l.run_dir, i),
+                export: storage::export_name(i),
+                reconnect_delay: 10,
                 read_only: d.read_only,
             },
             bus: match d.bus {

@@ -5,6 +5,7 @@
 
 mod console;
 mod control;
+mod disks;
 mod guest;
 mod launch;
 mod vm;
@@ -66,6 +67,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("writing worker.pid")?;
 
     let console_facts = Arc::new(Mutex::new(console::ConsoleFacts::default()));
+    // The disks are served before QEMU starts (or, re-attaching, so that it reconnects).
+    disks::start(&launch)?;
     let (qemu_pid, started_at) = if args.attach {
         let pid = std::fs::read_to_string(run_dir.join("qemu.pid"))
             .ok()
@@ -181,6 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     std::fs::write(run_dir.join("exit.json"), serde_json::to_vec(&rec)?)
         .context("writing exit.json")?;
     server.abort();
+    disks::shutdown();
     let _ = std::fs::remove_file(&sock);
     Ok(())
 }

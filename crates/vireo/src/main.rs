@@ -36,6 +36,12 @@ enum Command {
     /// VHDX and raw disk images (works without a running host).
     #[command(subcommand)]
     Disk(cmd::disk::DiskCommand),
+    /// VM checkpoints (snapshots): new, list, apply, remove (live merge), export.
+    #[command(subcommand)]
+    Checkpoint(cmd::checkpoint::CheckpointCommand),
+    /// Long-running jobs (live merges).
+    #[command(subcommand)]
+    Job(cmd::checkpoint::JobCommand),
 }
 
 fn main() {
@@ -83,6 +89,8 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
             Command::Host(c) => cmd::host::run(&client, c).await.map(|_| 0),
             Command::Vm(c) => cmd::vm::run(&client, c).await,
             Command::Bench(c) => cmd::bench::run(&client, c).await.map(|_| 0),
+            Command::Checkpoint(c) => cmd::checkpoint::run(&client, c).await.map(|_| 0),
+            Command::Job(c) => cmd::checkpoint::run_job(&client, c).await.map(|_| 0),
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })

@@ -2,6 +2,7 @@
 //! supervision loop. VMs run in their own `vireo-worker` processes and survive a restart or a
 //! kill -9 of this daemon.
 
+mod checkpoint_routes;
 mod error;
 mod host;
 mod manager;

@@ -12,6 +12,8 @@
 //!    └── delete (off or saved only)
 //! ```
 
+mod checkpoints;
+
 use crate::error::{ApiError, ApiResult};
 use crate::process;
 use crate::store::{write_atomic, Store};

@@ -32,6 +32,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/exec/{pid}", get(vm_exec_output))
         .route("/v1/vms/{name}/kvp", get(vm_kvp_list).put(vm_kvp_set))
         .route("/v1/vms/{name}/console", get(vm_console))
+        .merge(crate::checkpoint_routes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .with_state(manager)
 }

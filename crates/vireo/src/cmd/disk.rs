@@ -36,6 +36,17 @@ pub enum DiskCommand {
         #[arg(long, conflicts_with_all = ["size", "kind"])]
         parent: Option<PathBuf>,
     },
+    /// Serve an image or VHDX chain over NBD on a unix socket (like qemu-nbd).
+    Serve {
+        /// Image (the leaf of a chain).
+        path: PathBuf,
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Refuse writes.
+        #[arg(long)]
+        read_only: bool,
+    },
     /// Show an image and its whole chain.
     Info {
         /// Image.
@@ -220,6 +231,7 @@ fn human(n: u64) -> String {
 pub fn run(cmd: DiskCommand) -> anyhow::Result<()> {
     let never = AtomicBool::new(false);
     match cmd {
+        DiskCommand::Serve { path, socket, read_only } => super::serve::serve(&path, &socket, read_only)?,
         DiskCommand::New {
             path,
             size,

@@ -1,6 +1,8 @@
 //! One module per command group.
 pub mod bench;
+pub mod checkpoint;
 pub mod disk;
 pub mod host;
 pub mod output;
+pub mod serve;
 pub mod vm;

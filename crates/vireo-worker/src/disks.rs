@@ -1,0 +1,272 @@
+//! The VM's disk service (every disk is an NBD export of `storage`) and the checkpoint and
+//! job routes of the control API. The guest is quiesced here, around the storage calls:
+//! production checkpoints freeze the guest's file systems through the agent; standard ones
+//! pause the VM, switch the disks and save memory and device state, then resume.
+
+use crate::vm::Vm;
+use anyhow::Context;
+use api::checkpoint::{
+    CheckpointInfo, CheckpointTree, CheckpointType, JobInfo, NewCheckpoint, RemoveCheckpoint,
+    RenameCheckpoint,
+};
+use api::worker::LaunchSpec;
+use api::{ErrorBody, ErrorKind};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+use storage::wire::{checkpoint_info, job_info, tree};
+use storage::{CheckpointKind, DiskConfig, DiskService, StorageError};
+
+static SERVICE: OnceLock<Arc<DiskService>> = OnceLock::new();
+static VM_DIR: OnceLock<PathBuf> = OnceLock::new();
+
+/// The VM directory (where `console.log` and `disks.json` live).
+pub fn vm_dir(l: &LaunchSpec) -> PathBuf {
+    l.console_log
+        .parent()
+        .map(|p| p.to_path_buf())
+        .unwrap_or_else(|| l.run_dir.clone())
+}
+
+/// Serves every disk of the launch on `<run_dir>/disk<i>.nbd.sock` (also after a worker
+/// restart: same chains from `disks.json`, same sockets, so QEMU reconnects).
+pub fn start(l: &LaunchSpec) -> anyhow::Result<()> {
+    let cfg: Vec<DiskConfig> =
+        l.vm.disks
+            .iter()
+            .map(|d| DiskConfig {
+                path: d.path.clone(),
+                read_only: d.read_only,
+            })
+            .collect();
+    let svc =
+        DiskService::start(&vm_dir(l), &l.run_dir, &cfg).context("starting the disk service")?;
+    let _ = SERVICE.set(svc);
+    let _ = VM_DIR.set(vm_dir(l));
+    Ok(())
+}
+
+/// Flushes and stops serving.
+pub fn shutdown() {
+    if let Some(s) = SERVICE.get() {
+        for i in 0..s.disks() {
+            if let Some(c) = s.chain(i) {
+                let _ = nbd::Export::flush(c.as_ref());
+            }
+        }
+        s.shutdown();
+    }
+}
+
+/// Routes merged into the control router.
+pub fn routes() -> Router<Arc<Vm>> {
+    Router::new()
+        .route("/checkpoints", get(list).post(create))
+        .route("/checkpoints/{cp}/remove", post(remove))
+        .route("/checkpoints/{cp}/rename", post(rename))
+        .route("/jobs/{id}/cancel", post(cancel))
+        .route("/jobs/{id}/resume", post(resume))
+}
+
+/// An error answered to vireod.
+pub struct DiskError(ErrorKind, String);
+
+impl IntoResponse for DiskError {
+    fn into_response(self) -> Response {
+        let status = match self.0 {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::WrongState | ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                kind: self.0,
+                error: self.1,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<StorageError> for DiskError {
+    fn from(e: StorageError) -> Self {
+        let kind = match e.kind() {
+            storage::ErrorKind::NotFound => ErrorKind::NotFound,
+            storage::ErrorKind::InvalidInput => ErrorKind::Invalid,
+            storage::ErrorKind::Busy | storage::ErrorKind::Unsupported => ErrorKind::WrongState,
+            _ => ErrorKind::Failed,
+        };
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        DiskError(kind, msg)
+    }
+}
+
+fn failed(e: impl std::fmt::Display) -> DiskError {
+    DiskError(ErrorKind::Failed, e.to_string())
+}
+
+fn svc() -> Result<Arc<DiskService>, DiskError> {
+    SERVICE.get().cloned().ok_or_else(|| {
+        DiskError(
+            ErrorKind::WrongState,
+            "the disk service is not running".into(),
+        )
+    })
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StorageError> + Send + 'static,
+) -> Result<T, DiskError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(failed)?
+        .map_err(DiskError::from)
+}
+
+async fn list(State(_vm): State<Arc<Vm>>) -> Result<Json<CheckpointTree>, DiskError> {
+    Ok(Json(tree(&svc()?.state())))
+}
+
+async fn create(
+    State(vm): State<Arc<Vm>>,
+    Json(req): Json<NewCheckpoint>,
+) -> Result<Json<CheckpointInfo>, DiskError> {
+    let s = svc()?;
+    match req.kind {
+        CheckpointType::Production => {
+            vm.agent.fsfreeze_freeze().await.map_err(|e| {
+                DiskError(ErrorKind::Failed, format!("freezing the guest file systems through the agent failed: {e} (is the guest agent running? a standard checkpoint needs no agent)"))
+            })?;
+            let t = Instant::now();
+            let name = req.name.clone();
+            let r =
+                blocking(move || s.create_checkpoint(name, CheckpointKind::Production, None)).await;
+            let thawed = vm.agent.fsfreeze_thaw().await;
+            tracing::info!(
+                frozen_ms = t.elapsed().as_millis() as u64,
+                "production checkpoint"
+            );
+            if let Err(e) = thawed {
+                tracing::warn!("thawing the guest file systems: {e}");
+            }
+            r.map(|c| Json(checkpoint_info(&c)))
+        }
+        CheckpointType::Standard => {
+            let dir = VM_DIR.get().cloned().unwrap_or_default();
+            let state_file = dir.join(format!("vmstate-{}.bin", uuid_like()));
+            let t = Instant::now();
+            vm.qmp.stop().await.map_err(failed)?;
+            let name = req.name.clone();
+            let s2 = s.clone();
+            let sf = state_file.clone();
+            let r =
+                blocking(move || s2.create_checkpoint(name, CheckpointKind::Standard, Some(sf)))
+                    .await;
+            let r = match r {
+                Ok(c) => save_state(&vm, &state_file).await.map(|_| c),
+                Err(e) => Err(e),
+            };
+            let _ = vm.qmp.cont().await;
+            tracing::info!(
+                paused_ms = t.elapsed().as_millis() as u64,
+                "standard checkpoint"
+            );
+            r.map(|c| Json(checkpoint_info(&c)))
+        }
+    }
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// Saves memory and device state of the paused VM to `path` (QEMU migration to a file).
+async fn save_state(vm: &Vm, path: &std::path::Path) -> Result<(), DiskError> {
+    let uri = format!(
+        "exec:cat > {}",
+        crate::vm::shell_quote(&path.to_string_lossy())
+    );
+    vm.qmp
+        .execute("migrate", Some(json!({ "uri": uri })))
+        .await
+        .map_err(failed)?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let m = vm
+            .qmp
+            .execute("query-migrate", None)
+            .await
+            .map_err(failed)?;
+        match m.get("status").and_then(|s| s.as_str()) {
+            Some("completed") => return Ok(()),
+            Some("failed") | Some("cancelled") => {
+                return Err(DiskError(
+                    ErrorKind::Failed,
+                    format!("saving memory state failed: {m}"),
+                ))
+            }
+            _ if Instant::now() > deadline => {
+                return Err(DiskError(
+                    ErrorKind::Failed,
+                    "saving memory state timed out".into(),
+                ))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
+async fn remove(
+    State(_vm): State<Arc<Vm>>,
+    Path(cp): Path<String>,
+) -> Result<Json<RemoveCheckpoint>, DiskError> {
+    let s = svc()?;
+    let job = blocking(move || s.remove_checkpoint(&cp)).await?;
+    Ok(Json(RemoveCheckpoint {
+        job: job.as_ref().map(job_info),
+    }))
+}
+
+async fn rename(
+    State(_vm): State<Arc<Vm>>,
+    Path(cp): Path<String>,
+    Json(req): Json<RenameCheckpoint>,
+) -> Result<Json<CheckpointInfo>, DiskError> {
+    let s = svc()?;
+    blocking(move || s.rename_checkpoint(&cp, &req.name))
+        .await
+        .map(|c| Json(checkpoint_info(&c)))
+}
+
+async fn cancel(
+    State(_vm): State<Arc<Vm>>,
+    Path(id): Path<String>,
+) -> Result<Json<JobInfo>, DiskError> {
+    Ok(Json(job_info(&svc()?.cancel_job(&id)?)))
+}
+
+async fn resume(
+    State(_vm): State<Arc<Vm>>,
+    Path(id): Path<String>,
+) -> Result<Json<JobInfo>, DiskError> {
+    Ok(Json(job_info(&svc()?.resume_job(&id)?)))
+}
