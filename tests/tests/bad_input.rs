@@ -224,3 +224,37 @@ fn store_survives_kill9_during_writes() {
         }
     }
 }
+
+/// A generation 2 VM whose disk has no boot loader runs, and `vm show` says why nothing
+/// booted (OVMF's verdict from the serial console).
+#[test]
+fn blank_disk_reports_no_boot() {
+    let h = Host::start();
+    let disk = h.dir.path().join("blank.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    h.ok(&[
+        "vm",
+        "new",
+        "blank",
+        "--generation",
+        "2",
+        "--secure-boot-template",
+        "microsoft-uefi-ca",
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    h.ok(&["vm", "start", "blank"]);
+    let v = h.wait_for(
+        "blank",
+        std::time::Duration::from_secs(120),
+        "boot failure message",
+        |v| {
+            v["status_message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("did not boot")
+        },
+    );
+    assert_eq!(v["state"], "running");
+    h.ok(&["vm", "turn-off", "blank"]);
+}

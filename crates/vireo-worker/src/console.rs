@@ -81,6 +81,37 @@ async fn connect_retry(path: &Path) -> Option<UnixStream> {
     None
 }
 
+/// Console lines that mean the firmware or the boot loader found nothing it could start.
+const BOOT_FAILURES: &[&str] = &[
+    "No bootable device",
+    "No bootable option or device was found",
+    "EFI stub: ERROR",
+    "you need to load the kernel first",
+    "Kernel panic - not syncing",
+];
+
+/// A console line without escape sequences and control characters.
+fn clean(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // Skip an ANSI sequence: ESC [ ... letter.
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for n in chars.by_ref() {
+                    if n.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+        } else if !c.is_control() {
+            out.push(c);
+        }
+    }
+    out.trim().to_string()
+}
+
 fn observe(facts: &Mutex<ConsoleFacts>, chunk: &[u8]) {
     let mut f = facts.lock().unwrap_or_else(|p| p.into_inner());
     f.tail.push_str(&String::from_utf8_lossy(chunk));
@@ -94,6 +125,12 @@ fn observe(facts: &Mutex<ConsoleFacts>, chunk: &[u8]) {
     if f.boot_refusal.is_none() {
         if let Some(why) = qemu::firmware::detect_boot_refusal(&f.tail) {
             f.boot_refusal = Some(format!("firmware refused the boot loader: {why}"));
+        } else if let Some(line) = f
+            .tail
+            .lines()
+            .find(|l| BOOT_FAILURES.iter().any(|m| l.contains(m)))
+        {
+            f.boot_refusal = Some(format!("the guest did not boot: {}", clean(line)));
         }
     }
 }
@@ -136,5 +173,34 @@ async fn serve_clients(
             };
             tokio::select! { _ = to_client => {}, _ = from_client => {} }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Boot failures are recognised across chunk boundaries and shown without escapes.
+    #[test]
+    fn recognises_boot_failures() {
+        let facts = Mutex::new(ConsoleFacts::default());
+        observe(
+            &facts,
+            b"SeaBIOS\r\nBoot failed: not a bootable disk\r\n\x1b[0mNo boot",
+        );
+        assert!(facts.lock().unwrap().boot_refusal.is_none());
+        observe(&facts, b"able device.\r\n");
+        assert_eq!(
+            facts.lock().unwrap().boot_refusal.as_deref(),
+            Some("the guest did not boot: No bootable device.")
+        );
+    }
+
+    /// A healthy boot log sets nothing.
+    #[test]
+    fn healthy_boot_is_quiet() {
+        let facts = Mutex::new(ConsoleFacts::default());
+        observe(&facts, b"Linux version 6.1\r\nVIREO-GUEST-READY\r\n");
+        assert!(facts.lock().unwrap().boot_refusal.is_none());
     }
 }
