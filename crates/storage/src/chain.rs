@@ -120,6 +120,47 @@ impl DiskChain {
         }
     }
 
+    /// Drains requests, flushes and closes the images cleanly (VHDX headers marked clean,
+    /// log emptied). Requests arriving afterwards fail.
+    pub fn close(&self) -> Result<()> {
+        let mut g = self.write();
+        let mirror = g.mirror.take();
+        let top = g.top.take();
+        let mut first_err = None;
+        if let Some(Image::Vhdx(v)) = top {
+            let path = v.path().to_path_buf();
+            match Arc::try_unwrap(v) {
+                Ok(v) => {
+                    if let Err(e) = v.close() {
+                        first_err.get_or_insert(StorageError::Image {
+                            op: "closing",
+                            path,
+                            source: Box::new(e),
+                        });
+                    }
+                }
+                Err(v) => {
+                    let _ = v.flush();
+                }
+            }
+        } else if let Some(t) = top {
+            let _ = t.flush();
+        }
+        if let Some(m) = mirror {
+            let path = m.path().to_path_buf();
+            if let Ok(m) = Arc::try_unwrap(m) {
+                if let Err(e) = m.close() {
+                    first_err.get_or_insert(StorageError::Image {
+                        op: "closing",
+                        path,
+                        source: Box::new(e),
+                    });
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+
     /// Checkpoint create: pauses new requests, drains in-flight ones, flushes, creates
     /// `new_leaf` as a differencing VHDX whose parent is the current leaf, reopens the old
     /// leaf read-only as its parent, calls `commit(new_leaf)` (persist the new state) and

@@ -27,6 +27,7 @@ pub struct DiskService {
     op: Mutex<()>,
     cancel: AtomicBool,
     merging: AtomicBool,
+    closing: AtomicBool,
 }
 
 /// Socket of disk `i` in `run_dir`.
@@ -85,6 +86,7 @@ impl DiskService {
             op: Mutex::new(()),
             cancel: AtomicBool::new(false),
             merging: AtomicBool::new(false),
+            closing: AtomicBool::new(false),
         });
         if let Some(j) = resume {
             if matches!(j.state, MergeState::Copying { .. }) {
@@ -115,6 +117,21 @@ impl DiskService {
         for s in &self.servers {
             s.shutdown();
         }
+    }
+
+    /// Stops serving and closes every image cleanly (the worker calls it when the VM ends).
+    pub fn close(&self) -> Result<()> {
+        self.closing.store(true, Ordering::SeqCst);
+        self.shutdown();
+        let _op = lock(&self.op);
+        let mut r = Ok(());
+        for c in &self.chains {
+            if let Err(e) = c.close() {
+                tracing::warn!("closing a disk: {e}");
+                r = Err(e);
+            }
+        }
+        r
     }
 
     /// Creates a checkpoint: every writable disk switches to a new differencing leaf whose
@@ -289,6 +306,10 @@ impl DiskService {
             .spawn(move || {
                 let r = self.run_merge(&id);
                 self.merging.store(false, Ordering::SeqCst);
+                if self.closing.load(Ordering::SeqCst) {
+                    // The VM ended: the job stays persisted as copying and resumes on the next start.
+                    return;
+                }
                 if let Err(e) = r {
                     tracing::error!(job = %id, "merge failed: {e}");
                     let mut st = lock(&self.state);
@@ -337,6 +358,9 @@ impl DiskService {
             let total = nbd::Export::size(chain.as_ref()).div_ceil(bs);
             self.update_job(id, |j| j.total_blocks = total)?;
             while next_block < total {
+                if self.closing.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
                 if self.cancel.load(Ordering::SeqCst) {
                     self.update_job(id, |j| j.state = MergeState::Cancelled { next_block })?;
                     tracing::info!(job = %id, next_block, "merge cancelled");

@@ -52,15 +52,12 @@ pub fn start(l: &LaunchSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Flushes and stops serving.
+/// Stops serving and closes the images cleanly (QEMU has exited).
 pub fn shutdown() {
     if let Some(s) = SERVICE.get() {
-        for i in 0..s.disks() {
-            if let Some(c) = s.chain(i) {
-                let _ = nbd::Export::flush(c.as_ref());
-            }
+        if let Err(e) = s.close() {
+            tracing::warn!("closing the disks: {e:#}");
         }
-        s.shutdown();
     }
 }
 

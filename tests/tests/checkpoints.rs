@@ -1,0 +1,240 @@
+//! Checkpoints on a real generation 1 guest whose second disk (IDE, /dev/sdb) is a VHDX served
+//! by the disk service: the guest writes checksummed patterns across checkpoint create, more
+//! writes, apply, more writes, remove with live merge while the guest writes, and a kill -9
+//! of the worker during the merge; every block reads back as its last acknowledged write, in
+//! the guest (page cache dropped) and on the host through qemu-img (an independent reader).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vireo_e2e::*;
+
+const MIB: usize = 1 << 20;
+
+/// Writes `count` MiB of fresh random data at MiB `at` of /dev/sdb (fsync) and prints the
+/// sha256 of each MiB written.
+fn write_random(h: &Host, at: usize, count: usize) -> Vec<String> {
+    let script = format!(
+        "set -e; for i in $(seq {at} {}); do head -c 1048576 /dev/urandom > /tmp/b; \
+         dd if=/tmp/b of=/dev/sdb bs=1048576 seek=$i conv=fsync 2>/dev/null; sha256sum /tmp/b | cut -d' ' -f1; done",
+        at + count - 1
+    );
+    let (code, out) = h.exec("g1", &script);
+    assert_eq!(code, 0, "guest write failed: {out}");
+    let sums: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
+    assert_eq!(sums.len(), count, "{out}");
+    sums
+}
+
+/// sha256 of each MiB of /dev/sdb in `[at, at+count)`, read after dropping the page cache.
+fn read_sums(h: &Host, at: usize, count: usize) -> Vec<String> {
+    let script = format!(
+        "set -e; sync; echo 3 > /proc/sys/vm/drop_caches; for i in $(seq {at} {}); do \
+         dd if=/dev/sdb bs=1048576 skip=$i count=1 2>/dev/null | sha256sum | cut -d' ' -f1; done",
+        at + count - 1
+    );
+    let (code, out) = h.exec("g1", &script);
+    assert_eq!(code, 0, "guest read failed: {out}");
+    out.lines().map(|l| l.trim().to_string()).collect()
+}
+
+fn zero_sum() -> String {
+    "30e14955ebf1352266dc2ff8067e68104607e750abb9d3b36582b8af909fcb58".to_string()
+}
+
+/// sha256 through coreutils' sha256sum (the same tool family the guest uses).
+fn sha256_hex(dir: &std::path::Path, b: &[u8]) -> String {
+    let f = dir.join("chunk");
+    std::fs::write(&f, b).unwrap();
+    let o = Command::new("sha256sum")
+        .arg(&f)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string()
+}
+
+fn job_state(h: &Host) -> (String, String) {
+    let jobs: serde_json::Value =
+        serde_json::from_str(&h.ok(&["job", "list", "--json"])).expect("job list json");
+    let j = jobs
+        .as_array()
+        .and_then(|a| a.last())
+        .cloned()
+        .unwrap_or_default();
+    (
+        j["id"].as_str().unwrap_or("").to_string(),
+        j["state"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+/// The whole checkpoint life cycle with data verified at every step (see the module doc).
+#[test]
+fn checkpoint_apply_remove_live_merge_kill9() {
+    let h = Host::start();
+    let boot = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    // Checkpoints need every disk in VHDX: the raw test image is converted first.
+    let boot_vhdx = h.dir.path().join("boot.vhdx");
+    h.ok(&[
+        "disk",
+        "convert",
+        boot.to_str().unwrap(),
+        boot_vhdx.to_str().unwrap(),
+    ]);
+    let boot = boot_vhdx;
+    let data = h.dir.path().join("data.vhdx");
+    h.ok(&[
+        "disk",
+        "new",
+        data.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--block-size",
+        "1M",
+    ]);
+    h.ok(&[
+        "vm",
+        "new",
+        "g1",
+        "--generation",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        boot.to_str().unwrap(),
+        "--disk",
+        data.to_str().unwrap(),
+    ]);
+    h.ok(&["vm", "start", "g1"]);
+    h.wait_heartbeat("g1");
+
+    // A: blocks 0..8 before the checkpoint.
+    let a = write_random(&h, 0, 8);
+    let cp = h.ok(&["checkpoint", "new", "g1", "cp1", "--type", "production"]);
+    assert!(cp.contains("cp1"), "{cp}");
+    let listed = h.ok(&["checkpoint", "list", "g1"]);
+    assert!(
+        listed.contains("cp1") && listed.contains("<- now"),
+        "{listed}"
+    );
+    // B: overwrite block 0..2, new blocks 8..12, after the checkpoint.
+    let b = write_random(&h, 0, 2);
+    let b2 = write_random(&h, 8, 4);
+    let now = read_sums(&h, 0, 12);
+    assert_eq!(&now[..2], &b[..]);
+    assert_eq!(&now[2..8], &a[2..]);
+    assert_eq!(&now[8..], &b2[..]);
+
+    // Apply cp1 (VM off): A is back, B is gone.
+    let refused = h.fails(&["checkpoint", "apply", "g1", "cp1"]);
+    assert!(refused.contains("turn it off"), "{refused}");
+    h.ok(&["vm", "turn-off", "g1"]);
+    h.ok(&["checkpoint", "apply", "g1", "cp1"]);
+    h.ok(&["vm", "start", "g1"]);
+    h.wait_heartbeat("g1");
+    let now = read_sums(&h, 0, 12);
+    assert_eq!(
+        &now[..8],
+        &a[..],
+        "apply did not restore the checkpoint's data"
+    );
+    assert!(
+        now[8..].iter().all(|s| *s == zero_sum()),
+        "data written after the checkpoint survived apply"
+    );
+
+    // C: more writes on the applied state.
+    let c = write_random(&h, 4, 4);
+
+    // Remove cp1 with a live merge while the guest keeps writing blocks 20..52; kill -9 the
+    // worker during the merge.
+    let writer = "setsid sh -c 'for i in $(seq 20 51); do head -c 1048576 /dev/urandom > /tmp/w; \
+        dd if=/tmp/w of=/dev/sdb bs=1048576 seek=$i conv=fsync 2>/dev/null && sha256sum /tmp/w | cut -d\" \" -f1 >> /run/sums; done; touch /run/done' \
+        </dev/null >/dev/null 2>&1 & echo started";
+    let (code, out) = h.exec("g1", "rm -f /run/sums /run/done");
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = h.exec("g1", writer);
+    assert_eq!(code, 0, "{out}");
+    std::thread::sleep(Duration::from_millis(500));
+    let removed = h.ok(&["checkpoint", "remove", "g1", "cp1"]);
+    assert!(removed.contains("live merge job"), "{removed}");
+    let (job, state_at_kill) = job_state(&h);
+    let wpid = h.show("g1")["worker"]["pid"].as_i64().expect("worker pid") as i32;
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(wpid, libc::SIGKILL) };
+    eprintln!("killed the worker with job {job} {state_at_kill}");
+    h.wait_for("g1", Duration::from_secs(30), "worker replaced", |v| {
+        v["worker"]["pid"]
+            .as_i64()
+            .is_some_and(|p| p as i32 != wpid)
+    });
+    let t = Instant::now();
+    loop {
+        let (_, st) = job_state(&h);
+        if st == "done" {
+            break;
+        }
+        assert!(st == "copying", "merge job ended as {st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "merge did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    while h.exec("g1", "test -e /run/done").0 != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "guest writer did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, sums) = h.exec("g1", "cat /run/sums");
+    assert_eq!(code, 0);
+    let w: Vec<String> = sums.lines().map(|l| l.trim().to_string()).collect();
+    assert_eq!(w.len(), 32, "every guest write was acknowledged: {sums}");
+    let listed = h.ok(&["checkpoint", "list", "g1", "--json"]);
+    let tree: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        tree["checkpoints"].as_array().map(|a| a.len()),
+        Some(0),
+        "{listed}"
+    );
+    assert_eq!(
+        tree["leaves"][1].as_str(),
+        data.to_str(),
+        "the data disk is the leaf again"
+    );
+
+    let mut expect: Vec<String> = vec![zero_sum(); 64];
+    expect[..8].clone_from_slice(&a);
+    expect[4..8].clone_from_slice(&c);
+    expect[20..52].clone_from_slice(&w);
+    assert_eq!(
+        read_sums(&h, 0, 64),
+        expect,
+        "guest reads after the merge differ"
+    );
+
+    // Host side, with QEMU's own VHDX reader, after a clean stop.
+    h.ok(&["vm", "turn-off", "g1"]);
+    let raw = h.dir.path().join("data.raw");
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(&data)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img (scripts/setup.sh installs qemu-utils)");
+    assert!(st.success(), "qemu-img could not read the merged VHDX");
+    let bytes = std::fs::read(&raw).unwrap();
+    let host: Vec<String> = bytes
+        .chunks(MIB)
+        .map(|c| sha256_hex(h.dir.path(), c))
+        .collect();
+    assert_eq!(
+        host, expect,
+        "qemu-img reads different data from the merged VHDX"
+    );
+}
