@@ -19,8 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
-/// Stripes of per-block merge locks.
+/// Stripes of per-chunk merge locks.
 const STRIPES: usize = 256;
+/// Unit of the merge copy and of its lock against guest writes.
+const MERGE_CHUNK: u64 = 1 << 20;
 
 struct Layers {
     /// Where requests go (`None` only while a switch has it taken apart).
@@ -336,7 +338,9 @@ impl DiskChain {
     }
 
     /// Copies block `block` of the leaf into the merge target (idempotent), then flushes the
-    /// target so the copy survives a crash before the progress that records it.
+    /// target so the copy survives a crash before the progress that records it. The copy goes
+    /// in 1 MiB chunks, each under a lock that excludes guest writes to that chunk only, so a
+    /// guest write waits at most for one chunk's copy.
     pub fn merge_block(&self, block: u64) -> Result<()> {
         let g = self.read();
         let (Some(Image::Vhdx(top)), Some(target)) = (&g.top, &g.mirror) else {
@@ -344,16 +348,42 @@ impl DiskChain {
                 "no merge is running on this disk".into(),
             ));
         };
-        {
-            let _b = self.stripes[(block as usize) % STRIPES]
+        let bs = u64::from(top.block_size());
+        let start = block.saturating_mul(bs);
+        let end = start.saturating_add(bs).min(top.size());
+        let tp = target.path();
+        let mut buf = Vec::new();
+        let mut off = start;
+        while off < end {
+            let n = MERGE_CHUNK.min(end - off);
+            let _c = self.stripes[((off / MERGE_CHUNK) as usize) % STRIPES]
                 .write()
                 .unwrap_or_else(PoisonError::into_inner);
-            vhdx::merge_block(top, target, block)
-                .map_err(StorageError::image("merging into", target.path()))?;
+            // The leaf's parent is the target: what the leaf does not hold, the target has.
+            for e in top
+                .block_status(off, n)
+                .map_err(StorageError::image("merging", top.path()))?
+            {
+                match e.state {
+                    vhdx::ExtentState::Data => {
+                        buf.resize(e.len as usize, 0);
+                        top.read_at(&mut buf, e.off)
+                            .map_err(StorageError::image("merging", top.path()))?;
+                        target
+                            .write_at(&buf, e.off)
+                            .map_err(StorageError::image("merging into", tp))?;
+                    }
+                    vhdx::ExtentState::Zero | vhdx::ExtentState::Unmapped => {
+                        target
+                            .write_zeroes(e.off, e.len)
+                            .map_err(StorageError::image("merging into", tp))?;
+                    }
+                    vhdx::ExtentState::FromParent => {}
+                }
+            }
+            off += n;
         }
-        target
-            .flush()
-            .map_err(StorageError::image("flushing", target.path()))
+        target.flush().map_err(StorageError::image("flushing", tp))
     }
 
     /// Ends a live merge: drains requests, flushes, makes the target the leaf and calls
@@ -388,19 +418,15 @@ impl DiskChain {
         Ok(top_path)
     }
 
-    /// Stripe guards of the blocks `[off, off+len)` touches while merging.
-    fn stripe_guards(
-        &self,
-        mirror: bool,
-        off: u64,
-        len: u64,
-        bs: u64,
-    ) -> Vec<RwLockReadGuard<'_, ()>> {
-        if !mirror || len == 0 || bs == 0 {
+    /// Stripe guards of the merge chunks `[off, off+len)` touches while merging.
+    fn stripe_guards(&self, mirror: bool, off: u64, len: u64) -> Vec<RwLockReadGuard<'_, ()>> {
+        if !mirror || len == 0 {
             return Vec::new();
         }
-        let mut idx: Vec<usize> = (off / bs..=(off + len - 1) / bs)
-            .map(|b| (b as usize) % STRIPES)
+        let first = off / MERGE_CHUNK;
+        let last = (off + len - 1) / MERGE_CHUNK;
+        let mut idx: Vec<usize> = (first..=last.min(first + STRIPES as u64))
+            .map(|c| (c as usize) % STRIPES)
             .collect();
         idx.sort_unstable();
         idx.dedup();
@@ -423,11 +449,7 @@ impl DiskChain {
     ) -> io::Result<()> {
         let g = self.read();
         let top = g.top.as_ref().ok_or_else(gone)?;
-        let bs = match top {
-            Image::Vhdx(v) => u64::from(v.block_size()),
-            Image::Raw { .. } => 0,
-        };
-        let _s = self.stripe_guards(g.mirror.is_some(), off, len, bs);
+        let _s = self.stripe_guards(g.mirror.is_some(), off, len);
         op(top)?;
         if let Some(m) = &g.mirror {
             mirror_op(m).map_err(to_io)?;
