@@ -6,8 +6,7 @@ use anyhow::{bail, Context};
 use api::worker::LaunchSpec;
 use api::{BootDevice, DiskBus, Generation, NicModel};
 use qemu::cmdline::{
-    self, DiskAttachment, DiskMedia, DiskSource, Firmware, MachineConfig,
-    NicAttachment, NicBackend,
+    self, DiskAttachment, DiskMedia, DiskSource, Firmware, MachineConfig, NicAttachment, NicBackend,
 };
 use qemu::process::QemuProcess;
 use std::path::Path;

@@ -207,7 +207,11 @@ async fn bench_generation(
         name: name.clone(),
         generation,
         // OVMF needs room to decompress the kernel: 512 MiB for generation 2.
-        memory: Some(if generation == 1 { 256 << 20 } else { 512 << 20 }),
+        memory: Some(if generation == 1 {
+            256 << 20
+        } else {
+            512 << 20
+        }),
         disks: vec![CreateDisk {
             path: image,
             bus: None,

@@ -231,7 +231,11 @@ fn human(n: u64) -> String {
 pub fn run(cmd: DiskCommand) -> anyhow::Result<()> {
     let never = AtomicBool::new(false);
     match cmd {
-        DiskCommand::Serve { path, socket, read_only } => super::serve::serve(&path, &socket, read_only)?,
+        DiskCommand::Serve {
+            path,
+            socket,
+            read_only,
+        } => super::serve::serve(&path, &socket, read_only)?,
         DiskCommand::New {
             path,
             size,
