@@ -4,7 +4,6 @@
 //! This crate must not depend on axum or hold routes: routes and auth live in `vireod`.
 #![warn(missing_docs)]
 // The workspace MSRV is 1.80: keep `%` over `is_multiple_of`.
-#![allow(clippy::manual_is_multiple_of)]
 
 pub mod checkpoint;
 pub mod client;

@@ -99,7 +99,7 @@ pub fn check_spec(
     if spec.memory < MIN_MEMORY {
         return Err(SpecError::MemoryTooSmall(spec.memory));
     }
-    if spec.memory % (1 << 20) != 0 {
+    if !spec.memory.is_multiple_of(1 << 20) {
         return Err(SpecError::MemoryAlignment(spec.memory));
     }
     if spec.cpus == 0 || spec.cpus > MAX_CPUS {
