@@ -15,4 +15,4 @@ for g in 1 2; do
   target/debug/xtask guest-image --generation "$g" --agent vireo --out "target/guest-gen$g.img" >/dev/null
 done
 echo "== tests"
-cargo test --workspace --quiet -- --test-threads=2
+cargo test --workspace --quiet --no-fail-fast -- --test-threads=2

@@ -578,7 +578,9 @@ impl Manager {
             .worker_client(uuid)
             .with_timeout(Duration::from_secs(5));
         let _ = client.post::<_, serde_json::Value>("/quit", &()).await;
-        if !self.wait_gone(uuid, Duration::from_secs(10)).await {
+        // The worker closes the disk chains cleanly after QEMU exits; give it time on a
+        // loaded host before the last resort.
+        if !self.wait_gone(uuid, Duration::from_secs(30)).await {
             if let Some(pid) = self.qemu_pid(uuid) {
                 process::signal(pid, libc::SIGKILL);
             }
