@@ -304,12 +304,20 @@ fn switch_under_load_places_every_write() {
             })
         })
         .collect();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Wait for real load (not a fixed time: a loaded CI machine may not schedule the
+    // writers for a while), bounded.
+    let wait_for = |n: u64| {
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        while counter.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    };
+    wait_for(400);
     let t0 = Instant::now();
     let leaf = dir.path().join("leaf.avhdx");
     let frozen = chain.switch_to_child(&leaf, |_| Ok(())).unwrap();
     let t1 = Instant::now();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    wait_for(counter.load(Ordering::SeqCst) + 400);
     stop.store(true, Ordering::SeqCst);
     let logs: Vec<Vec<Log>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     chain.flush().unwrap();
