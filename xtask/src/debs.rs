@@ -6,7 +6,7 @@ use crate::cmd;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// A package at an exact version.
@@ -133,4 +133,92 @@ pub fn ensure_unpacked(cache: &Cache, pkg: &Pkg) -> Result<PathBuf> {
     fs::write(tmp.join(".complete"), b"")?;
     fs::rename(&tmp, &dir).with_context(|| format!("renaming into {}", dir.display()))?;
     Ok(dir)
+}
+
+/// A program for the guest taken from a Debian package (downloaded, never installed).
+#[derive(Clone, Copy, Debug)]
+pub struct Program {
+    /// Package that ships the program, such as `iproute2`.
+    pub package: &'static str,
+    /// The program's path inside the package, without the leading `/` (such as `bin/ip`).
+    pub path: &'static str,
+    /// Where the guest gets it (absolute).
+    pub guest: &'static str,
+}
+
+/// Where the guest's dynamic loader finds libraries taken from unpacked packages.
+const GUEST_LIBDIR: &str = "/lib/x86_64-linux-gnu";
+
+/// Files for the initramfs: (absolute guest path, mode, bytes).
+pub type Files = Vec<(String, u32, Vec<u8>)>;
+
+/// Takes `programs` from their (downloaded, unpacked) packages with every shared library
+/// they load and the dynamic loader, resolved by `ldd`. Libraries come from the unpacked
+/// `lib_packages` first (so the host needs none of them installed), else from the host (the
+/// same Debian release). Records package versions and library hashes in `inputs`.
+pub fn programs_with_libs(
+    cache: &Cache,
+    programs: &[Program],
+    lib_packages: &[&str],
+    inputs: &mut crate::cache::Inputs,
+) -> Result<Files> {
+    let mut lib_dirs = Vec::new();
+    for name in lib_packages {
+        let pkg = candidate(name)?;
+        let root = ensure_unpacked(cache, &pkg)?;
+        inputs.add(&format!("libpkg {name}"), &pkg.version);
+        for d in ["usr/lib/x86_64-linux-gnu", "lib/x86_64-linux-gnu"] {
+            if root.join(d).is_dir() {
+                lib_dirs.push(root.join(d));
+            }
+        }
+    }
+    let ld_path = std::env::join_paths(&lib_dirs).context("library search path")?;
+    let unpacked = cache.unpacked();
+    let mut files: BTreeMap<String, (u32, Vec<u8>)> = BTreeMap::new();
+    for prog in programs {
+        let pkg = candidate(prog.package)?;
+        let root = ensure_unpacked(cache, &pkg)?;
+        let bin = root.join(prog.path);
+        crate::cmd::require_file(&bin, prog.package)?;
+        let bytes = fs::read(&bin).with_context(|| format!("reading {}", bin.display()))?;
+        inputs.add(
+            &format!("program {} {} {}", prog.guest, pkg.name, pkg.version),
+            crate::cache::sha256_hex(&bytes),
+        );
+        files.insert(prog.guest.to_owned(), (0o755, bytes));
+        let mut c = cmd::command("ldd", [&bin]);
+        c.env("LC_ALL", "C").env("LD_LIBRARY_PATH", &ld_path);
+        let out = cmd::stdout(c)?;
+        for line in out.lines() {
+            let line = line.trim();
+            if line.contains("not found") {
+                bail!(
+                    "{} needs a library neither the host nor {lib_packages:?} has ({line}): run scripts/setup.sh",
+                    prog.guest
+                );
+            }
+            // "libx.so.1 => /lib/x86_64-linux-gnu/libx.so.1 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)"
+            let (soname, path) = match line.split_once("=>") {
+                Some((l, r)) => (l.trim(), r.trim()),
+                None => ("", line),
+            };
+            let path = path.split_whitespace().next().unwrap_or_default();
+            if !path.starts_with('/') {
+                continue; // linux-vdso.so.1
+            }
+            let guest = if Path::new(path).starts_with(&unpacked) && !soname.is_empty() {
+                format!("{GUEST_LIBDIR}/{soname}")
+            } else {
+                path.to_owned()
+            };
+            if files.contains_key(&guest) {
+                continue;
+            }
+            let bytes = fs::read(path).with_context(|| format!("reading {path}"))?;
+            inputs.add(&format!("lib {guest}"), crate::cache::sha256_hex(&bytes));
+            files.insert(guest, (0o755, bytes));
+        }
+    }
+    Ok(files.into_iter().map(|(p, (m, b))| (p, m, b)).collect())
 }

@@ -8,7 +8,7 @@
 use crate::agent::{self, AgentKind, GuestFiles};
 use crate::cache::{self, sha256_hex, Cache, Inputs};
 use crate::cpio::Archive;
-use crate::{cmd, disk, elf, kernel};
+use crate::{cmd, debs, disk, elf, kernel};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fs;
@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Bump when the builder's output changes for equal inputs.
-pub const BUILDER_VERSION: &str = "vireo-guest-image/2";
+pub const BUILDER_VERSION: &str = "vireo-guest-image/3";
 
 /// Kernel command line of every test guest.
 pub const CMDLINE: &str = "console=ttyS0,115200 quiet panic=-1 no_timer_check";
@@ -60,6 +60,50 @@ const GUEST_FILES: &[(&str, u32, &[u8])] = &[
     ),
 ];
 
+/// Network test programs every guest carries unless [`ImageSpec::net_tools`] is off: the
+/// real `ip` (802.1Q sub-interfaces: `ip link add link eth0 name eth0.10 type vlan id 10`)
+/// and `tc` from iproute2, `iperf3`, `dnsmasq`, `tcpdump`. busybox provides `ping`, `arping`,
+/// `udhcpc` and `udhcpd`.
+pub const NET_TOOLS: &[debs::Program] = &[
+    debs::Program {
+        package: "iproute2",
+        path: "bin/ip",
+        guest: "/sbin/ip",
+    },
+    debs::Program {
+        package: "iproute2",
+        path: "sbin/tc",
+        guest: "/sbin/tc",
+    },
+    debs::Program {
+        package: "iperf3",
+        path: "usr/bin/iperf3",
+        guest: "/usr/bin/iperf3",
+    },
+    debs::Program {
+        package: "dnsmasq-base",
+        path: "usr/sbin/dnsmasq",
+        guest: "/usr/sbin/dnsmasq",
+    },
+    debs::Program {
+        package: "tcpdump",
+        path: "usr/bin/tcpdump",
+        guest: "/usr/bin/tcpdump",
+    },
+];
+
+/// Library packages unpacked for [`NET_TOOLS`] so the host needs none of them installed.
+pub const NET_TOOL_LIBS: &[&str] = &["libiperf0", "libpcap0.8"];
+
+/// `/etc/passwd`: root, and the users dnsmasq (`nobody`, `dnsmasq`) and tcpdump drop to.
+const PASSWD: &[u8] = b"root:x:0:0:root:/root:/bin/sh\n\
+dnsmasq:x:100:65534:dnsmasq:/nonexistent:/bin/false\n\
+tcpdump:x:101:102:tcpdump:/nonexistent:/bin/false\n\
+nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n";
+
+/// `/etc/group`.
+const GROUP: &[u8] = b"root:x:0:\ntty:x:5:\ntcpdump:x:102:\nnogroup:x:65534:\n";
+
 /// Machine generation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Generation {
@@ -102,6 +146,8 @@ pub struct ImageSpec {
     pub kernel_package: Option<String>,
     /// Extra files: (absolute guest path, host file).
     pub extra_files: Vec<(String, PathBuf)>,
+    /// Carry [`NET_TOOLS`] (with their libraries).
+    pub net_tools: bool,
 }
 
 /// A built (or found) image in the cache.
@@ -141,6 +187,7 @@ struct Prepared {
     modules: kernel::Modules,
     busybox: Vec<u8>,
     agent_files: GuestFiles,
+    tool_files: GuestFiles,
     extra: GuestFiles,
 }
 
@@ -181,6 +228,12 @@ fn prepare(repo: &Path, cache: &Cache, spec: &ImageSpec) -> Result<Prepared> {
         spec.agent_bin.as_deref(),
         &mut inputs,
     )?;
+    inputs.add("net-tools", if spec.net_tools { "on" } else { "off" });
+    let tool_files = if spec.net_tools {
+        debs::programs_with_libs(cache, NET_TOOLS, NET_TOOL_LIBS, &mut inputs)?
+    } else {
+        Vec::new()
+    };
     let mut extra = Vec::new();
     for (guest, host) in &spec.extra_files {
         if !guest.starts_with('/') || guest.split('/').any(|c| c == "..") {
@@ -196,6 +249,7 @@ fn prepare(repo: &Path, cache: &Cache, spec: &ImageSpec) -> Result<Prepared> {
         modules,
         busybox,
         agent_files,
+        tool_files,
         extra,
     })
 }
@@ -340,7 +394,11 @@ fn initramfs(p: &Prepared) -> Result<Vec<u8>> {
         "etc/vireo-modules",
         Node::File(0o644, (p.modules.order.join("\n") + "\n").into_bytes()),
     );
-    for (path, mode, bytes) in p.agent_files.iter().chain(&p.extra) {
+    if !p.tool_files.is_empty() {
+        add(&mut tree, "var/lib/misc", Node::Dir(0o755)); // dnsmasq's lease file
+    }
+    // After the busybox links: the real `ip` replaces busybox's applet.
+    for (path, mode, bytes) in p.agent_files.iter().chain(&p.tool_files).chain(&p.extra) {
         add(&mut tree, path, Node::File(*mode, bytes.clone()));
     }
     add(
@@ -348,16 +406,8 @@ fn initramfs(p: &Prepared) -> Result<Vec<u8>> {
         "etc/hostname",
         Node::File(0o644, b"vireo-guest\n".to_vec()),
     );
-    add(
-        &mut tree,
-        "etc/passwd",
-        Node::File(0o644, b"root:x:0:0:root:/root:/bin/sh\n".to_vec()),
-    );
-    add(
-        &mut tree,
-        "etc/group",
-        Node::File(0o644, b"root:x:0:\ntty:x:5:\n".to_vec()),
-    );
+    add(&mut tree, "etc/passwd", Node::File(0o644, PASSWD.to_vec()));
+    add(&mut tree, "etc/group", Node::File(0o644, GROUP.to_vec()));
     let agent_name = agent_name(p);
     add(
         &mut tree,

@@ -86,6 +86,10 @@ struct GuestImageArgs {
     /// Extra file for the initramfs, GUEST_PATH=HOST_FILE (mode 0755); repeatable.
     #[arg(long = "extra-file", value_name = "GUEST_PATH=HOST_FILE")]
     extra_files: Vec<String>,
+    /// Leave out the network test programs (ip, tc, iperf3, dnsmasq, tcpdump and their
+    /// libraries, about 3 MiB of compressed initramfs).
+    #[arg(long)]
+    no_net_tools: bool,
     /// Print the cache key and the inputs it hashes, build nothing.
     #[arg(long)]
     print_cache_key: bool,
@@ -123,6 +127,7 @@ impl GuestImageArgs {
             size: image::parse_size(&self.size)?,
             kernel_package: self.kernel_package.clone(),
             extra_files,
+            net_tools: !self.no_net_tools,
         })
     }
 }
@@ -162,6 +167,8 @@ fn main() {
             let pkg = kernel::resolve(None)?;
             kernel::ensure(&c, &pkg)?;
             debs::ensure_unpacked(&c, &debs::candidate("qemu-guest-agent")?)?;
+            let mut inputs = cache::Inputs::default();
+            debs::programs_with_libs(&c, image::NET_TOOLS, image::NET_TOOL_LIBS, &mut inputs)?;
             Ok(())
         }),
         Cmd::GuestKernel(a) => open_cache(&a).and_then(|c| {

@@ -8,6 +8,10 @@
 //! - `gen2-nosb-vhdx`: the generation 2 image written as VHDX, booted by plain OVMF.
 //! - `qemu-ga`: generation 1 with Debian's qemu-ga: guest-sync, host name, guest-shutdown.
 //! - `vireo-agent`: generation 2 (Secure Boot) with the static `vireo-guest`: the same checks.
+//! - `net-tools`: generation 1 with the network test programs: `iperf3`, `dnsmasq`, `tcpdump`
+//!   and the real `ip` run; an 802.1Q sub-interface is made with `ip link add ... type vlan`;
+//!   iperf3 moves data over loopback; dnsmasq serves DHCP on the VLAN interface; busybox
+//!   `ping` and `arping` reach QEMU's user-network gateway.
 //! - `cache`: a second build is a cache hit (image untouched); a changed input rebuilds and
 //!   lands in the initramfs; bad options are refused without touching the cache.
 
@@ -30,6 +34,7 @@ const SCENARIOS: &[&str] = &[
     "gen2-nosb-vhdx",
     "qemu-ga",
     "vireo-agent",
+    "net-tools",
     "cache",
 ];
 const SIZE: u64 = 256 << 20;
@@ -37,7 +42,8 @@ const SIZE: u64 = 256 << 20;
 /// Arguments of `guest-test`.
 #[derive(clap::Args, Clone)]
 pub struct TestArgs {
-    /// Scenario to run (repeatable): gen1, gen2, gen2-nosb-vhdx, qemu-ga, vireo-agent, cache.
+    /// Scenario to run (repeatable): gen1, gen2, gen2-nosb-vhdx, qemu-ga, vireo-agent,
+    /// net-tools, cache.
     /// Default: all.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
@@ -96,6 +102,7 @@ pub fn run(a: &TestArgs) -> Result<()> {
             "gen2-nosb-vhdx" => boot_scenario(&ctx, Generation::Two, false, true),
             "qemu-ga" => agent_scenario(&ctx, Generation::One, AgentKind::QemuGa),
             "vireo-agent" => agent_scenario(&ctx, Generation::Two, AgentKind::Vireo),
+            "net-tools" => net_tools_scenario(&ctx),
             _ => cache_scenario(&ctx),
         };
         match r {
@@ -123,6 +130,7 @@ fn spec(generation: Generation, agent: AgentKind) -> ImageSpec {
         size: SIZE,
         kernel_package: None,
         extra_files: Vec::new(),
+        net_tools: true,
     }
 }
 
@@ -310,6 +318,85 @@ fn agent_scenario(ctx: &Ctx, generation: Generation, agent: AgentKind) -> Result
     ensure!(st.success(), "QEMU exited with {st}");
     println!(
         "  {name}: guest-shutdown to QEMU exit {:.2}s",
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Runs `command` on the serial shell; succeeds when it exits 0 and its output contains
+/// `want` (a fixed string). The output is printed to the console before the verdict.
+fn shell_check(g: &mut Guest, tag: &str, command: &str, want: &str) -> Result<()> {
+    g.type_line(&format!(
+        "{{ {command} ; }} >/tmp/t.out 2>&1; r=$?; cat /tmp/t.out; grep -qF -- '{want}' /tmp/t.out && m=ok || m=no; echo VIREO-T-''{tag}-$r-$m"
+    ))?;
+    g.wait_for(&format!("VIREO-T-{tag}-"), Duration::from_secs(60))
+        .with_context(|| format!("`{command}` did not finish"))?;
+    let verdict = g.line_value(&format!("VIREO-T-{tag}-")).unwrap_or_default();
+    ensure!(
+        verdict.trim() == "0-ok",
+        "`{command}`: exit status and match {verdict:?} (want 0-ok, output containing {want:?}); serial:\n{}",
+        g.serial()
+    );
+    println!("  net-tools: {command} -> ok");
+    Ok(())
+}
+
+fn net_tools_scenario(ctx: &Ctx) -> Result<()> {
+    let name = "net-tools";
+    let built = image::build(
+        &repo_root(),
+        &ctx.cache,
+        &spec(Generation::One, AgentKind::None),
+    )?;
+    let out = ctx.work.join(format!("{name}.raw"));
+    image::export(&ctx.cache, &built, &out)?;
+    let m = machine(ctx, name, Generation::One, false, out, "raw");
+    let mut g = Guest::spawn(&m, &ctx.work.join(format!("{name}.serial.log")))?;
+    wait_ready(&mut g, ctx, name)?;
+    g.wait_for("VIREO-GUEST-NET eth0 10.0.2.15", Duration::from_secs(60))?;
+    shell_check(&mut g, "IPERF", "iperf3 --version", "iperf 3.")?;
+    shell_check(&mut g, "DNSMASQ", "dnsmasq --version", "Dnsmasq version 2.")?;
+    shell_check(&mut g, "TCPDUMP", "tcpdump --version", "libpcap version")?;
+    shell_check(&mut g, "IPVER", "ip -V", "iproute2-")?;
+    shell_check(
+        &mut g,
+        "VLAN",
+        "ip link add link eth0 name eth0.10 type vlan id 10 && ip addr add 192.168.10.1/24 dev eth0.10 && ip link set eth0.10 up && ip -d link show eth0.10",
+        "vlan protocol 802.1Q id 10",
+    )?;
+    // DHCP server on the VLAN interface: running, its DHCP socket (port 67) open.
+    shell_check(
+        &mut g,
+        "DHCPD",
+        "dnsmasq --port=0 --interface=eth0.10 --bind-interfaces --dhcp-range=192.168.10.50,192.168.10.60,1h --pid-file=/run/dnsmasq.pid && sleep 1 && kill -0 $(cat /run/dnsmasq.pid) && netstat -lnu",
+        "0.0.0.0:67 ",
+    )?;
+    // iperf3 over loopback moves real data (a receiver summary with a byte count).
+    shell_check(
+        &mut g,
+        "IPERFRUN",
+        "iperf3 -s -1 -D -p 5201 && sleep 1 && iperf3 -c 127.0.0.1 -p 5201 -t 1 -f m",
+        "receiver",
+    )?;
+    shell_check(
+        &mut g,
+        "PING",
+        "ping -c 1 -W 10 10.0.2.2",
+        "1 packets received",
+    )?;
+    shell_check(
+        &mut g,
+        "ARPING",
+        "arping -c 1 -w 10 -I eth0 10.0.2.2",
+        "Received 1 response",
+    )?;
+    let t0 = Instant::now();
+    g.qmp("system_powerdown", None)?;
+    g.wait_for("VIREO-GUEST-POWEROFF", Duration::from_secs(30))?;
+    let st = g.wait_exit(Duration::from_secs(30))?;
+    ensure!(st.success(), "QEMU exited with {st} after poweroff");
+    println!(
+        "  {name}: ACPI power button to QEMU exit {:.2}s",
         t0.elapsed().as_secs_f64()
     );
     Ok(())

@@ -65,6 +65,13 @@ fn vireo_agent() {
     scenario("vireo-agent");
 }
 
+/// The guest carries the network test programs (real `ip` with 802.1Q, iperf3, dnsmasq,
+/// tcpdump, busybox ping/arping) and they work.
+#[test]
+fn net_tools() {
+    scenario("net-tools");
+}
+
 /// Equal inputs hit the cache without touching it; a changed input rebuilds; bad options
 /// are refused and leave nothing behind.
 #[test]
