@@ -13,10 +13,12 @@
 
 use crate::error::{to_io, Result, StorageError};
 use crate::image::{open_image, Image};
+use crate::journal::{Journal, Kind};
 use nbd::{BlockSize, Export, ExportFlags, Extent, ZeroMode};
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use vhdx::{CreateOptions, DiskType, OpenOptions, Vhdx};
 
 /// Stripes of per-chunk merge locks.
@@ -24,19 +26,43 @@ const STRIPES: usize = 256;
 /// Unit of the merge copy and of its lock against guest writes.
 const MERGE_CHUNK: u64 = 1 << 20;
 
-struct Layers {
+pub(crate) struct Layers {
     /// Where requests go (`None` only while a switch has it taken apart).
-    top: Option<Image>,
+    pub(crate) top: Option<Image>,
     /// Merge target that receives every write too.
-    mirror: Option<Arc<Vhdx>>,
+    pub(crate) mirror: Option<Arc<Vhdx>>,
+    /// Told of every change (storage mirror dirty tracking, `crate::mirror`).
+    pub(crate) observer: Option<Arc<dyn crate::mirror::WriteObserver>>,
 }
 
 /// One disk served over NBD: a VHDX chain opened from its leaf, or a raw image.
 pub struct DiskChain {
-    layers: RwLock<Layers>,
+    pub(crate) layers: RwLock<Layers>,
     size: u64,
     read_only: bool,
     stripes: Box<[RwLock<()>]>,
+    /// Requests that changed image metadata and are not journaled or flushed yet.
+    unflushed_meta: AtomicU64,
+    /// Write journal (set by the disk service; see [`crate::journal`]).
+    journal: OnceLock<Journal>,
+}
+
+/// A mutating request as [`DiskChain::mutate`] sees it.
+struct Req<'a> {
+    off: u64,
+    len: u64,
+    fua: bool,
+    kind: Kind,
+    /// Payload of a write (empty otherwise).
+    data: &'a [u8],
+}
+
+/// Whether writing `[off, off+len)` of `v` changes its metadata (the range is not wholly
+/// allocated data in this very image). Errors count as a change (flush to be safe).
+fn changes_metadata(v: &Vhdx, off: u64, len: u64) -> bool {
+    v.block_status(off, len).map_or(true, |es| {
+        es.iter().any(|e| e.state != vhdx::ExtentState::Data)
+    })
 }
 
 fn gone() -> io::Error {
@@ -76,9 +102,12 @@ impl DiskChain {
             layers: RwLock::new(Layers {
                 top: Some(img),
                 mirror: None,
+                observer: None,
             }),
             read_only,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
+            unflushed_meta: AtomicU64::new(0),
+            journal: OnceLock::new(),
         }
     }
 
@@ -142,22 +171,42 @@ impl DiskChain {
                     }
                 }
                 Err(v) => {
-                    let _ = v.flush();
+                    if let Err(e) = v.flush() {
+                        first_err.get_or_insert(StorageError::Image {
+                            op: "flushing",
+                            path,
+                            source: Box::new(e),
+                        });
+                    }
                 }
             }
         } else if let Some(t) = top {
-            let _ = t.flush();
+            if let Err(e) = t.flush() {
+                first_err.get_or_insert(StorageError::Io {
+                    op: "flushing",
+                    path: t.path().to_path_buf(),
+                    source: e,
+                });
+            }
         }
         if let Some(m) = mirror {
             let path = m.path().to_path_buf();
-            if let Ok(m) = Arc::try_unwrap(m) {
-                if let Err(e) = m.close() {
-                    first_err.get_or_insert(StorageError::Image {
-                        op: "closing",
-                        path,
-                        source: Box::new(e),
-                    });
-                }
+            let r = match Arc::try_unwrap(m) {
+                Ok(m) => m.close(),
+                Err(m) => m.flush(),
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(StorageError::Image {
+                    op: "closing",
+                    path,
+                    source: Box::new(e),
+                });
+            }
+        }
+        if first_err.is_none() {
+            self.journal_done();
+            if let Some(j) = self.journal.get() {
+                j.remove();
             }
         }
         first_err.map_or(Ok(()), Err)
@@ -177,6 +226,7 @@ impl DiskChain {
         if g.mirror.is_some() {
             return Err(StorageError::Busy("a merge is running on this disk".into()));
         }
+        crate::mirror::refuse_while_mirroring(&g)?;
         let old = match g.top.take() {
             Some(Image::Vhdx(v)) => v,
             Some(raw @ Image::Raw { .. }) => {
@@ -204,6 +254,7 @@ impl DiskChain {
                 source: Box::new(e),
             });
         }
+        self.journal_done();
         // Release the exclusive handle so the child can take the parent shared.
         let closed = match Arc::try_unwrap(old) {
             Ok(v) => v.close(),
@@ -272,6 +323,7 @@ impl DiskChain {
                 "a merge is already running on this disk".into(),
             ));
         }
+        crate::mirror::refuse_while_mirroring(&g)?;
         let leaf = match g.top.take() {
             Some(Image::Vhdx(v)) => v,
             Some(raw @ Image::Raw { .. }) => {
@@ -291,7 +343,10 @@ impl DiskChain {
         };
         let flushed = leaf.flush();
         let leaf = match (flushed, Arc::try_unwrap(leaf)) {
-            (Ok(()), Ok(v)) => v,
+            (Ok(()), Ok(v)) => {
+                self.journal_done();
+                v
+            }
             (_, Err(a)) => {
                 g.top = Some(Image::Vhdx(a));
                 return Err(StorageError::Busy("the leaf is still in use".into()));
@@ -411,6 +466,7 @@ impl DiskChain {
         target
             .flush()
             .map_err(StorageError::image("flushing", target.path()))?;
+        self.journal_done();
         commit(target.path())?;
         g.top = Some(Image::Vhdx(target));
         g.mirror = None;
@@ -439,28 +495,137 @@ impl DiskChain {
             .collect()
     }
 
+    /// Applies a write, trim or zeroing to the leaf (and the merge target), and makes sure
+    /// that once it is acknowledged it survives a kill -9 of this process. VHDX metadata (a
+    /// new block's BAT entry, sector bitmap bits) lives in memory until a flush, and QEMU
+    /// keeps running when the worker dies, so a request that changes metadata — or comes
+    /// after one that is not flushed yet, and may rely on its allocation — is appended to the
+    /// write journal before it is acknowledged (or, without a journal, flushed at once).
     fn mutate(
         &self,
-        off: u64,
-        len: u64,
-        fua: bool,
+        Req {
+            off,
+            len,
+            fua,
+            kind,
+            data,
+        }: Req<'_>,
         op: impl Fn(&Image) -> io::Result<()>,
         mirror_op: impl Fn(&Vhdx) -> vhdx::Result<()>,
     ) -> io::Result<()> {
         let g = self.read();
         let top = g.top.as_ref().ok_or_else(gone)?;
         let _s = self.stripe_guards(g.mirror.is_some(), off, len);
-        op(top)?;
-        if let Some(m) = &g.mirror {
-            mirror_op(m).map_err(to_io)?;
+        let meta = match top {
+            Image::Raw { .. } => false,
+            Image::Vhdx(v) => {
+                kind != Kind::Write
+                    || changes_metadata(v, off, len)
+                    || g.mirror
+                        .as_ref()
+                        .is_some_and(|m| changes_metadata(m, off, len))
+            }
+        };
+        if meta {
+            self.unflushed_meta.fetch_add(1, Ordering::SeqCst);
         }
-        if fua {
-            top.flush()?;
+        let r = (|| {
+            op(top)?;
+            if let Some(m) = &g.mirror {
+                mirror_op(m).map_err(to_io)?;
+            }
+            let pending = meta || self.unflushed_meta.load(Ordering::SeqCst) > 0;
+            let mut flush = fua;
+            match self.journal.get() {
+                Some(j) if pending || !j.is_empty() => match j.append(kind, off, len, data) {
+                    Ok(size) => flush |= size > crate::journal::SOFT_LIMIT,
+                    Err(e) => {
+                        tracing::warn!("appending to the write journal: {e}; flushing instead");
+                        flush = true;
+                    }
+                },
+                Some(_) => {}
+                None => flush |= pending,
+            }
+            if flush {
+                self.flush_layers(&g)?;
+            }
+            Ok(())
+        })();
+        if meta {
+            self.unflushed_meta.fetch_sub(1, Ordering::SeqCst);
+        }
+        r
+    }
+
+    /// Flushes the leaf and the merge target, then empties the journal.
+    fn flush_layers(&self, g: &Layers) -> io::Result<()> {
+        let f = || {
+            g.top.as_ref().ok_or_else(gone)?.flush()?;
             if let Some(m) = &g.mirror {
                 m.flush().map_err(to_io)?;
             }
+            Ok(())
+        };
+        match self.journal.get() {
+            Some(j) => j.flush_with(f),
+            None => f(),
         }
-        Ok(())
+    }
+
+    /// Attaches the write journal at `path`: requests it holds (acknowledged before a kill
+    /// -9 and not flushed) are replayed into the chain, the chain is flushed and the journal
+    /// emptied. Call once, before serving. Returns how many requests were replayed.
+    pub fn attach_journal(&self, path: &Path) -> Result<usize> {
+        let (j, entries) =
+            Journal::open(path, self.size).map_err(StorageError::io("opening", path))?;
+        let n = entries.len();
+        let g = self.read();
+        for e in &entries {
+            let top = g.top.as_ref().ok_or_else(gone);
+            let in_range = matches!(e.off.checked_add(e.len), Some(end) if end <= self.size);
+            let r = if !in_range {
+                Err(io::Error::other("entry beyond the end of the disk"))
+            } else {
+                top.and_then(|t| match e.kind {
+                    Kind::Write => t.write_at(&e.data, e.off),
+                    Kind::Trim => t.trim(e.off, e.len),
+                    Kind::Zero => t.write_zeroes(e.off, e.len, ZeroMode::default()),
+                })
+                .and_then(|()| match &g.mirror {
+                    Some(m) => match e.kind {
+                        Kind::Write => m.write_at(&e.data, e.off),
+                        Kind::Trim | Kind::Zero => m.write_zeroes(e.off, e.len),
+                    }
+                    .map_err(to_io),
+                    None => Ok(()),
+                })
+            };
+            r.map_err(StorageError::io("replaying the write journal", path))?;
+        }
+        j.flush_with(|| {
+            g.top.as_ref().ok_or_else(gone)?.flush()?;
+            if let Some(m) = &g.mirror {
+                m.flush().map_err(to_io)?;
+            }
+            Ok(())
+        })
+        .map_err(StorageError::io("flushing after replaying", path))?;
+        drop(g);
+        if n > 0 {
+            tracing::info!(path = %path.display(), requests = n, "replayed the write journal");
+        }
+        let _ = self.journal.set(j);
+        Ok(n)
+    }
+
+    /// Empties the journal once the images hold everything (the caller flushed them).
+    fn journal_done(&self) {
+        if let Some(j) = self.journal.get() {
+            if let Err(e) = j.flush_with(|| Ok(())) {
+                tracing::warn!("emptying the write journal: {e}");
+            }
+        }
     }
 }
 
@@ -497,9 +662,13 @@ impl Export for DiskChain {
 
     fn write_at(&self, buf: &[u8], off: u64, fua: bool) -> io::Result<()> {
         self.mutate(
-            off,
-            buf.len() as u64,
-            fua,
+            Req {
+                off,
+                len: buf.len() as u64,
+                fua,
+                kind: Kind::Write,
+                data: buf,
+            },
             |t| t.write_at(buf, off),
             |m| m.write_at(buf, off),
         )
@@ -507,18 +676,18 @@ impl Export for DiskChain {
 
     fn flush(&self) -> io::Result<()> {
         let g = self.read();
-        g.top.as_ref().ok_or_else(gone)?.flush()?;
-        if let Some(m) = &g.mirror {
-            m.flush().map_err(to_io)?;
-        }
-        Ok(())
+        self.flush_layers(&g)
     }
 
     fn trim(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         self.mutate(
-            off,
-            len,
-            fua,
+            Req {
+                off,
+                len,
+                fua,
+                kind: Kind::Trim,
+                data: &[],
+            },
             |t| t.trim(off, len),
             |m| m.write_zeroes(off, len),
         )
@@ -529,9 +698,13 @@ impl Export for DiskChain {
             return Err(io::Error::from(io::ErrorKind::Unsupported));
         }
         self.mutate(
-            off,
-            len,
-            mode.fua,
+            Req {
+                off,
+                len,
+                fua: mode.fua,
+                kind: Kind::Zero,
+                data: &[],
+            },
             |t| t.write_zeroes(off, len, mode),
             |m| m.write_zeroes(off, len),
         )

@@ -18,6 +18,7 @@
 mod chain;
 mod error;
 mod image;
+mod journal;
 mod service;
 mod state;
 pub mod wire;
@@ -25,7 +26,7 @@ pub mod wire;
 pub use chain::DiskChain;
 pub use error::{ErrorKind, Result, StorageError};
 pub use image::{open_image, Image};
-pub use service::{export_name, offline, socket_path, DiskConfig, DiskService};
+pub use service::{export_name, journal_path, offline, socket_path, DiskConfig, DiskService};
 pub use state::{
     now_unix, Checkpoint, CheckpointKind, DiskState, MergeJob, MergeState, FILE_NAME,
     FORMAT_VERSION,

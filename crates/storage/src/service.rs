@@ -35,6 +35,12 @@ pub fn socket_path(run_dir: &Path, i: usize) -> PathBuf {
     run_dir.join(format!("disk{i}.nbd.sock"))
 }
 
+/// Write journal of disk `i` in the VM directory (requests acknowledged since the last
+/// flush, replayed by a worker restarted after a kill -9).
+pub fn journal_path(vm_dir: &Path, i: usize) -> PathBuf {
+    vm_dir.join(format!("disk{i}.journal"))
+}
+
 /// Export name of disk `i`.
 pub fn export_name(i: usize) -> String {
     format!("disk{i}")
@@ -59,6 +65,9 @@ impl DiskService {
                 Some(j) if j.disk == i => DiskChain::open_merging(&j.top, &j.target)?,
                 _ => DiskChain::open(&state.leaves[i], d.read_only)?,
             };
+            if !d.read_only {
+                chain.attach_journal(&journal_path(vm_dir, i))?;
+            }
             chains.push(Arc::new(chain));
         }
         let mut servers = Vec::new();
@@ -509,6 +518,21 @@ pub mod offline {
                 vhdx::Vhdx::create(&new, &opts).map_err(StorageError::image("creating", &new))?;
             v.close().map_err(StorageError::image("closing", &new))?;
             old.push(std::mem::replace(&mut st.leaves[i], new));
+        }
+        // The journals hold the discarded running state's last writes.
+        for i in 0..st.leaves.len() {
+            let j = journal_path(vm_dir, i);
+            match std::fs::remove_file(&j) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StorageError::Io {
+                        op: "removing",
+                        path: j,
+                        source: e,
+                    })
+                }
+            }
         }
         st.current = Some(c.id.clone());
         st.save(vm_dir)?;
