@@ -7,6 +7,9 @@
 
 pub mod checkpoint;
 pub mod client;
+pub mod migration;
+pub mod memory;
+pub mod switch;
 pub mod types;
 pub mod units;
 pub mod validate;
