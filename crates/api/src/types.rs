@@ -85,6 +85,9 @@ pub struct NicSpec {
     /// Virtual switch this NIC is connected to; `None` = not connected.
     #[serde(default)]
     pub switch: Option<String>,
+    /// Switch port settings (VLAN, security, ACL, QoS); they follow the VM.
+    #[serde(default)]
+    pub port: crate::switch::NicPort,
 }
 
 /// Boot device class, in order of preference.
@@ -507,12 +510,15 @@ pub enum ErrorKind {
     /// The request is malformed or invalid.
     Invalid,
     /// The object does not exist.
+    #[serde(alias = "not_found")]
     NotFound,
     /// The object exists already.
+    #[serde(alias = "exists")]
     Conflict,
     /// The VM is in a state where this is not allowed.
     WrongState,
     /// The guest or a host component failed.
+    #[serde(alias = "io")]
     Failed,
     /// Internal error (details in the daemon log).
     Internal,

@@ -201,6 +201,7 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
             model: NicModel::E1000,
             switch: None,
+            port: Default::default(),
         });
         assert!(matches!(
             check_spec(&s, &yes),

@@ -63,7 +63,11 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
                 NicModel::E1000 => cmdline::NicModel::E1000,
                 NicModel::Virtio => cmdline::NicModel::VirtioNet,
             },
-            backend: NicBackend::None,
+            // Every NIC listens on its own socket; vireod has the switch connect to it.
+            backend: NicBackend::Stream {
+                path: api::switch::nic_socket(&l.run_dir, &n.name),
+                server: true,
+            },
             boot_index: if i == 0 {
                 net_boot.map(|b| b + 10)
             } else {

@@ -8,6 +8,7 @@ mod control;
 mod disks;
 mod guest;
 mod launch;
+mod nics;
 mod vm;
 
 use agent::client::AgentClient;

@@ -9,6 +9,8 @@ mod manager;
 mod process;
 mod routes;
 mod store;
+mod switch_routes;
+mod switches;
 
 use anyhow::{bail, Context};
 use clap::Parser;

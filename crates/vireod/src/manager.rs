@@ -13,6 +13,7 @@
 //! ```
 
 mod checkpoints;
+mod nics;
 
 use crate::error::{ApiError, ApiResult};
 use crate::process;
@@ -56,6 +57,8 @@ pub struct Manager {
     host: HostConfig,
     run_root: PathBuf,
     vms: Mutex<BTreeMap<Uuid, VmEntry>>,
+    /// Virtual switch processes (`switches.rs`; VM ports in `manager/nics.rs`).
+    switches: crate::switches::Switches,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -83,7 +86,12 @@ impl Manager {
                 },
             );
         }
+        let switches = crate::switches::Switches::open(
+            &host.state_dir,
+            crate::switches::Switches::default_bin(&host.worker_bin),
+        )?;
         Ok(Manager {
+            switches,
             store,
             host,
             run_root,
@@ -468,6 +476,7 @@ impl Manager {
         if launch.restore_from.is_some() {
             let _ = std::fs::remove_file(&saved);
         }
+        self.reconcile_switches().await;
         let ms = |ns: u64| ns.saturating_sub(t0) as f64 / 1e6;
         if let Some(e) = lock(&self.vms).get_mut(&uuid) {
             let timings = StartTimings {
@@ -764,6 +773,7 @@ impl Manager {
 
     /// One supervision pass: refresh status caches, replace dead workers, notice ended VMs.
     pub async fn supervise_once(&self) {
+        self.supervise_switches().await;
         let entries: Vec<(Uuid, String, Arc<tokio::sync::Mutex<()>>)> = lock(&self.vms)
             .iter()
             .map(|(u, e)| (*u, e.spec.name.clone(), e.op_lock.clone()))
