@@ -531,6 +531,9 @@ impl DiskChain {
         }
         let r = (|| {
             op(top)?;
+            if let Some(o) = &g.observer {
+                o.changed(off, len);
+            }
             if let Some(m) = &g.mirror {
                 mirror_op(m).map_err(to_io)?;
             }

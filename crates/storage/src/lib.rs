@@ -19,6 +19,7 @@ mod chain;
 mod error;
 mod image;
 mod journal;
+pub mod mirror;
 mod service;
 mod state;
 pub mod wire;

@@ -121,6 +121,14 @@ impl DiskService {
         lock(&self.state).clone()
     }
 
+    /// Applies `f` to the persisted state and saves it (storage migration records moved
+    /// files through it, `crate::mirror`).
+    pub(crate) fn update_state(&self, f: impl FnOnce(&mut DiskState)) -> Result<()> {
+        let mut st = lock(&self.state);
+        f(&mut st);
+        st.save(&self.vm_dir)
+    }
+
     /// Stops serving (connections drain and close).
     pub fn shutdown(&self) {
         for s in &self.servers {

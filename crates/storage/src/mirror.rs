@@ -1,0 +1,1256 @@
+//! Storage mirror: copies a served disk's whole chain to a [`MirrorSink`] while the guest
+//! keeps writing, then completes atomically (storage live migration, shared-nothing
+//! migration).
+//!
+//! ```text
+//!  start ──> Frozen (parents copied file by file, CRC32C checked)
+//!        ──> Active (the leaf's allocated ranges, from its BAT; holes skipped)
+//!        ──> dirty passes (every guest change since is re-copied) ── converged ──┐
+//!                                                                                 │
+//!  complete(): exclusive I/O lock (requests drain, new ones wait) ─> final dirty pass
+//!     ─> flush ─> verify (CRC32C of every MiB of the virtual disk, source vs sink)
+//!     ─> commit (images closed clean) ─> [switch the export to the new leaf] ─> resume
+//!  cancel() / any failure: the sink removes what it created; the source is untouched.
+//! ```
+//!
+//! Writes are never lost: the export marks a grain dirty *after* the write reached the
+//! source ([`WriteObserver`]); the copier clears a grain *before* reading it. A write racing
+//! with a copy therefore leaves its grain dirty and the next pass copies it again; the final
+//! pass runs with I/O stopped, so nothing is dirty at commit.
+//!
+//! Sinks: [`DirSink`] (a local directory) and [`StreamSink`] (a framed byte stream over any
+//! `AsyncRead + AsyncWrite`, e.g. mutual TLS) whose receiving end is [`receive_chain`].
+
+mod dir;
+mod stream;
+
+pub use dir::DirSink;
+pub use stream::{receive_chain, StreamSink, PROTOCOL_VERSION};
+
+use crate::chain::{DiskChain, Layers};
+use crate::error::StorageError;
+use crate::image::{open_image, Image};
+use serde::{Deserialize, Serialize};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Unit of dirty tracking.
+pub const DIRTY_GRAIN: u64 = 64 << 10;
+/// Largest range copied at once, and unit of the verification checksums.
+pub const COPY_CHUNK: u64 = 1 << 20;
+/// Buffer for copying frozen layer files.
+const FILE_CHUNK: usize = 4 << 20;
+/// errno of a full file system.
+const ENOSPC: i32 = 28;
+
+/// Told of every change made to an export (guest write, trim, zeroing) after it reached
+/// the source image.
+pub trait WriteObserver: Send + Sync {
+    /// `[off, off+len)` of the virtual disk changed.
+    fn changed(&self, off: u64, len: u64);
+}
+
+/// Refuses chain switches (checkpoint create, live merge) while a mirror runs.
+pub(crate) fn refuse_while_mirroring(g: &Layers) -> crate::Result<()> {
+    if g.observer.is_some() {
+        return Err(StorageError::Busy(
+            "the disk is being mirrored (storage migration); wait for it or cancel it".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Class of a [`MirrorError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum MirrorErrorKind {
+    /// The destination file system is full.
+    DiskFull,
+    /// The destination already holds a file of the chain, or the request is malformed.
+    InvalidInput,
+    /// The disk cannot be mirrored now (merge running, already mirrored, closed).
+    Busy,
+    /// The destination does not match the source after the copy.
+    Verify,
+    /// The stream broke or the peer spoke an unknown protocol.
+    Protocol,
+    /// Cancelled.
+    Cancelled,
+    /// A file or image operation failed.
+    Io,
+}
+
+/// What went wrong while mirroring.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MirrorError {
+    /// The destination is full.
+    #[error("not enough space at the destination ({what})")]
+    DiskFull {
+        /// Where it happened.
+        what: String,
+    },
+    /// Bad request or destination not empty.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The disk cannot be mirrored now.
+    #[error("{0}")]
+    Busy(String),
+    /// The destination differs from the source.
+    #[error("verification failed: {0}")]
+    Verify(String),
+    /// Stream or peer failure.
+    #[error("mirror stream: {0}")]
+    Protocol(String),
+    /// Cancelled by the caller.
+    #[error("mirror cancelled")]
+    Cancelled,
+    /// The peer reported an error.
+    #[error("destination: {msg}")]
+    Peer {
+        /// Its class.
+        kind: MirrorErrorKind,
+        /// Its message.
+        msg: String,
+    },
+    /// A disk service operation failed.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A file operation failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl MirrorError {
+    /// The class of this error.
+    pub fn kind(&self) -> MirrorErrorKind {
+        match self {
+            MirrorError::DiskFull { .. } => MirrorErrorKind::DiskFull,
+            MirrorError::InvalidInput(_) => MirrorErrorKind::InvalidInput,
+            MirrorError::Busy(_) => MirrorErrorKind::Busy,
+            MirrorError::Verify(_) => MirrorErrorKind::Verify,
+            MirrorError::Protocol(_) => MirrorErrorKind::Protocol,
+            MirrorError::Cancelled => MirrorErrorKind::Cancelled,
+            MirrorError::Peer { kind, .. } => *kind,
+            MirrorError::Storage(e) => match e.kind() {
+                crate::ErrorKind::Busy | crate::ErrorKind::Unsupported => MirrorErrorKind::Busy,
+                crate::ErrorKind::InvalidInput => MirrorErrorKind::InvalidInput,
+                _ if chain_has_enospc(e) => MirrorErrorKind::DiskFull,
+                _ => MirrorErrorKind::Io,
+            },
+            MirrorError::Io { .. } => MirrorErrorKind::Io,
+        }
+    }
+
+    /// The error with its causes, one line.
+    pub fn full_message(&self) -> String {
+        let mut msg = self.to_string();
+        let mut src = std::error::Error::source(self);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        msg
+    }
+
+    /// Wraps a destination failure, turning ENOSPC anywhere in its causes into
+    /// [`MirrorError::DiskFull`].
+    pub(crate) fn dest(what: String, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        if chain_has_enospc(&e) {
+            return MirrorError::DiskFull { what };
+        }
+        MirrorError::Io {
+            op: "writing",
+            path: PathBuf::from(what),
+            source: std::io::Error::other(e),
+        }
+    }
+}
+
+fn chain_has_enospc(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            if io.raw_os_error() == Some(ENOSPC) || io.kind() == std::io::ErrorKind::StorageFull {
+                return true;
+            }
+        }
+        cur = c.source();
+    }
+    false
+}
+
+/// Result of this module.
+pub type MirrorResult<T> = std::result::Result<T, MirrorError>;
+
+/// Format of the active layer at the destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "format", rename_all = "snake_case")]
+pub enum LayerFormat {
+    /// A VHDX with these parameters.
+    Vhdx {
+        /// `fixed`, `dynamic` or `differencing`.
+        disk_type: String,
+        /// Block size in bytes.
+        block_size: u32,
+        /// Logical sector size.
+        logical_sector_size: u32,
+        /// Physical sector size.
+        physical_sector_size: u32,
+    },
+    /// A raw image.
+    Raw,
+}
+
+/// A read-only layer, copied file by file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FrozenLayer {
+    /// File name (no directory) at the destination.
+    pub name: String,
+    /// File length in bytes.
+    pub len: u64,
+}
+
+/// The active (written) layer, recreated at the destination and filled block by block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveLayer {
+    /// File name at the destination.
+    pub name: String,
+    /// Format.
+    #[serde(flatten)]
+    pub format: LayerFormat,
+    /// File name of its parent (a frozen layer), for differencing VHDX.
+    pub parent: Option<String>,
+}
+
+/// What a sink is asked to build: frozen files first, then the active layer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainPlan {
+    /// Virtual size of the disk.
+    pub size: u64,
+    /// Read-only layers (checkpoint parents and other checkpoint images), any order.
+    pub frozen: Vec<FrozenLayer>,
+    /// The layer the guest writes.
+    pub active: ActiveLayer,
+}
+
+impl ChainPlan {
+    /// Checks names (plain file names, unique) and sizes.
+    pub fn validate(&self) -> MirrorResult<()> {
+        let mut names: Vec<&str> = self.frozen.iter().map(|f| f.name.as_str()).collect();
+        names.push(&self.active.name);
+        for n in &names {
+            if n.is_empty()
+                || n.len() > 255
+                || *n == "."
+                || *n == ".."
+                || n.contains('/')
+                || n.contains('\0')
+            {
+                return Err(MirrorError::InvalidInput(format!(
+                    "bad layer file name {n:?}"
+                )));
+            }
+        }
+        let mut sorted = names.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        if sorted.len() != names.len() {
+            return Err(MirrorError::InvalidInput(
+                "two layers of the chain have the same file name".into(),
+            ));
+        }
+        if let Some(p) = &self.active.parent {
+            if !self.frozen.iter().any(|f| &f.name == p) {
+                return Err(MirrorError::InvalidInput(format!(
+                    "the active layer's parent {p:?} is not among the frozen layers"
+                )));
+            }
+        }
+        if self.size == 0 || self.size > 64 << 40 {
+            return Err(MirrorError::InvalidInput(format!(
+                "bad virtual size {}",
+                self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Where a mirror writes. Calls come in this order: `begin`, `file_data`/`file_end` per
+/// frozen layer, `activate`, then any number of `write`/`zero`/`flush`/`checksums`, and
+/// finally `commit` or `abort`.
+pub trait MirrorSink: Send {
+    /// Prepares the destination (refuses existing files).
+    fn begin(&mut self, plan: &ChainPlan) -> MirrorResult<()>;
+    /// Bytes of frozen layer `layer` at file offset `off` (sequential).
+    fn file_data(&mut self, layer: usize, off: u64, data: &[u8]) -> MirrorResult<()>;
+    /// Frozen layer `layer` is complete: `len` bytes whose CRC32C is `crc`.
+    fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()>;
+    /// Creates the active layer (its parent is complete).
+    fn activate(&mut self) -> MirrorResult<()>;
+    /// Writes virtual-disk data to the active layer.
+    fn write(&mut self, off: u64, data: &[u8]) -> MirrorResult<()>;
+    /// Makes a virtual-disk range read as zeroes.
+    fn zero(&mut self, off: u64, len: u64) -> MirrorResult<()>;
+    /// Makes everything written durable (and, for a stream, acknowledged).
+    fn flush(&mut self) -> MirrorResult<()>;
+    /// CRC32C of each [`COPY_CHUNK`] of the destination's virtual disk.
+    fn checksums(&mut self) -> MirrorResult<Vec<u32>>;
+    /// Closes the images cleanly; returns the destination files, active leaf first.
+    fn commit(&mut self) -> MirrorResult<Vec<PathBuf>>;
+    /// Removes everything the sink created. Never fails (logs).
+    fn abort(&mut self);
+}
+
+/// Tuning of a mirror.
+#[derive(Debug, Clone)]
+pub struct MirrorOptions {
+    /// Converged when at most this many bytes are dirty after a pass.
+    pub converge_bytes: u64,
+    /// Copy rate limit in bytes per second (`None`: unlimited).
+    pub max_bytes_per_sec: Option<u64>,
+    /// Extra read-only files to carry along (checkpoint images of other branches).
+    pub extra_frozen: Vec<PathBuf>,
+}
+
+impl Default for MirrorOptions {
+    fn default() -> Self {
+        MirrorOptions {
+            converge_bytes: 16 << 20,
+            max_bytes_per_sec: None,
+            extra_frozen: Vec::new(),
+        }
+    }
+}
+
+/// Phase of a mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MirrorPhase {
+    /// Copying read-only layers.
+    Frozen,
+    /// Copying the active layer and re-copying dirty ranges.
+    Active,
+    /// I/O stopped: final pass, verification, commit.
+    Completing,
+    /// Completed.
+    Done,
+    /// Failed (see the error of `complete`/`cancel`).
+    Failed,
+    /// Cancelled.
+    Cancelled,
+}
+
+/// Progress of a mirror.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MirrorProgress {
+    /// Phase.
+    pub phase: MirrorPhase,
+    /// Bytes sent to the sink so far (files and active data, zero ranges not counted).
+    pub bytes_copied: u64,
+    /// Bytes still to send: frozen bytes left plus the dirty ranges.
+    pub bytes_remaining: u64,
+    /// Rate at which the guest dirties the disk, bytes per second (last second).
+    pub dirty_bytes_per_sec: u64,
+    /// Dirty passes over the active layer done.
+    pub passes: u64,
+    /// Whether the last pass left at most `converge_bytes` dirty.
+    pub converged: bool,
+    /// Failure, when the phase is `failed`.
+    pub error: Option<String>,
+}
+
+/// What a completed mirror produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorOutcome {
+    /// Destination files, active leaf first (as returned by the sink).
+    pub files: Vec<PathBuf>,
+    /// Source files, leaf first, then the other frozen ones.
+    pub source_files: Vec<PathBuf>,
+    /// CRC32C over the per-MiB checksums of the virtual disk (same at both ends).
+    pub checksum: u32,
+    /// Bytes sent in all.
+    pub bytes_copied: u64,
+    /// Bytes copied with I/O stopped (final pass).
+    pub final_pass_bytes: u64,
+    /// How long guest I/O was held for the final pass, verification and switch.
+    pub io_pause: Duration,
+}
+
+/// Dirty grains of the virtual disk, marked by the export, cleared by the copier.
+struct Dirty {
+    words: Vec<AtomicU64>,
+    grains: u64,
+    dirtied: AtomicU64,
+}
+
+impl Dirty {
+    fn new(size: u64) -> Dirty {
+        let grains = size.div_ceil(DIRTY_GRAIN);
+        Dirty {
+            words: (0..grains.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            grains,
+            dirtied: AtomicU64::new(0),
+        }
+    }
+
+    fn mark(&self, off: u64, len: u64) {
+        if len == 0 || self.grains == 0 {
+            return;
+        }
+        let first = off / DIRTY_GRAIN;
+        let last = ((off.saturating_add(len) - 1) / DIRTY_GRAIN).min(self.grains - 1);
+        for g in first..=last {
+            self.words[(g / 64) as usize].fetch_or(1 << (g % 64), Ordering::SeqCst);
+        }
+    }
+
+    fn is_set(&self, g: u64) -> bool {
+        self.words[(g / 64) as usize].load(Ordering::SeqCst) & (1 << (g % 64)) != 0
+    }
+
+    fn clear(&self, g: u64) {
+        self.words[(g / 64) as usize].fetch_and(!(1 << (g % 64)), Ordering::SeqCst);
+    }
+
+    fn count(&self) -> u64 {
+        self.words
+            .iter()
+            .map(|w| u64::from(w.load(Ordering::SeqCst).count_ones()))
+            .sum()
+    }
+
+    /// Next run of dirty grains at or after `from` (at most `COPY_CHUNK` long), cleared.
+    fn take_run(&self, from: u64) -> Option<(u64, u64)> {
+        let mut g = from;
+        while g < self.grains {
+            let w = self.words[(g / 64) as usize].load(Ordering::SeqCst) >> (g % 64);
+            if w == 0 {
+                g = (g / 64 + 1) * 64;
+                continue;
+            }
+            g += u64::from(w.trailing_zeros());
+            break;
+        }
+        if g >= self.grains {
+            return None;
+        }
+        let max = COPY_CHUNK / DIRTY_GRAIN;
+        let start = g;
+        while g < self.grains && g - start < max && self.is_set(g) {
+            self.clear(g);
+            g += 1;
+        }
+        Some((start, g))
+    }
+}
+
+impl WriteObserver for Dirty {
+    fn changed(&self, off: u64, len: u64) {
+        self.mark(off, len);
+        self.dirtied.fetch_add(len, Ordering::Relaxed);
+    }
+}
+
+struct Shared {
+    chain: Arc<DiskChain>,
+    dirty: Arc<Dirty>,
+    size: u64,
+    opts: MirrorOptions,
+    stop: AtomicBool,
+    cancel: AtomicBool,
+    copied: AtomicU64,
+    frozen_left: AtomicU64,
+    passes: AtomicU64,
+    converged: AtomicBool,
+    phase: Mutex<(MirrorPhase, Option<String>)>,
+    rate: Mutex<(Instant, u64, u64)>,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shared {
+    fn set_phase(&self, p: MirrorPhase, err: Option<String>) {
+        *lock(&self.phase) = (p, err);
+    }
+
+    fn checkpoint(&self) -> MirrorResult<()> {
+        if self.cancel.load(Ordering::SeqCst) {
+            return Err(MirrorError::Cancelled);
+        }
+        Ok(())
+    }
+
+    fn throttle(&self) {
+        if let Some(limit) = self.opts.max_bytes_per_sec.filter(|l| *l > 0) {
+            let due =
+                Duration::from_secs_f64(self.copied.load(Ordering::Relaxed) as f64 / limit as f64);
+            let el = self.started.elapsed();
+            if due > el {
+                std::thread::sleep((due - el).min(Duration::from_millis(200)));
+            }
+        }
+    }
+
+    fn remove_observer(&self) {
+        let mut g = self
+            .chain
+            .layers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        g.observer = None;
+    }
+}
+
+/// Data read from the source for one range, applied to the sink outside the I/O lock.
+enum Op {
+    Data(u64, Vec<u8>),
+    Zero(u64, u64),
+}
+
+/// Reads `[off, off+len)` of the active layer itself (not its parents).
+fn read_ops(img: &Image, off: u64, len: u64) -> MirrorResult<Vec<Op>> {
+    let mut out = Vec::new();
+    match img {
+        Image::Vhdx(v) => {
+            for e in v
+                .block_status(off, len)
+                .map_err(StorageError::image("reading", v.path()))?
+            {
+                match e.state {
+                    vhdx::ExtentState::Data => {
+                        let mut buf = vec![0u8; e.len as usize];
+                        v.read_at(&mut buf, e.off)
+                            .map_err(StorageError::image("reading", v.path()))?;
+                        out.push(Op::Data(e.off, buf));
+                    }
+                    vhdx::ExtentState::Zero | vhdx::ExtentState::Unmapped => {
+                        out.push(Op::Zero(e.off, e.len))
+                    }
+                    vhdx::ExtentState::FromParent => {}
+                }
+            }
+        }
+        Image::Raw { path, .. } => {
+            for e in img
+                .block_status(off, len)
+                .map_err(StorageError::io("reading", path))?
+            {
+                if e.zero {
+                    out.push(Op::Zero(e.offset, e.len));
+                } else {
+                    let mut buf = vec![0u8; e.len as usize];
+                    img.read_at(&mut buf, e.offset)
+                        .map_err(StorageError::io("reading", path))?;
+                    out.push(Op::Data(e.offset, buf));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn apply(sink: &mut dyn MirrorSink, ops: Vec<Op>, copied: &AtomicU64) -> MirrorResult<u64> {
+    let mut n = 0;
+    for op in ops {
+        match op {
+            Op::Data(off, buf) => {
+                sink.write(off, &buf)?;
+                n += buf.len() as u64;
+            }
+            Op::Zero(off, len) => sink.zero(off, len)?,
+        }
+    }
+    copied.fetch_add(n, Ordering::Relaxed);
+    Ok(n)
+}
+
+/// CRC32C of each [`COPY_CHUNK`] of an image's virtual disk (holes read as zeroes).
+pub(crate) fn image_checksums(img: &Image, size: u64) -> std::io::Result<Vec<u32>> {
+    let zero = vec![0u8; COPY_CHUNK as usize];
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut out = Vec::with_capacity(size.div_ceil(COPY_CHUNK) as usize);
+    let mut off = 0;
+    while off < size {
+        let n = COPY_CHUNK.min(size - off);
+        let mut crc = 0u32;
+        for e in img.block_status(off, n)? {
+            let len = e.len.min(off + n - e.offset) as usize;
+            if e.zero {
+                crc = crc32c::crc32c_append(crc, &zero[..len]);
+            } else {
+                let b = &mut buf[..len];
+                img.read_at(b, e.offset)?;
+                crc = crc32c::crc32c_append(crc, b);
+            }
+        }
+        out.push(crc);
+        off += n;
+    }
+    Ok(out)
+}
+
+/// Combined checksum of a per-chunk list.
+pub fn combine_checksums(sums: &[u32]) -> u32 {
+    let bytes: Vec<u8> = sums.iter().flat_map(|c| c.to_le_bytes()).collect();
+    crc32c::crc32c(&bytes)
+}
+
+/// What the mirror thread gives back: the sink and how the copy ended.
+type ThreadEnd = (Box<dyn MirrorSink>, MirrorResult<()>);
+
+/// A running mirror of one disk chain. Dropping it cancels it.
+pub struct DiskMirror {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<ThreadEnd>>,
+    source_files: Vec<PathBuf>,
+}
+
+impl DiskMirror {
+    /// Starts mirroring `chain` into `sink` on a background thread. Refused while a live
+    /// merge runs or another mirror runs on the chain; checkpoint creation and merges are
+    /// refused (busy) until the mirror completes or is cancelled.
+    pub fn start(
+        chain: Arc<DiskChain>,
+        mut sink: Box<dyn MirrorSink>,
+        opts: MirrorOptions,
+    ) -> MirrorResult<DiskMirror> {
+        let size = nbd::Export::size(chain.as_ref());
+        let dirty = Arc::new(Dirty::new(size));
+        let (plan, frozen_paths) = {
+            let mut g = chain.layers.write().unwrap_or_else(PoisonError::into_inner);
+            if g.mirror.is_some() {
+                return Err(MirrorError::Busy(
+                    "a live merge runs on this disk; wait for it (or resume and finish a cancelled one) first".into(),
+                ));
+            }
+            if g.observer.is_some() {
+                return Err(MirrorError::Busy(
+                    "this disk is already being mirrored".into(),
+                ));
+            }
+            let top = g
+                .top
+                .as_ref()
+                .ok_or_else(|| MirrorError::Busy("the disk is closed".into()))?;
+            let (plan, frozen_paths) = plan_for(top, size, &opts.extra_frozen)?;
+            mark_allocated(top, size, &dirty)?;
+            g.observer = Some(dirty.clone());
+            (plan, frozen_paths)
+        };
+        let leaf = chain.leaf().unwrap_or_default();
+        let mut source_files = vec![leaf];
+        source_files.extend(frozen_paths.iter().cloned());
+        if let Err(e) = sink.begin(&plan) {
+            let mut g = chain.layers.write().unwrap_or_else(PoisonError::into_inner);
+            g.observer = None;
+            drop(g);
+            sink.abort();
+            return Err(e);
+        }
+        let frozen_total: u64 = plan.frozen.iter().map(|f| f.len).sum();
+        let shared = Arc::new(Shared {
+            chain,
+            dirty,
+            size,
+            opts,
+            stop: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
+            copied: AtomicU64::new(0),
+            frozen_left: AtomicU64::new(frozen_total),
+            passes: AtomicU64::new(0),
+            converged: AtomicBool::new(false),
+            phase: Mutex::new((MirrorPhase::Frozen, None)),
+            rate: Mutex::new((Instant::now(), 0, 0)),
+            started: Instant::now(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("vireo-mirror".into())
+            .spawn(move || {
+                let r = run(&s, sink.as_mut(), &frozen_paths);
+                if let Err(e) = &r {
+                    let cancelled = matches!(e, MirrorError::Cancelled);
+                    if !cancelled {
+                        tracing::warn!("mirror failed: {}", e.full_message());
+                    }
+                    sink.abort();
+                    s.remove_observer();
+                    s.set_phase(
+                        if cancelled {
+                            MirrorPhase::Cancelled
+                        } else {
+                            MirrorPhase::Failed
+                        },
+                        Some(e.full_message()),
+                    );
+                }
+                (sink, r)
+            })
+            .map_err(|e| MirrorError::Io {
+                op: "starting the mirror thread",
+                path: PathBuf::new(),
+                source: e,
+            })?;
+        Ok(DiskMirror {
+            shared,
+            thread: Some(thread),
+            source_files,
+        })
+    }
+
+    /// Progress now.
+    pub fn progress(&self) -> MirrorProgress {
+        let s = &self.shared;
+        let dirtied = s.dirty.dirtied.load(Ordering::Relaxed);
+        let rate = {
+            let mut r = lock(&s.rate);
+            let el = r.0.elapsed();
+            if el >= Duration::from_secs(1) {
+                r.2 = ((dirtied - r.1) as f64 / el.as_secs_f64()) as u64;
+                r.0 = Instant::now();
+                r.1 = dirtied;
+            }
+            r.2
+        };
+        let (phase, error) = lock(&s.phase).clone();
+        MirrorProgress {
+            phase,
+            bytes_copied: s.copied.load(Ordering::Relaxed),
+            bytes_remaining: s.frozen_left.load(Ordering::Relaxed)
+                + (s.dirty.count() * DIRTY_GRAIN).min(s.size),
+            dirty_bytes_per_sec: rate,
+            passes: s.passes.load(Ordering::Relaxed),
+            converged: s.converged.load(Ordering::SeqCst),
+            error,
+        }
+    }
+
+    /// Whether the mirror thread has stopped on its own (failed).
+    pub fn is_finished(&self) -> bool {
+        match &self.thread {
+            Some(t) => t.is_finished(),
+            None => true,
+        }
+    }
+
+    /// Waits until converged (or failed, or `timeout`); returns the progress then.
+    pub fn wait_converged(&self, timeout: Duration) -> MirrorProgress {
+        let end = Instant::now() + timeout;
+        loop {
+            let p = self.progress();
+            if p.converged || self.is_finished() || Instant::now() >= end {
+                return p;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Source files (leaf first, then every frozen layer carried).
+    pub fn source_files(&self) -> &[PathBuf] {
+        &self.source_files
+    }
+
+    fn join(&mut self) -> MirrorResult<Box<dyn MirrorSink>> {
+        let t = self
+            .thread
+            .take()
+            .ok_or_else(|| MirrorError::Busy("the mirror already ended".into()))?;
+        match t.join() {
+            Ok((sink, Ok(()))) => Ok(sink),
+            Ok((_, Err(e))) => Err(e),
+            Err(_) => {
+                self.shared.remove_observer();
+                Err(MirrorError::Protocol("the mirror thread panicked".into()))
+            }
+        }
+    }
+
+    /// Completes the mirror with guest I/O held (the caller normally paused the guest
+    /// first): final dirty pass, flush, verification by checksum, commit. The source keeps
+    /// serving, unchanged; mirroring stops. On failure the sink's files are removed.
+    pub fn complete(self) -> MirrorResult<MirrorOutcome> {
+        self.finish(None::<(bool, fn(&MirrorOutcome) -> crate::Result<()>)>)
+    }
+
+    /// Like [`DiskMirror::complete`] for a local [`DirSink`], and then, before I/O resumes,
+    /// switches the export to the new leaf and calls `commit` (persist the new paths). If
+    /// `commit` fails the export stays on the source and the new files are removed.
+    pub fn complete_and_switch(
+        self,
+        read_only: bool,
+        commit: impl FnOnce(&MirrorOutcome) -> crate::Result<()>,
+    ) -> MirrorResult<MirrorOutcome> {
+        self.finish(Some((read_only, commit)))
+    }
+
+    fn finish(
+        mut self,
+        switch: Option<(bool, impl FnOnce(&MirrorOutcome) -> crate::Result<()>)>,
+    ) -> MirrorResult<MirrorOutcome> {
+        let s = self.shared.clone();
+        s.stop.store(true, Ordering::SeqCst);
+        let mut sink = self.join()?;
+        s.set_phase(MirrorPhase::Completing, None);
+        let r = finish_locked(&s, sink.as_mut(), &self.source_files, switch);
+        match r {
+            Ok((out, old)) => {
+                if let Some(old) = old {
+                    close_image(old);
+                }
+                s.set_phase(MirrorPhase::Done, None);
+                tracing::info!(
+                    bytes = out.bytes_copied,
+                    final_pass = out.final_pass_bytes,
+                    pause_ms = out.io_pause.as_millis() as u64,
+                    "mirror completed"
+                );
+                Ok(out)
+            }
+            Err(e) => {
+                sink.abort();
+                s.remove_observer();
+                s.set_phase(MirrorPhase::Failed, Some(e.full_message()));
+                Err(e)
+            }
+        }
+    }
+
+    /// Stops the mirror, removes what the sink created; the source is untouched.
+    pub fn cancel(mut self) -> MirrorResult<()> {
+        self.cancel_inner()
+    }
+
+    fn cancel_inner(&mut self) -> MirrorResult<()> {
+        if self.thread.is_none() {
+            return Ok(());
+        }
+        self.shared.cancel.store(true, Ordering::SeqCst);
+        self.shared.stop.store(true, Ordering::SeqCst);
+        match self.join() {
+            Ok(mut sink) => {
+                sink.abort();
+                self.shared.remove_observer();
+            }
+            Err(MirrorError::Cancelled) => {}
+            Err(e) => tracing::debug!("mirror ended before cancel: {e}"),
+        }
+        self.shared.set_phase(MirrorPhase::Cancelled, None);
+        Ok(())
+    }
+}
+
+impl Drop for DiskMirror {
+    fn drop(&mut self) {
+        let _ = self.cancel_inner();
+    }
+}
+
+fn close_image(img: Image) {
+    if let Image::Vhdx(v) = img {
+        let p = v.path().to_path_buf();
+        if let Ok(v) = Arc::try_unwrap(v) {
+            if let Err(e) = v.close() {
+                tracing::warn!("closing the old leaf {}: {e}", p.display());
+            }
+        }
+    }
+}
+
+type Switched = (MirrorOutcome, Option<Image>);
+
+fn finish_locked(
+    s: &Shared,
+    sink: &mut dyn MirrorSink,
+    source_files: &[PathBuf],
+    switch: Option<(bool, impl FnOnce(&MirrorOutcome) -> crate::Result<()>)>,
+) -> MirrorResult<Switched> {
+    let mut g = s
+        .chain
+        .layers
+        .write()
+        .unwrap_or_else(PoisonError::into_inner);
+    let t0 = Instant::now();
+    let top = g
+        .top
+        .as_ref()
+        .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
+    let before = s.copied.load(Ordering::Relaxed);
+    let mut from = 0;
+    while let Some((a, b)) = s.dirty.take_run(from) {
+        let off = a * DIRTY_GRAIN;
+        let len = (b * DIRTY_GRAIN).min(s.size) - off;
+        apply(sink, read_ops(top, off, len)?, &s.copied)?;
+        from = b;
+    }
+    let final_pass_bytes = s.copied.load(Ordering::Relaxed) - before;
+    sink.flush()?;
+    let src = image_checksums(top, s.size).map_err(|e| MirrorError::Io {
+        op: "checksumming",
+        path: top.path().to_path_buf(),
+        source: e,
+    })?;
+    let dst = sink.checksums()?;
+    if src.len() != dst.len() {
+        return Err(MirrorError::Verify(format!(
+            "{} checksums at the source, {} at the destination",
+            src.len(),
+            dst.len()
+        )));
+    }
+    if let Some(i) = src.iter().zip(&dst).position(|(a, b)| a != b) {
+        return Err(MirrorError::Verify(format!(
+            "the MiB at offset {} differs",
+            i as u64 * COPY_CHUNK
+        )));
+    }
+    let files = sink.commit()?;
+    let mut out = MirrorOutcome {
+        files,
+        source_files: source_files.to_vec(),
+        checksum: combine_checksums(&src),
+        bytes_copied: s.copied.load(Ordering::Relaxed),
+        final_pass_bytes,
+        io_pause: Duration::ZERO,
+    };
+    let mut old = None;
+    if let Some((read_only, commit)) = switch {
+        let leaf = out
+            .files
+            .first()
+            .cloned()
+            .ok_or_else(|| MirrorError::Protocol("the sink returned no files".into()))?;
+        let new = open_image(&leaf, read_only)?;
+        if new.size() != s.size {
+            return Err(MirrorError::Verify("the new leaf has another size".into()));
+        }
+        // The new chain must not reach back into the source files.
+        let chain = new.chain_paths();
+        if let Some(p) = chain.iter().find(|p| source_files.contains(p)) {
+            return Err(MirrorError::Verify(format!(
+                "the new chain still refers to {}",
+                p.display()
+            )));
+        }
+        commit(&out)?;
+        old = g.top.replace(new);
+        tracing::info!(leaf = %leaf.display(), "export switched to the mirrored chain");
+    }
+    g.observer = None;
+    out.io_pause = t0.elapsed();
+    Ok((out, old))
+}
+
+/// Builds the plan of the chain under `top`; returns it and the frozen files' paths (plan order).
+fn plan_for(top: &Image, size: u64, extra: &[PathBuf]) -> MirrorResult<(ChainPlan, Vec<PathBuf>)> {
+    let name = |p: &Path| -> MirrorResult<String> {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_string)
+            .ok_or_else(|| MirrorError::InvalidInput(format!("bad file name {}", p.display())))
+    };
+    let chain = top.chain_paths();
+    let leaf = chain
+        .first()
+        .cloned()
+        .ok_or_else(|| MirrorError::Busy("the disk is closed".into()))?;
+    let mut frozen_paths: Vec<PathBuf> = chain[1..].to_vec();
+    for e in extra {
+        if !frozen_paths.contains(e) && *e != leaf {
+            frozen_paths.push(e.clone());
+        }
+    }
+    let (format, parent) = match top {
+        Image::Vhdx(v) => (
+            LayerFormat::Vhdx {
+                disk_type: v.disk_type().as_str().to_string(),
+                block_size: v.block_size(),
+                logical_sector_size: v.logical_sector_size(),
+                physical_sector_size: v.physical_sector_size(),
+            },
+            v.parent().map(|p| name(p.path())).transpose()?,
+        ),
+        Image::Raw { .. } => (LayerFormat::Raw, None),
+    };
+    let mut frozen = Vec::new();
+    for p in &frozen_paths {
+        let len = std::fs::metadata(p)
+            .map_err(|e| MirrorError::Io {
+                op: "reading",
+                path: p.clone(),
+                source: e,
+            })?
+            .len();
+        frozen.push(FrozenLayer {
+            name: name(p)?,
+            len,
+        });
+    }
+    let plan = ChainPlan {
+        size,
+        frozen,
+        active: ActiveLayer {
+            name: name(&leaf)?,
+            format,
+            parent,
+        },
+    };
+    plan.validate()?;
+    Ok((plan, frozen_paths))
+}
+
+/// Marks what the active layer itself holds (its BAT) as dirty: the first pass copies it.
+fn mark_allocated(top: &Image, size: u64, dirty: &Dirty) -> MirrorResult<()> {
+    const WINDOW: u64 = 1 << 30;
+    let mut off = 0;
+    while off < size {
+        let n = WINDOW.min(size - off);
+        match top {
+            Image::Vhdx(v) => {
+                let diff = v.parent().is_some();
+                for e in v
+                    .block_status(off, n)
+                    .map_err(StorageError::image("reading", v.path()))?
+                {
+                    let copy = match e.state {
+                        vhdx::ExtentState::Data => true,
+                        vhdx::ExtentState::Zero | vhdx::ExtentState::Unmapped => diff,
+                        vhdx::ExtentState::FromParent => false,
+                    };
+                    if copy {
+                        dirty.mark(e.off, e.len);
+                    }
+                }
+            }
+            Image::Raw { path, .. } => {
+                for e in top
+                    .block_status(off, n)
+                    .map_err(StorageError::io("reading", path))?
+                {
+                    if !e.zero {
+                        dirty.mark(e.offset, e.len);
+                    }
+                }
+            }
+        }
+        off += n;
+    }
+    Ok(())
+}
+
+fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResult<()> {
+    // Frozen layers: file by file.
+    let mut buf = vec![0u8; FILE_CHUNK];
+    for (i, p) in frozen.iter().enumerate() {
+        let io = |op| {
+            move |e| MirrorError::Io {
+                op,
+                path: p.clone(),
+                source: e,
+            }
+        };
+        let mut f = std::fs::File::open(p).map_err(io("opening"))?;
+        let mut off = 0u64;
+        let mut crc = 0u32;
+        loop {
+            s.checkpoint()?;
+            let n = f.read(&mut buf).map_err(io("reading"))?;
+            if n == 0 {
+                break;
+            }
+            crc = crc32c::crc32c_append(crc, &buf[..n]);
+            sink.file_data(i, off, &buf[..n])?;
+            off += n as u64;
+            s.copied.fetch_add(n as u64, Ordering::Relaxed);
+            let _ = s
+                .frozen_left
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(n as u64))
+                });
+            s.throttle();
+        }
+        sink.file_end(i, off, crc)?;
+    }
+    s.frozen_left.store(0, Ordering::Relaxed);
+    sink.activate()?;
+    s.set_phase(MirrorPhase::Active, None);
+    // Active layer: dirty passes until told to stop.
+    loop {
+        let mut from = 0;
+        let mut copied = 0;
+        while let Some((a, b)) = s.dirty.take_run(from) {
+            s.checkpoint()?;
+            let off = a * DIRTY_GRAIN;
+            let len = (b * DIRTY_GRAIN).min(s.size) - off;
+            let ops = {
+                let g = s
+                    .chain
+                    .layers
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                let top = g
+                    .top
+                    .as_ref()
+                    .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
+                read_ops(top, off, len)
+            };
+            let ops = match ops {
+                Ok(o) => o,
+                Err(e) => {
+                    s.dirty.mark(off, len);
+                    return Err(e);
+                }
+            };
+            copied += apply(sink, ops, &s.copied)?;
+            from = b;
+            s.throttle();
+            if s.stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+        s.passes.fetch_add(1, Ordering::Relaxed);
+        sink.flush()?;
+        let left = s.dirty.count() * DIRTY_GRAIN;
+        s.converged
+            .store(left <= s.opts.converge_bytes, Ordering::SeqCst);
+        s.checkpoint()?;
+        if s.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if copied == 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl crate::DiskService {
+    /// Starts mirroring disk `disk`'s whole chain into `sink`; the images of this disk's
+    /// other checkpoints (branches the chain does not pass through) are carried as frozen
+    /// layers too. Refused while a merge job is unfinished.
+    pub fn mirror_disk(
+        &self,
+        disk: usize,
+        sink: Box<dyn MirrorSink>,
+        mut opts: MirrorOptions,
+    ) -> MirrorResult<DiskMirror> {
+        let chain = self
+            .chain(disk)
+            .ok_or_else(|| MirrorError::InvalidInput(format!("the VM has no disk {disk}")))?;
+        let st = self.state();
+        if st.active_merge().is_some() {
+            return Err(MirrorError::Busy(
+                "a checkpoint merge job is unfinished; let it finish (or resume it) first".into(),
+            ));
+        }
+        for c in &st.checkpoints {
+            if let Some(img) = c.images.get(disk) {
+                if !opts.extra_frozen.contains(img) {
+                    opts.extra_frozen.push(img.clone());
+                }
+            }
+        }
+        DiskMirror::start(chain, sink, opts)
+    }
+
+    /// Storage migration of disk `disk`: completes `m` (a mirror into a [`DirSink`]),
+    /// switches the export to the new leaf and records the new paths of the leaf and of
+    /// every checkpoint image in `disks.json`, all before guest I/O resumes. The old files
+    /// are left for the caller to remove ([`MirrorOutcome::source_files`]).
+    pub fn complete_move(&self, disk: usize, m: DiskMirror) -> MirrorResult<MirrorOutcome> {
+        let chain = self
+            .chain(disk)
+            .ok_or_else(|| MirrorError::InvalidInput(format!("the VM has no disk {disk}")))?;
+        let read_only = nbd::Export::flags(chain.as_ref()).read_only;
+        m.complete_and_switch(read_only, |out| {
+            if out.files.len() != out.source_files.len() {
+                return Err(StorageError::InvalidInput(
+                    "the mirror returned another number of files than it read".into(),
+                ));
+            }
+            let map = |p: &PathBuf| -> PathBuf {
+                out.source_files
+                    .iter()
+                    .position(|s| s == p)
+                    .map_or_else(|| p.clone(), |i| out.files[i].clone())
+            };
+            self.update_state(|st| {
+                if let Some(l) = st.leaves.get_mut(disk) {
+                    *l = map(l);
+                }
+                for c in &mut st.checkpoints {
+                    if let Some(img) = c.images.get_mut(disk) {
+                        *img = map(img);
+                    }
+                }
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_runs_are_bounded_and_cleared() {
+        let d = Dirty::new(10 << 20);
+        d.mark(0, 1);
+        d.mark(3 << 20, 3 << 20);
+        assert_eq!(d.take_run(0), Some((0, 1)));
+        let (a, b) = d.take_run(1).unwrap();
+        assert_eq!(a, (3 << 20) / DIRTY_GRAIN);
+        assert_eq!(b - a, COPY_CHUNK / DIRTY_GRAIN);
+        let mut n = 1;
+        let mut from = b;
+        while let Some((_, b)) = d.take_run(from) {
+            n += 1;
+            from = b;
+        }
+        assert_eq!(n, 3);
+        assert_eq!(d.count(), 0);
+        d.mark((10 << 20) - 1, 100);
+        assert_eq!(d.count(), 1);
+    }
+
+    #[test]
+    fn plan_refuses_bad_names() {
+        let mut p = ChainPlan {
+            size: 1 << 20,
+            frozen: vec![FrozenLayer {
+                name: "../x".into(),
+                len: 1,
+            }],
+            active: ActiveLayer {
+                name: "a.vhdx".into(),
+                format: LayerFormat::Raw,
+                parent: None,
+            },
+        };
+        assert_eq!(
+            p.validate().unwrap_err().kind(),
+            MirrorErrorKind::InvalidInput
+        );
+        p.frozen[0].name = "a.vhdx".into();
+        assert!(p.validate().is_err());
+        p.frozen[0].name = "b.vhdx".into();
+        p.validate().unwrap();
+    }
+}

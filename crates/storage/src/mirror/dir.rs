@@ -1,0 +1,323 @@
+//! [`DirSink`]: a mirror destination in a local directory (storage migration, and the
+//! receiving end of a stream).
+
+use super::{image_checksums, ChainPlan, LayerFormat, MirrorError, MirrorResult, MirrorSink};
+use crate::image::Image;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use vhdx::{CreateOptions, DiskType, Vhdx};
+
+/// Writes a mirrored chain into a directory: frozen layers as byte copies (each re-read
+/// and checked against the sender's CRC32C), the active layer as a new image of the same
+/// format filled with the copied ranges. Refuses to overwrite any file; `abort` removes
+/// every file it created (and the directory, if it created it and it is empty).
+pub struct DirSink {
+    dir: PathBuf,
+    plan: Option<ChainPlan>,
+    created: Vec<PathBuf>,
+    created_dir: bool,
+    files: Vec<Option<File>>,
+    crcs: Vec<u32>,
+    active: Option<Image>,
+}
+
+impl DirSink {
+    /// A sink writing into `dir` (created if missing; must be an absolute path).
+    pub fn new(dir: impl Into<PathBuf>) -> DirSink {
+        DirSink {
+            dir: dir.into(),
+            plan: None,
+            created: Vec::new(),
+            created_dir: false,
+            files: Vec::new(),
+            crcs: Vec::new(),
+            active: None,
+        }
+    }
+
+    /// The destination directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn plan(&self) -> MirrorResult<&ChainPlan> {
+        self.plan
+            .as_ref()
+            .ok_or_else(|| MirrorError::Protocol("no chain begun".into()))
+    }
+
+    fn active(&self) -> MirrorResult<&Image> {
+        self.active
+            .as_ref()
+            .ok_or_else(|| MirrorError::Protocol("the active layer is not created".into()))
+    }
+
+    fn io(&self, op: &'static str, path: &Path, e: std::io::Error) -> MirrorError {
+        let inner_full = e.get_ref().is_some_and(|i| super::chain_has_enospc(i));
+        if e.raw_os_error() == Some(super::ENOSPC) || inner_full {
+            return MirrorError::DiskFull {
+                what: format!("{op} {}", path.display()),
+            };
+        }
+        MirrorError::Io {
+            op,
+            path: path.to_path_buf(),
+            source: e,
+        }
+    }
+}
+
+impl MirrorSink for DirSink {
+    fn begin(&mut self, plan: &ChainPlan) -> MirrorResult<()> {
+        plan.validate()?;
+        if self.plan.is_some() {
+            return Err(MirrorError::Protocol("a chain was already begun".into()));
+        }
+        if !self.dir.is_absolute() {
+            return Err(MirrorError::InvalidInput(format!(
+                "the destination {} is not an absolute path",
+                self.dir.display()
+            )));
+        }
+        if !self.dir.exists() {
+            std::fs::create_dir_all(&self.dir).map_err(|e| self.io("creating", &self.dir, e))?;
+            self.created_dir = true;
+        }
+        let mut names: Vec<&str> = plan.frozen.iter().map(|f| f.name.as_str()).collect();
+        names.push(&plan.active.name);
+        for n in names {
+            let p = self.dir.join(n);
+            if p.exists() {
+                return Err(MirrorError::InvalidInput(format!(
+                    "{} exists at the destination; remove it or choose another directory",
+                    p.display()
+                )));
+            }
+        }
+        for f in &plan.frozen {
+            let p = self.dir.join(&f.name);
+            let file = File::options()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| self.io("creating", &p, e))?;
+            self.created.push(p);
+            self.files.push(Some(file));
+            self.crcs.push(0);
+        }
+        self.plan = Some(plan.clone());
+        Ok(())
+    }
+
+    fn file_data(&mut self, layer: usize, off: u64, data: &[u8]) -> MirrorResult<()> {
+        let p = self.dir.join(
+            &self
+                .plan()?
+                .frozen
+                .get(layer)
+                .ok_or_else(|| MirrorError::Protocol(format!("no layer {layer}")))?
+                .name,
+        );
+        let f = self
+            .files
+            .get(layer)
+            .and_then(|f| f.as_ref())
+            .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
+        f.write_all_at(data, off)
+            .map_err(|e| self.io("writing", &p, e))?;
+        Ok(())
+    }
+
+    fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()> {
+        let fl = self
+            .plan()?
+            .frozen
+            .get(layer)
+            .cloned()
+            .ok_or_else(|| MirrorError::Protocol(format!("no layer {layer}")))?;
+        let p = self.dir.join(&fl.name);
+        let f = self
+            .files
+            .get_mut(layer)
+            .and_then(Option::take)
+            .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
+        f.set_len(len).map_err(|e| self.io("sizing", &p, e))?;
+        f.sync_all().map_err(|e| self.io("syncing", &p, e))?;
+        // Verify what is on disk, not what was sent.
+        let mut buf = vec![0u8; 4 << 20];
+        let mut off = 0u64;
+        let mut got = 0u32;
+        while off < len {
+            let n = (len - off).min(buf.len() as u64) as usize;
+            f.read_exact_at(&mut buf[..n], off)
+                .map_err(|e| self.io("verifying", &p, e))?;
+            got = crc32c::crc32c_append(got, &buf[..n]);
+            off += n as u64;
+        }
+        if got != crc || len != fl.len {
+            return Err(MirrorError::Verify(format!(
+                "{}: {len} bytes with CRC32C {got:08x}, expected {} bytes with {crc:08x}",
+                p.display(),
+                fl.len
+            )));
+        }
+        self.crcs[layer] = got;
+        Ok(())
+    }
+
+    fn activate(&mut self) -> MirrorResult<()> {
+        let plan = self.plan()?.clone();
+        if self.files.iter().any(Option::is_some) {
+            return Err(MirrorError::Protocol(
+                "the active layer comes after every frozen layer".into(),
+            ));
+        }
+        let p = self.dir.join(&plan.active.name);
+        let img = match &plan.active.format {
+            LayerFormat::Vhdx {
+                disk_type,
+                block_size,
+                logical_sector_size,
+                physical_sector_size,
+            } => {
+                let disk_type = match disk_type.as_str() {
+                    "fixed" => DiskType::Fixed,
+                    "dynamic" => DiskType::Dynamic,
+                    "differencing" => DiskType::Differencing,
+                    t => return Err(MirrorError::InvalidInput(format!("unknown disk type {t}"))),
+                };
+                let opts = CreateOptions {
+                    size: if disk_type == DiskType::Differencing {
+                        0
+                    } else {
+                        plan.size
+                    },
+                    disk_type,
+                    block_size: *block_size,
+                    logical_sector_size: *logical_sector_size,
+                    physical_sector_size: *physical_sector_size,
+                    parent: plan.active.parent.as_ref().map(|n| self.dir.join(n)),
+                };
+                self.created.push(p.clone());
+                let v = Vhdx::create(&p, &opts)
+                    .map_err(|e| MirrorError::dest(format!("creating {}", p.display()), e))?;
+                // Every parent must be a file of this directory (the parent locators'
+                // relative paths resolve here).
+                for c in v.chain().iter().skip(1) {
+                    if c.path.parent() != Some(self.dir.as_path()) {
+                        return Err(MirrorError::Verify(format!(
+                            "the copied chain resolves its parent to {} outside {}; chains spanning directories cannot be moved",
+                            c.path.display(),
+                            self.dir.display()
+                        )));
+                    }
+                }
+                if v.size() != plan.size {
+                    return Err(MirrorError::Verify(format!(
+                        "the new leaf has {} bytes, the source {}",
+                        v.size(),
+                        plan.size
+                    )));
+                }
+                Image::Vhdx(Arc::new(v))
+            }
+            LayerFormat::Raw => {
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .map_err(|e| self.io("creating", &p, e))?;
+                self.created.push(p.clone());
+                f.set_len(plan.size).map_err(|e| self.io("sizing", &p, e))?;
+                Image::Raw {
+                    file: nbd::FileExport::from_file(f, false)
+                        .map_err(|e| self.io("opening", &p, e))?,
+                    path: p.clone(),
+                }
+            }
+        };
+        self.active = Some(img);
+        Ok(())
+    }
+
+    fn write(&mut self, off: u64, data: &[u8]) -> MirrorResult<()> {
+        let a = self.active()?;
+        if off
+            .checked_add(data.len() as u64)
+            .filter(|e| *e <= a.size())
+            .is_none()
+        {
+            return Err(MirrorError::Protocol("write beyond the disk".into()));
+        }
+        a.write_at(data, off)
+            .map_err(|e| self.io("writing", a.path(), e))
+    }
+
+    fn zero(&mut self, off: u64, len: u64) -> MirrorResult<()> {
+        let a = self.active()?;
+        if off.checked_add(len).filter(|e| *e <= a.size()).is_none() {
+            return Err(MirrorError::Protocol("zeroing beyond the disk".into()));
+        }
+        a.write_zeroes(off, len, nbd::ZeroMode::default())
+            .map_err(|e| self.io("zeroing", a.path(), e))
+    }
+
+    fn flush(&mut self) -> MirrorResult<()> {
+        let a = self.active()?;
+        a.flush().map_err(|e| self.io("flushing", a.path(), e))
+    }
+
+    fn checksums(&mut self) -> MirrorResult<Vec<u32>> {
+        let a = self.active()?;
+        image_checksums(a, a.size()).map_err(|e| self.io("checksumming", a.path(), e))
+    }
+
+    fn commit(&mut self) -> MirrorResult<Vec<PathBuf>> {
+        let plan = self.plan()?.clone();
+        let a = self
+            .active
+            .take()
+            .ok_or_else(|| MirrorError::Protocol("the active layer is not created".into()))?;
+        let leaf = a.path().to_path_buf();
+        match a {
+            Image::Vhdx(v) => match Arc::try_unwrap(v) {
+                Ok(v) => v
+                    .close()
+                    .map_err(|e| MirrorError::dest(format!("closing {}", leaf.display()), e))?,
+                Err(_) => return Err(MirrorError::Busy("the new leaf is still in use".into())),
+            },
+            Image::Raw { file, .. } => {
+                nbd::Export::flush(&file).map_err(|e| self.io("flushing", &leaf, e))?
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| self.io("syncing", &self.dir, e))?;
+        let mut out = vec![leaf];
+        out.extend(plan.frozen.iter().map(|f| self.dir.join(&f.name)));
+        self.created.clear();
+        self.plan = None;
+        Ok(out)
+    }
+
+    fn abort(&mut self) {
+        self.active = None;
+        self.files.clear();
+        for p in self.created.drain(..) {
+            if let Err(e) = std::fs::remove_file(&p) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("removing the partial {}: {e}", p.display());
+                }
+            }
+        }
+        if self.created_dir {
+            let _ = std::fs::remove_dir(&self.dir);
+            self.created_dir = false;
+        }
+        self.plan = None;
+    }
+}
