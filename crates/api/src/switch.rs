@@ -12,6 +12,7 @@ pub use switch::config::{
     PvlanMode, QosConfig, SwitchType, VlanMode,
 };
 pub use switch::{Backend, MirrorConfig, PortConfig, PortCounters, SwitchConfig};
+pub use switch::config::{format_vlan_list, parse_vlan_list};
 
 /// A switch as vireod persists it (`STATE/switches/NAME/switch-spec.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

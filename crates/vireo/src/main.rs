@@ -42,6 +42,9 @@ enum Command {
     /// Long-running jobs (live merges).
     #[command(subcommand)]
     Job(cmd::checkpoint::JobCommand),
+    /// Virtual switches: new, list, show, delete, acl, mirror, capture, stats.
+    #[command(subcommand)]
+    Switch(cmd::switch::SwitchCommand),
 }
 
 fn main() {
@@ -91,6 +94,7 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
             Command::Bench(c) => cmd::bench::run(&client, c).await.map(|_| 0),
             Command::Checkpoint(c) => cmd::checkpoint::run(&client, c).await.map(|_| 0),
             Command::Job(c) => cmd::checkpoint::run_job(&client, c).await.map(|_| 0),
+            Command::Switch(c) => cmd::switch::run(&client, c).await.map(|_| 0),
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })

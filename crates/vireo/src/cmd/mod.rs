@@ -3,6 +3,8 @@ pub mod bench;
 pub mod checkpoint;
 pub mod disk;
 pub mod host;
+pub mod nic;
 pub mod output;
 pub mod serve;
+pub mod switch;
 pub mod vm;

@@ -222,6 +222,9 @@ pub enum VmCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Network adapters: add, set (switch, VLAN, guards, QoS), list, remove.
+    #[command(subcommand)]
+    Nic(super::nic::NicCommand),
     /// Key-value pairs exchanged with the guest (needs vireo-guest).
     Kvp {
         /// VM name.
@@ -435,6 +438,7 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             }
             print_vm(&client.patch(&vm_path(&name, ""), &patch).await?, json)?;
         }
+        VmCommand::Nic(c) => super::nic::run(client, c).await?,
         VmCommand::Kvp { name, action } => {
             match action {
                 KvpAction::List { json } => {
