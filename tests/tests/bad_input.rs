@@ -99,7 +99,7 @@ fn refused_definitions() {
     assert!(!h.vireo(&["vm", "new", "x"]).status.success());
     assert_eq!(names(&h), before, "a refused command changed the inventory");
     let cfg = h.show("ok1");
-    assert_eq!(cfg["memory"], 512u64 << 20);
+    assert_eq!(cfg["memory"]["startup"], 512u64 << 20);
 }
 
 /// Commands on missing VMs, on VMs in the wrong state, and without a daemon.
@@ -159,7 +159,7 @@ fn wrong_state_and_missing() {
     h.ok(&["vm", "set", "w", "--cpus", "2", "--memory", "1G"]);
     let v = h.show("w");
     assert_eq!(
-        (v["cpus"].as_u64(), v["memory"].as_u64()),
+        (v["cpus"].as_u64(), v["memory"]["startup"].as_u64()),
         (Some(2), Some(1 << 30))
     );
     // delete --keep-disks keeps the image; plain delete removes it.

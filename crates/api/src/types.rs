@@ -182,6 +182,9 @@ pub struct VmSpec {
     /// Seconds a graceful stop waits before turning the VM off.
     #[serde(default = "default_stop_timeout")]
     pub stop_timeout_secs: u64,
+    /// Dynamic memory settings (`memory` is the startup RAM).
+    #[serde(default)]
+    pub dynamic_memory: crate::memory::DynamicMemory,
 }
 
 fn default_boot_order() -> Vec<BootDevice> {
@@ -271,6 +274,21 @@ pub struct VmPatch {
     /// New name.
     #[serde(default)]
     pub name: Option<String>,
+    /// Dynamic memory on/off (offline only).
+    #[serde(default)]
+    pub dynamic_memory: Option<bool>,
+    /// Minimum RAM (may change while running).
+    #[serde(default)]
+    pub memory_minimum: Option<u64>,
+    /// Maximum RAM (may grow while running).
+    #[serde(default)]
+    pub memory_maximum: Option<u64>,
+    /// Memory buffer, percent (may change while running).
+    #[serde(default)]
+    pub memory_buffer_percent: Option<u32>,
+    /// Memory weight, 0..=10000 (may change while running).
+    #[serde(default)]
+    pub memory_weight: Option<u32>,
 }
 
 /// Run state of a VM (`state` in `vireo vm show --json`).
@@ -370,8 +388,8 @@ pub struct VmInfo {
     pub accel_reason: String,
     /// vCPUs.
     pub cpus: u32,
-    /// Memory in bytes.
-    pub memory: u64,
+    /// Memory: settings, what the guest has and needs, the balancer's last decision.
+    pub memory: crate::memory::VmMemory,
     /// Secure Boot.
     pub secure_boot: bool,
     /// Secure Boot template.

@@ -159,6 +159,7 @@ mod tests {
             secure_boot_template: SecureBootTemplate::None,
             accel: AccelChoice::Auto,
             stop_timeout_secs: 60,
+            dynamic_memory: Default::default(),
         }
     }
 

@@ -21,6 +21,9 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// Saved-state file to restore from instead of booting.
     pub restore_from: Option<PathBuf>,
+    /// Size of the virtio-mem region above startup RAM (dynamic memory); `None`: none.
+    #[serde(default)]
+    pub virtio_mem_region: Option<u64>,
 }
 
 /// `GET /status` of a worker.

@@ -21,6 +21,7 @@ pub mod cmdline;
 pub mod firmware;
 pub mod process;
 pub mod qmp;
+pub mod qmp_memory;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 

@@ -116,7 +116,14 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
         incoming: l.restore_from.as_ref().map(|_| "defer".to_string()),
         start_paused: true,
         balloon: Some(cmdline::BalloonConfig::default()),
-        virtio_mem: None,
+        virtio_mem: l
+            .virtio_mem_region
+            .filter(|r| *r > 0)
+            .map(|r| cmdline::VirtioMemConfig {
+                max_mib: r >> 20,
+                block_mib: 2,
+                requested_mib: 0,
+            }),
         rtc_localtime: false,
     })
 }

@@ -8,6 +8,7 @@ mod control;
 mod disks;
 mod guest;
 mod launch;
+mod memory;
 mod nics;
 mod vm;
 
@@ -139,6 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         vm.booted.store(true, Ordering::SeqCst);
     }
     tokio::spawn(guest::heartbeat_loop(agent, guest));
+    memory::start(vm.clone(), launch.virtio_mem_region.unwrap_or(0));
 
     // Wait for QEMU to end: the QMP connection closes.
     let mut events = vm.qmp.events();

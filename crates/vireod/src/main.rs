@@ -2,10 +2,12 @@
 //! supervision loop. VMs run in their own `vireo-worker` processes and survive a restart or a
 //! kill -9 of this daemon.
 
+mod balancer;
 mod checkpoint_routes;
 mod error;
 mod host;
 mod manager;
+mod memory_routes;
 mod process;
 mod routes;
 mod store;
@@ -126,6 +128,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             sup.supervise_once().await;
         }
     });
+    tokio::spawn(balancer::run(manager.clone()));
     let app = routes::router(manager);
     let shutdown = async {
         let mut term =

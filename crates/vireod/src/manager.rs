@@ -13,6 +13,7 @@
 //! ```
 
 mod checkpoints;
+mod memory;
 mod nics;
 
 use crate::error::{ApiError, ApiResult};
@@ -57,6 +58,8 @@ pub struct Manager {
     host: HostConfig,
     run_root: PathBuf,
     vms: Mutex<BTreeMap<Uuid, VmEntry>>,
+    /// Dynamic memory: host settings, worker reports, balancer decisions.
+    mem: memory::MemoryState,
     /// Virtual switch processes (`switches.rs`; VM ports in `manager/nics.rs`).
     switches: crate::switches::Switches,
 }
@@ -91,6 +94,7 @@ impl Manager {
             crate::switches::Switches::default_bin(&host.worker_bin),
         )?;
         Ok(Manager {
+            mem: memory::MemoryState::load(&host.state_dir),
             switches,
             store,
             host,
@@ -218,7 +222,7 @@ impl Manager {
             accel,
             accel_reason,
             cpus: e.spec.cpus,
-            memory: e.spec.memory,
+            memory: self.memory_info(uuid, &e.spec, live),
             secure_boot: e.spec.secure_boot,
             secure_boot_template: e.spec.secure_boot_template,
             disks: e.spec.disks.clone(),
@@ -292,6 +296,7 @@ impl Manager {
             secure_boot_template: req.secure_boot_template.unwrap_or_default(),
             accel: req.accel.unwrap_or_default(),
             stop_timeout_secs: req.stop_timeout_secs.unwrap_or(60),
+            dynamic_memory: Default::default(),
         };
         validate::check_spec(&spec, &|p| p.is_file())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
@@ -329,7 +334,7 @@ impl Manager {
         let mut spec = self.spec(&uuid)?;
         let running = self.qemu_pid(&uuid).is_some();
         let offline_only = patch.cpus.is_some()
-            || patch.memory.is_some()
+            || patch.memory.is_some_and(|m| m != spec.memory)
             || patch.secure_boot.is_some()
             || patch.secure_boot_template.is_some()
             || patch.accel.is_some()
@@ -352,6 +357,7 @@ impl Manager {
         if let Some(m) = patch.memory {
             spec.memory = m;
         }
+        self.apply_memory_patch(&uuid, &mut spec, &patch, running)?;
         if let Some(s) = patch.secure_boot {
             spec.secure_boot = s;
         }
@@ -436,6 +442,7 @@ impl Manager {
         let spec = self.spec(&uuid)?;
         validate::check_spec(&spec, &|p| p.is_file())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
+        let virtio_mem_region = self.admit_memory(&uuid, &spec)?;
         let run_dir = self.run_dir(&uuid);
         let _ = std::fs::remove_dir_all(&run_dir);
         std::fs::create_dir_all(&run_dir).map_err(ApiError::internal)?;
@@ -453,6 +460,7 @@ impl Manager {
             uefi_vars,
             console_log: vm_dir.join("console.log"),
             restore_from: saved.exists().then_some(saved.clone()),
+            virtio_mem_region,
         };
         let bytes = serde_json::to_vec_pretty(&launch).map_err(ApiError::internal)?;
         write_atomic(&run_dir.join("launch.json"), &bytes)?;

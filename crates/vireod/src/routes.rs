@@ -33,13 +33,14 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/kvp", get(vm_kvp_list).put(vm_kvp_set))
         .route("/v1/vms/{name}/console", get(vm_console))
         .merge(crate::checkpoint_routes::routes())
+        .merge(crate::memory_routes::routes())
         .merge(crate::switch_routes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .with_state(manager)
 }
 
 /// A JSON body whose parse errors become our one-line error format.
-pub struct Body<T>(T);
+pub struct Body<T>(pub T);
 
 impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for Body<T> {
     type Rejection = ApiError;

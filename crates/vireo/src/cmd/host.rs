@@ -14,11 +14,28 @@ pub enum HostCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change host settings: the memory reserve and budget of dynamic memory.
+    Set {
+        /// Memory never handed to VMs, e.g. 2G (0: the default, 10 % of host memory, 1-8 GiB).
+        #[arg(long, value_parser = api::units::parse_size)]
+        memory_reserve: Option<u64>,
+        /// The most all VMs together may hold, e.g. 16G (0: host memory minus the reserve).
+        #[arg(long, value_parser = api::units::parse_size)]
+        memory_budget: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Runs a host command.
 pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
     match cmd {
+        HostCommand::Set {
+            memory_reserve,
+            memory_budget,
+            json,
+        } => super::memory::host_set(client, memory_reserve, memory_budget, json).await,
         HostCommand::Show { json } => {
             let h: HostInfo = client.get("/v1/host").await?;
             if json {

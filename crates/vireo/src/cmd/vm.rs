@@ -218,6 +218,8 @@ pub enum VmCommand {
         /// Rename the VM.
         #[arg(long)]
         rename: Option<String>,
+        #[command(flatten)]
+        dynamic: super::memory::DynamicMemoryArgs,
         /// Print the VM as JSON.
         #[arg(long)]
         json: bool,
@@ -327,7 +329,7 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                             v.state.as_str().to_string(),
                             heartbeat_name(v.heartbeat).to_string(),
                             v.cpus.to_string(),
-                            format_size(v.memory),
+                            format_size(v.memory.assigned),
                             accel_name(v.accel).to_string(),
                             v.uptime_secs.map(format_uptime).unwrap_or_default(),
                         ]
@@ -405,8 +407,10 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             stop_timeout,
             add_disk,
             rename,
+            dynamic,
             json,
         } => {
+            let memory = memory.or(dynamic.startup);
             let patch = VmPatch {
                 cpus,
                 memory,
@@ -424,6 +428,11 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                     })
                     .collect(),
                 name: rename,
+                dynamic_memory: dynamic.dynamic_memory.map(Into::into),
+                memory_minimum: dynamic.min,
+                memory_maximum: dynamic.max,
+                memory_buffer_percent: dynamic.buffer,
+                memory_weight: dynamic.weight,
             };
             if patch.cpus.is_none()
                 && patch.memory.is_none()
@@ -433,6 +442,7 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 && patch.stop_timeout_secs.is_none()
                 && patch.add_disks.is_empty()
                 && patch.name.is_none()
+                && !dynamic.any()
             {
                 bail!("nothing to change: give at least one option (see `vireo vm set --help`)");
             }
@@ -509,7 +519,6 @@ fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
             format!("{} ({})", accel_name(vm.accel), vm.accel_reason),
         ),
         ("cpus", vm.cpus.to_string()),
-        ("memory", format_size(vm.memory)),
         (
             "secure boot",
             if vm.secure_boot {
@@ -519,6 +528,7 @@ fn print_vm(vm: &VmInfo, json: bool) -> anyhow::Result<()> {
             },
         ),
     ];
+    f.extend(super::memory::show_fields(&vm.memory));
     for (i, d) in vm.disks.iter().enumerate() {
         f.push((
             "disk",

@@ -1,0 +1,316 @@
+//! Dynamic memory mechanism of one VM: reads what the guest has and needs once a second and
+//! applies the balancer's targets that vireod sends (`GET`/`POST /memory`).
+//!
+//! - What it has: balloon `actual` (QMP `query-balloon`) plus the virtio-mem device's plugged
+//!   `size`.
+//! - What it needs: [`memory::guest_demand`] from the virtio-balloon driver's statistics
+//!   (polled every second), refined by `vireo-guest`'s `vireo-memory-status` where it answers.
+//!   The report carries the *age* of the demand, not a timestamp, so vireod's and the
+//!   worker's clocks never mix.
+//! - Applying: growing deflates the balloon first, then raises virtio-mem `requested-size`;
+//!   shrinking lowers `requested-size` first, then inflates the balloon. Both are asynchronous
+//!   in the guest: the next report shows what it really has.
+//!
+//! Hot-plugged memory must be onlined by the guest: once the agent answers, the worker sets the
+//! guest's `auto_online_blocks` to `online_movable` (movable memory can be unplugged again)
+//! and onlines blocks that were added before.
+
+use crate::vm::Vm;
+use agent::client::RunRequest;
+use api::memory::{SetMemory, WorkerMemory};
+use api::{ErrorBody, ErrorKind};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use qemu::cmdline::{BALLOON_ID, VIRTIO_MEM_ID};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The guest's memory statistics interval, seconds.
+const STATS_INTERVAL_SECS: u32 = 1;
+/// How long one agent memory-status call may take.
+const AGENT_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// Guest script run once through the agent on VMs with virtio-mem (see the module doc).
+const ONLINE_SCRIPT: &str = "f=/sys/devices/system/memory/auto_online_blocks; \
+    [ -w $f ] && echo online_movable > $f; \
+    for s in /sys/devices/system/memory/memory*/state; do \
+    [ \"$(cat $s)\" = offline ] && echo online_movable > $s; done; true";
+
+/// What the sampling loop knows.
+#[derive(Default)]
+struct Sample {
+    report: WorkerMemory,
+    balloon_at: Option<Instant>,
+    last_update: u64,
+    agent_at: Option<Instant>,
+    agent: Option<memory::AgentMemory>,
+    balloon: Option<memory::BalloonStats>,
+}
+
+struct MemState {
+    region: u64,
+    sample: Mutex<Sample>,
+    /// Serializes applying targets.
+    apply: tokio::sync::Mutex<()>,
+}
+
+static STATE: OnceLock<Arc<MemState>> = OnceLock::new();
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts sampling for a VM whose virtio-mem region is `region` bytes (0: none).
+pub fn start(vm: Arc<Vm>, region: u64) {
+    let st = STATE
+        .get_or_init(|| {
+            Arc::new(MemState {
+                region,
+                sample: Mutex::new(Sample::default()),
+                apply: tokio::sync::Mutex::new(()),
+            })
+        })
+        .clone();
+    tokio::spawn(run(vm, st));
+}
+
+async fn run(vm: Arc<Vm>, st: Arc<MemState>) {
+    if let Err(e) = vm
+        .qmp
+        .set_balloon_stats_interval(BALLOON_ID, STATS_INTERVAL_SECS)
+        .await
+    {
+        tracing::warn!("cannot set the balloon statistics interval: {e}");
+    }
+    let mut onlined = st.region == 0;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    loop {
+        tick.tick().await;
+        if vm.qmp.is_closed() {
+            return;
+        }
+        if !onlined && heartbeat_ok(&vm) {
+            onlined = online_hotplugged(&vm).await;
+        }
+        sample_once(&vm, &st).await;
+    }
+}
+
+fn heartbeat_ok(vm: &Vm) -> bool {
+    lock(&vm.guest).heartbeat_now() == api::HeartbeatState::Ok
+}
+
+async fn online_hotplugged(vm: &Vm) -> bool {
+    let Some(req) = RunRequest::from_argv(&["sh", "-c", ONLINE_SCRIPT]) else {
+        return false;
+    };
+    match tokio::time::timeout(Duration::from_secs(5), vm.agent.exec(&req)).await {
+        Ok(Ok(_)) => {
+            tracing::info!("guest onlines hot-plugged memory as movable");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::debug!("setting the guest's memory online policy: {e}");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+async fn sample_once(vm: &Vm, st: &MemState) {
+    let now = Instant::now();
+    let mut error = None;
+    let stats = match vm.qmp.guest_memory_stats(BALLOON_ID).await {
+        Ok(s) => Some(s),
+        Err(e) => {
+            error = Some(format!("balloon statistics: {e}"));
+            None
+        }
+    };
+    // The agent's memory status, when vireo-guest answers.
+    let agent = if heartbeat_ok(vm) && vm.vireo_agent().await {
+        match tokio::time::timeout(AGENT_TIMEOUT, vm.agent.memory_status()).await {
+            Ok(Ok(m)) => Some(memory::AgentMemory {
+                total: m.total,
+                available: m.available,
+                committed: m.committed,
+            }),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    let actual = vm.qmp.query_balloon().await;
+    let plugged = if st.region > 0 {
+        vm.qmp.virtio_mem_size(VIRTIO_MEM_ID).await
+    } else {
+        Ok(0)
+    };
+    let rss = qemu_rss(vm.qemu_pid);
+    let mut s = lock(&st.sample);
+    if let Some(stats) = stats {
+        if stats.last_update != 0 && stats.last_update != s.last_update {
+            s.last_update = stats.last_update;
+            s.balloon_at = Some(now);
+            s.balloon = Some(memory::BalloonStats {
+                total: stats.total,
+                available: stats.available,
+                free: stats.free,
+            });
+        }
+    }
+    if agent.is_some() {
+        s.agent = agent;
+        s.agent_at = Some(now);
+    }
+    let agent_seen = s.agent_at.is_some();
+    let demand = memory::guest_demand(
+        s.balloon.as_ref(),
+        if agent_seen { s.agent.as_ref() } else { None },
+    );
+    let ms = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
+    let reported_at = memory::demand_reported_at(ms(s.balloon_at), ms(s.agent_at), agent_seen);
+    let (balloon_actual, plugged) = match (actual, plugged) {
+        (Ok(a), Ok(p)) => (a, p),
+        (a, p) => {
+            let e = a
+                .err()
+                .or(p.err())
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            error = Some(format!("reading the VM's memory size: {e}"));
+            (s.report.balloon_actual, s.report.plugged)
+        }
+    };
+    s.report = WorkerMemory {
+        assigned: balloon_actual + plugged,
+        balloon_actual,
+        plugged,
+        region: st.region,
+        demand: demand.filter(|_| reported_at.is_some()),
+        // demand_reported_at works on ages here: the smaller clock value is the age itself.
+        age_ms: reported_at,
+        source: reported_at.map(|_| if agent_seen { "agent" } else { "balloon" }.to_string()),
+        agent_seen,
+        qemu_rss: rss,
+        error,
+    };
+}
+
+/// QEMU's resident set size in bytes.
+fn qemu_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kib| kib * 1024)
+        .unwrap_or(0)
+}
+
+/// An error answered to vireod.
+struct MemError(ErrorKind, String);
+
+impl IntoResponse for MemError {
+    fn into_response(self) -> Response {
+        let status = match self.0 {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                kind: self.0,
+                error: self.1,
+            }),
+        )
+            .into_response()
+    }
+}
+
+/// `GET /memory` and `POST /memory`, merged into the control router.
+pub fn routes() -> Router<Arc<Vm>> {
+    Router::new().route("/memory", get(report).post(set))
+}
+
+fn state() -> Result<&'static Arc<MemState>, MemError> {
+    STATE.get().ok_or_else(|| {
+        MemError(
+            ErrorKind::Failed,
+            "memory sampling has not started yet".into(),
+        )
+    })
+}
+
+async fn report(State(_vm): State<Arc<Vm>>) -> Result<Json<WorkerMemory>, MemError> {
+    let st = state()?;
+    let r = lock(&st.sample).report.clone();
+    Ok(Json(r))
+}
+
+async fn set(
+    State(vm): State<Arc<Vm>>,
+    Json(req): Json<SetMemory>,
+) -> Result<Json<WorkerMemory>, MemError> {
+    let st = state()?;
+    if req.virtio_mem_requested > st.region {
+        return Err(MemError(
+            ErrorKind::Invalid,
+            format!(
+                "virtio-mem request of {} bytes is above the VM's region of {} bytes",
+                req.virtio_mem_requested, st.region
+            ),
+        ));
+    }
+    let _g = st.apply.lock().await;
+    let (current, plugged) = {
+        let s = lock(&st.sample);
+        (s.report.assigned, s.report.plugged)
+    };
+    let target = req.balloon_target + req.virtio_mem_requested;
+    let failed =
+        |what: &str, e: qemu::QmpError| MemError(ErrorKind::Failed, format!("{what}: {e}"));
+    let set_mem = |bytes: u64| {
+        let vm = vm.clone();
+        async move {
+            if st.region > 0 {
+                vm.qmp.set_virtio_mem_requested(VIRTIO_MEM_ID, bytes).await
+            } else {
+                Ok(())
+            }
+        }
+    };
+    if target >= current {
+        vm.qmp
+            .balloon(req.balloon_target)
+            .await
+            .map_err(|e| failed("balloon", e))?;
+        set_mem(req.virtio_mem_requested)
+            .await
+            .map_err(|e| failed("virtio-mem requested-size", e))?;
+    } else {
+        if req.virtio_mem_requested != plugged {
+            set_mem(req.virtio_mem_requested)
+                .await
+                .map_err(|e| failed("virtio-mem requested-size", e))?;
+        }
+        vm.qmp
+            .balloon(req.balloon_target)
+            .await
+            .map_err(|e| failed("balloon", e))?;
+    }
+    tracing::debug!(
+        balloon = req.balloon_target,
+        virtio_mem = req.virtio_mem_requested,
+        "memory target applied"
+    );
+    let r = lock(&st.sample).report.clone();
+    Ok(Json(r))
+}
