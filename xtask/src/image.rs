@@ -492,24 +492,9 @@ pub fn export(cache: &Cache, built: &Built, out: &Path) -> Result<()> {
     cache::copy_out(&vhdx, out)
 }
 
-/// Raw image to a dynamic VHDX. (To be replaced by the `vhdx` crate's writer.)
+/// Raw image to a dynamic VHDX, written natively by the `vhdx` crate.
 pub fn write_vhdx(raw: &Path, dst: &Path) -> Result<()> {
-    let mut c = cmd::command(
-        "qemu-img",
-        [
-            "convert",
-            "-q",
-            "-f",
-            "raw",
-            "-O",
-            "vhdx",
-            "-o",
-            "subformat=dynamic",
-        ],
-    );
-    c.arg(raw).arg(dst);
-    cmd::run(c)?;
-    Ok(())
+    crate::disk::write_vhdx(raw, dst)
 }
 
 #[cfg(test)]

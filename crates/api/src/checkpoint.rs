@@ -102,3 +102,74 @@ pub struct RemoveCheckpoint {
     /// The live merge job, when the removal merges.
     pub job: Option<JobInfo>,
 }
+
+/// Format of a disk image vireod creates for a VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum NewImageFormat {
+    /// Dynamic VHDX (the default: checkpoints need it).
+    #[default]
+    Vhdx,
+    /// Sparse raw file (no checkpoints).
+    Raw,
+}
+
+/// `POST /v1/vms/{name}/disks` body: attach an existing image (`path`) or create a new one
+/// of `size` bytes in the VM's directory (`disk<N>.vhdx`, or `.img` for raw). The VM must be
+/// off.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AddDisk {
+    /// Existing image to attach (absolute path).
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Size in bytes of a new image.
+    #[serde(default)]
+    pub size: Option<u64>,
+    /// Format of a new image (default VHDX).
+    #[serde(default)]
+    pub format: Option<NewImageFormat>,
+    /// Bus (default: the generation's boot bus).
+    #[serde(default)]
+    pub bus: Option<crate::DiskBus>,
+    /// Attach read-only.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+/// Smallest and largest size of a disk vireod creates.
+pub const NEW_DISK_SIZE: std::ops::RangeInclusive<u64> = (1 << 20)..=(64 << 40);
+
+impl AddDisk {
+    /// Checks the request alone (no file system access).
+    pub fn check(&self) -> Result<(), String> {
+        match (&self.path, self.size) {
+            (Some(_), Some(_)) => Err("give either a path or a size, not both".into()),
+            (None, None) => Err("give the path of an image or the size of a new one".into()),
+            (Some(p), None) => {
+                if self.format.is_some() {
+                    return Err(
+                        "the format is that of the image at the path (--format is for new disks)"
+                            .into(),
+                    );
+                }
+                if p.is_absolute() {
+                    Ok(())
+                } else {
+                    Err(format!("{} is not an absolute path", p.display()))
+                }
+            }
+            (None, Some(s)) => {
+                if !NEW_DISK_SIZE.contains(&s) {
+                    Err(format!("a new disk has 1 MiB to 64 TiB, not {s} bytes"))
+                } else if s % (1 << 20) != 0 {
+                    Err(format!(
+                        "a new disk's size is a whole number of MiB, not {s} bytes"
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+        }
+    }
+}

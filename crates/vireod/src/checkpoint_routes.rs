@@ -1,4 +1,4 @@
-//! HTTP routes of checkpoints and jobs: parse, call the [`Manager`], serialize.
+//! HTTP routes of checkpoints, jobs and disk add: parse, call the [`Manager`], serialize.
 
 use crate::error::ApiResult;
 use crate::manager::Manager;
@@ -30,6 +30,7 @@ pub fn routes() -> Router<Arc<Manager>> {
         .route("/v1/vms/{name}/checkpoints/{cp}/apply", post(apply))
         .route("/v1/vms/{name}/checkpoints/{cp}/rename", post(rename))
         .route("/v1/vms/{name}/checkpoints/{cp}/export", post(export))
+        .route("/v1/vms/{name}/disks", post(disk_add))
         .route("/v1/jobs", get(jobs))
         .route("/v1/jobs/{id}", get(job_show))
         .route("/v1/jobs/{id}/cancel", post(job_cancel))
@@ -83,6 +84,14 @@ async fn export(
     m.checkpoint_export(&name, &cp, parse(&body)?)
         .await
         .map(Json)
+}
+
+async fn disk_add(
+    State(m): Shared,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<api::VmInfo>> {
+    m.disk_add(&name, parse(&body)?).await.map(Json)
 }
 
 async fn jobs(State(m): Shared) -> ApiResult<Json<Vec<VmJob>>> {

@@ -13,6 +13,7 @@
 //! ```
 
 mod checkpoints;
+mod disks;
 mod memory;
 mod nics;
 

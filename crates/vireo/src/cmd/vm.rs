@@ -119,6 +119,12 @@ pub enum VmCommand {
         /// Bus of the disks (default: IDE for generation 1, SCSI for 2).
         #[arg(long, value_enum)]
         bus: Option<BusArg>,
+        /// Also create a new disk of this size in the VM's directory (after any --disk).
+        #[arg(long, value_parser = super::disk::parse_size)]
+        disk_size: Option<u64>,
+        /// Format of the --disk-size disk: VHDX (default; checkpoints need it) or raw.
+        #[arg(long, value_enum, requires = "disk_size")]
+        disk_format: Option<super::disk::NewFormatArg>,
         /// Secure Boot (generation 2; default on).
         #[arg(long, value_enum)]
         secure_boot: Option<OnOff>,
@@ -166,6 +172,11 @@ pub enum VmCommand {
     Resume(NameJson),
     /// Save memory and device state to disk and turn off; `start` resumes.
     Save(NameJson),
+    /// Disks of a VM (add).
+    Disk {
+        #[command(subcommand)]
+        cmd: super::disk::VmDiskCommand,
+    },
     /// Delete a VM that is off (and its disks unless --keep-disks).
     Delete {
         /// VM name.
@@ -287,12 +298,15 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             memory,
             disk,
             bus,
+            disk_size,
+            disk_format,
             secure_boot,
             secure_boot_template,
             accel,
             stop_timeout,
             json,
         } => {
+            let vm_name = name.clone();
             let req = CreateVm {
                 name,
                 generation,
@@ -312,7 +326,24 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 boot_order: None,
                 stop_timeout_secs: stop_timeout,
             };
-            let vm: VmInfo = client.post("/v1/vms", &req).await?;
+            let mut vm: VmInfo = client.post("/v1/vms", &req).await?;
+            if let Some(size) = disk_size {
+                let add = api::checkpoint::AddDisk {
+                    size: Some(size),
+                    format: disk_format.map(Into::into),
+                    bus: bus.map(Into::into),
+                    ..Default::default()
+                };
+                match super::disk::add_to_vm(client, &vm_name, &add).await {
+                    Ok(v) => vm = v,
+                    Err(e) => {
+                        // Leave nothing half made: the VM without its disk goes.
+                        let path = format!("{}?keep_disks=true", vm_path(&vm_name, ""));
+                        let _ = client.delete::<serde_json::Value>(&path).await;
+                        return Err(e);
+                    }
+                }
+            }
             print_vm(&vm, json)?;
         }
         VmCommand::List { json } => {
@@ -395,6 +426,7 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
                 if keep_disks { " (disks kept)" } else { "" }
             );
         }
+        VmCommand::Disk { cmd } => return super::disk::run_vm_disk(client, cmd).await,
         VmCommand::Console { name } => console(client, &name).await?,
         VmCommand::Exec { name, env, argv } => return exec(client, &name, env, argv).await,
         VmCommand::Set {
