@@ -52,10 +52,6 @@ pub struct HostSettings {
     /// Live migrations (in and out) this host runs at the same time.
     #[serde(default = "default_max_migrations")]
     pub max_migrations: u32,
-    /// Memory kept for the host itself: a migration is accepted only when the VM fits in
-    /// the available memory minus this reserve.
-    #[serde(default)]
-    pub memory_reserve: u64,
 }
 
 fn default_max_migrations() -> u32 {
@@ -66,7 +62,6 @@ impl Default for HostSettings {
     fn default() -> Self {
         HostSettings {
             max_migrations: default_max_migrations(),
-            memory_reserve: 0,
         }
     }
 }
@@ -78,9 +73,6 @@ pub struct HostSettingsPatch {
     /// New maximum of simultaneous migrations (1..=16).
     #[serde(default)]
     pub max_migrations: Option<u32>,
-    /// New memory reserve in bytes.
-    #[serde(default)]
-    pub memory_reserve: Option<u64>,
 }
 
 /// `POST /v1/vms/{name}/move` body.
@@ -229,9 +221,21 @@ pub struct WorkerMigrateStatus {
 pub struct IncomingLaunch {
     /// URI QEMU receives on (`unix:PATH`).
     pub uri: String,
-    /// Disk sizes, to serve placeholder exports until the disks are activated.
-    pub disk_sizes: Vec<u64>,
+    /// Each disk's export as the source serves it, to serve identical placeholder exports
+    /// until the disks are handed over.
+    pub disks: Vec<ExportFacts>,
     /// Multifd channels (0: off); must match the source.
     #[serde(default)]
     pub multifd_channels: u32,
+}
+
+/// What an NBD client sees of an export at the handshake.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportFacts {
+    /// Size in bytes.
+    pub size: u64,
+    /// NBD transmission flags.
+    pub flags: u16,
+    /// Block size constraints (minimum, preferred, maximum), when the server sent them.
+    pub block_size: Option<(u32, u32, u32)>,
 }

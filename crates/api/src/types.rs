@@ -455,6 +455,12 @@ pub struct HostInfo {
     pub vms_running: usize,
     /// vireod's resident set size in bytes.
     pub daemon_rss: u64,
+    /// SHA-256 fingerprint of the host certificate (peers confirm it in `vireo host trust`).
+    #[serde(default)]
+    pub fingerprint: Option<String>,
+    /// Address other hosts reach this one on (`vireod --listen`).
+    #[serde(default)]
+    pub listen: Option<String>,
 }
 
 /// `POST /v1/vms/{name}/stop` body.

@@ -21,6 +21,9 @@ pub struct LaunchSpec {
     pub console_log: PathBuf,
     /// Saved-state file to restore from instead of booting.
     pub restore_from: Option<PathBuf>,
+    /// Start as a live migration destination instead of booting.
+    #[serde(default)]
+    pub incoming: Option<crate::migration::IncomingLaunch>,
     /// Size of the virtio-mem region above startup RAM (dynamic memory); `None`: none.
     #[serde(default)]
     pub virtio_mem_region: Option<u64>,

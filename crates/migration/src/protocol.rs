@@ -371,8 +371,8 @@ pub struct PrepareRequest {
     pub needs: VmNeeds,
     /// The VM's configuration (same UUID on the destination).
     pub spec: VmSpec,
-    /// Size of each disk's export (placeholder exports until activation).
-    pub disk_sizes: Vec<u64>,
+    /// Each disk's export facts (placeholder exports until activation).
+    pub disks: Vec<api::migration::ExportFacts>,
     /// The disk service state (`disks.json`: chain leaves and checkpoint tree).
     #[serde(default)]
     pub disk_state: Option<serde_json::Value>,
@@ -382,7 +382,14 @@ pub struct PrepareRequest {
     /// Multifd channels (0: off).
     #[serde(default)]
     pub multifd_channels: u32,
+    /// The source's launch (`launch.json`): the destination starts an identical machine.
+    #[serde(default)]
+    pub launch: Option<serde_json::Value>,
 }
+
+/// Seconds without a word from the source after which a destination aborts an incoming
+/// migration on its own (the source refreshes it every second).
+pub const LEASE_SECS: u64 = 10;
 
 /// State of an incoming migration on the destination.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

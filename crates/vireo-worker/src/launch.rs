@@ -113,7 +113,7 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
         nics,
         firmware,
         run_dir: l.run_dir.clone(),
-        incoming: l.restore_from.as_ref().map(|_| "defer".to_string()),
+        incoming: (l.restore_from.is_some() || l.incoming.is_some()).then(|| "defer".to_string()),
         start_paused: true,
         balloon: Some(cmdline::BalloonConfig::default()),
         virtio_mem: l

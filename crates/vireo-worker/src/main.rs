@@ -8,6 +8,7 @@ mod control;
 mod disks;
 mod guest;
 mod launch;
+mod migration;
 mod memory;
 mod nics;
 mod vm;
@@ -70,7 +71,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let console_facts = Arc::new(Mutex::new(console::ConsoleFacts::default()));
     // The disks are served before QEMU starts (or, re-attaching, so that it reconnects).
-    disks::start(&launch)?;
+    match &launch.incoming {
+        // A migration destination gets its disks at the handover (crate::migration).
+        Some(inc) if !args.attach => migration::serve_placeholders(&launch, inc)?,
+        _ => disks::start(&launch)?,
+    }
     let (qemu_pid, started_at) = if args.attach {
         let pid = std::fs::read_to_string(run_dir.join("qemu.pid"))
             .ok()
@@ -133,11 +138,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        if let Some(saved) = &launch.restore_from {
-            launch::restore(&vm.qmp, saved).await?;
+        if let Some(inc) = &launch.incoming {
+            migration::start_incoming(&vm, inc).await?;
+        } else {
+            if let Some(saved) = &launch.restore_from {
+                launch::restore(&vm.qmp, saved).await?;
+            }
+            vm.qmp.cont().await.context("starting the guest")?;
+            vm.booted.store(true, Ordering::SeqCst);
         }
-        vm.qmp.cont().await.context("starting the guest")?;
-        vm.booted.store(true, Ordering::SeqCst);
     }
     tokio::spawn(guest::heartbeat_loop(agent, guest));
     memory::start(vm.clone(), launch.virtio_mem_region.unwrap_or(0));

@@ -65,5 +65,7 @@ pub fn info(m: &Manager) -> HostInfo {
         vms_defined: defined,
         vms_running: running,
         daemon_rss: self_rss(),
+        fingerprint: crate::peers::fingerprint(),
+        listen: crate::peers::listen_address(),
     }
 }

@@ -8,11 +8,14 @@ mod error;
 mod host;
 mod manager;
 mod memory_routes;
+mod migration_routes;
+mod peers;
 mod process;
 mod routes;
 mod store;
 mod switch_routes;
 mod switches;
+mod tls;
 
 use anyhow::{bail, Context};
 use clap::Parser;
@@ -36,6 +39,9 @@ struct Args {
     /// The vireo-worker executable (default: next to vireod).
     #[arg(long, env = "VIREO_WORKER")]
     worker: Option<PathBuf>,
+    /// Serve other hosts (migration) over mutual TLS on ADDR:PORT.
+    #[arg(long)]
+    listen: Option<String>,
 }
 
 fn choose_host_accel(requested: &str) -> (api::Accel, String) {
@@ -117,6 +123,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .context("opening the VM inventory")?,
     );
+    let peers = peers::init(&args.state_dir, args.listen.clone()).context("loading the host identity")?;
     // Re-attach to VMs that kept running while we were away before serving anything.
     manager.supervise_once().await;
     let listener = bind(&args.socket).await?;
@@ -129,6 +136,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     });
     tokio::spawn(balancer::run(manager.clone()));
+    tokio::spawn(manager.clone().migration_watchdog());
+    if let Some(addr) = &args.listen {
+        tls::serve(addr, manager.clone(), peers).await?;
+    }
     let app = routes::router(manager);
     let shutdown = async {
         let mut term =

@@ -13,6 +13,7 @@
 //! ```
 
 mod checkpoints;
+mod migration;
 mod disks;
 mod memory;
 mod nics;
@@ -461,6 +462,7 @@ impl Manager {
             uefi_vars,
             console_log: vm_dir.join("console.log"),
             restore_from: saved.exists().then_some(saved.clone()),
+            incoming: None,
             virtio_mem_region,
         };
         let bytes = serde_json::to_vec_pretty(&launch).map_err(ApiError::internal)?;

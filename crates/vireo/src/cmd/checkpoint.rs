@@ -293,6 +293,12 @@ pub async fn run_job(client: &Client, cmd: JobCommand) -> anyhow::Result<()> {
                 output::table(&HEADER, &jobs.iter().map(job_row).collect::<Vec<_>>())
             }
         }
+        JobCommand::Show { id, json } if id.starts_with("mig-") => {
+            super::migrate::job_show(client, &id, json).await?
+        }
+        JobCommand::Cancel { id } if id.starts_with("mig-") => {
+            super::migrate::job_cancel(client, &id).await?
+        }
         JobCommand::Show { id, json } => {
             let j: VmJob = client.get(&format!("/v1/jobs/{id}")).await?;
             if json {

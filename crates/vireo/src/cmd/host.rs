@@ -22,9 +22,34 @@ pub enum HostCommand {
         /// The most all VMs together may hold, e.g. 16G (0: host memory minus the reserve).
         #[arg(long, value_parser = api::units::parse_size)]
         memory_budget: Option<u64>,
+        /// Live migrations (in and out) this host runs at the same time (1-16).
+        #[arg(long)]
+        max_migrations: Option<u32>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
+    },
+    /// Trust another host for live migration (both hosts trust each other).
+    Trust {
+        /// The other host's `vireod --listen` address, ADDR:PORT.
+        address: String,
+        /// Its certificate fingerprint as `vireo host show` prints it there (else asked).
+        #[arg(long)]
+        fingerprint: Option<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Hosts this host trusts.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop trusting a host.
+    Untrust {
+        /// Its name or address.
+        name: String,
     },
 }
 
@@ -34,8 +59,24 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
         HostCommand::Set {
             memory_reserve,
             memory_budget,
+            max_migrations,
             json,
-        } => super::memory::host_set(client, memory_reserve, memory_budget, json).await,
+        } => {
+            if let Some(n) = max_migrations {
+                super::migrate::set(client, n, json).await?;
+                if memory_reserve.is_none() && memory_budget.is_none() {
+                    return Ok(());
+                }
+            }
+            super::memory::host_set(client, memory_reserve, memory_budget, json).await
+        }
+        HostCommand::Trust {
+            address,
+            fingerprint,
+            json,
+        } => super::migrate::trust(client, address, fingerprint, json).await,
+        HostCommand::List { json } => super::migrate::list(client, json).await,
+        HostCommand::Untrust { name } => super::migrate::untrust(client, name).await,
         HostCommand::Show { json } => {
             let h: HostInfo = client.get("/v1/host").await?;
             if json {
@@ -64,6 +105,14 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                     format!("{} defined, {} running", h.vms_defined, h.vms_running),
                 ),
                 ("vireod rss", format_size(h.daemon_rss)),
+                (
+                    "fingerprint",
+                    h.fingerprint.clone().unwrap_or_else(|| "-".into()),
+                ),
+                (
+                    "listen",
+                    h.listen.clone().unwrap_or_else(|| "- (vireod --listen ADDR:PORT)".into()),
+                ),
             ]);
             Ok(())
         }

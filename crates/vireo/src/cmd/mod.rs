@@ -3,6 +3,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod disk;
 pub mod host;
+pub mod migrate;
 pub mod memory;
 pub mod nic;
 pub mod output;

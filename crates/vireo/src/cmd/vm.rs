@@ -238,6 +238,8 @@ pub enum VmCommand {
     /// Network adapters: add, set (switch, VLAN, guards, QoS), list, remove.
     #[command(subcommand)]
     Nic(super::nic::NicCommand),
+    /// Live-migrate a running VM to a trusted host (`vireo host trust`).
+    Move(super::migrate::MoveArgs),
     /// Key-value pairs exchanged with the guest (needs vireo-guest).
     Kvp {
         /// VM name.
@@ -481,6 +483,7 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             print_vm(&client.patch(&vm_path(&name, ""), &patch).await?, json)?;
         }
         VmCommand::Nic(c) => super::nic::run(client, c).await?,
+        VmCommand::Move(a) => return super::migrate::move_vm(client, a).await,
         VmCommand::Kvp { name, action } => {
             match action {
                 KvpAction::List { json } => {

@@ -1,0 +1,301 @@
+//! Live migration in the worker: QEMU's own migration carries memory and device state.
+//!
+//! Source: `POST /migration/start` sets the capabilities (pause-before-switchover,
+//! auto-converge, multifd) and limits and starts `migrate` to the unix socket the daemon
+//! tunnels over mutual TLS; `/migration/release-disks` closes the disk images at the
+//! pre-switchover pause (shared storage: the destination opens them next);
+//! `/migration/continue` lets QEMU switch over; `/migration/cancel` cancels (QEMU resumes
+//! the guest); `/migration/finish` quits the source QEMU once the destination runs the VM.
+//!
+//! Destination: the worker of a launch with `incoming` serves placeholder NBD exports that
+//! look exactly like the source's (QEMU connects its NBD clients at start but does no I/O
+//! while incoming), starts QEMU with `-incoming defer` and calls `migrate-incoming`.
+//! `/migration/activate` replaces the placeholders by the real disk service (QEMU's NBD
+//! client reconnects on its first request), `/migration/resume` runs the guest.
+
+use crate::vm::Vm;
+use anyhow::Context;
+use api::migration::{ExportFacts, IncomingLaunch, WorkerMigrateStart, WorkerMigrateStatus};
+use api::worker::{ExitRecord, LaunchSpec};
+use api::{ErrorBody, ErrorKind};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use std::io;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+static LAUNCH: OnceLock<LaunchSpec> = OnceLock::new();
+static PLACEHOLDERS: Mutex<Vec<(nbd::Server, tokio::task::JoinHandle<()>)>> =
+    Mutex::new(Vec::new());
+
+/// An export with the size and abilities of a disk that is not here yet: QEMU's NBD client
+/// connects to it while the VM waits for its state; any I/O fails (none happens).
+struct Placeholder(ExportFacts);
+
+impl nbd::Export for Placeholder {
+    fn size(&self) -> u64 {
+        self.0.size
+    }
+    fn flags(&self) -> nbd::ExportFlags {
+        let f = self.0.flags;
+        nbd::ExportFlags {
+            read_only: f & (1 << 1) != 0,
+            rotational: f & (1 << 4) != 0,
+            can_trim: f & (1 << 5) != 0,
+            can_multi_conn: f & (1 << 8) != 0,
+            can_fast_zero: f & (1 << 11) != 0,
+        }
+    }
+    fn block_size(&self) -> nbd::BlockSize {
+        match self.0.block_size {
+            Some((minimum, preferred, maximum)) => nbd::BlockSize {
+                minimum,
+                preferred,
+                maximum,
+            },
+            None => nbd::BlockSize::default(),
+        }
+    }
+    fn read_at(&self, _buf: &mut [u8], _off: u64) -> io::Result<()> {
+        Err(io::Error::other("the disk is not handed over yet"))
+    }
+    fn write_at(&self, _buf: &[u8], _off: u64, _fua: bool) -> io::Result<()> {
+        Err(io::Error::other("the disk is not handed over yet"))
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Serves placeholder exports on the disk sockets of an incoming launch.
+pub fn serve_placeholders(l: &LaunchSpec, inc: &IncomingLaunch) -> anyhow::Result<()> {
+    let _ = LAUNCH.set(l.clone());
+    let mut held = PLACEHOLDERS.lock().unwrap_or_else(|p| p.into_inner());
+    for (i, facts) in inc.disks.iter().enumerate() {
+        let server = nbd::Server::new(nbd::ServerConfig::default())
+            .context("creating a placeholder NBD server")?;
+        server
+            .add_export(storage::export_name(i), Arc::new(Placeholder(*facts)))
+            .context("adding a placeholder export")?;
+        let listener = nbd::bind_unix(storage::socket_path(&l.run_dir, i))
+            .context("binding a placeholder disk socket")?;
+        let s = server.clone();
+        let task = tokio::spawn(async move {
+            let _ = s.serve_unix(listener).await;
+        });
+        held.push((server, task));
+    }
+    Ok(())
+}
+
+/// On a QEMU started with `-incoming defer`: same capabilities as the source, then
+/// `migrate-incoming`. Returns at once; the state arrives through the daemon's tunnel.
+pub async fn start_incoming(vm: &Vm, inc: &IncomingLaunch) -> anyhow::Result<()> {
+    if inc.multifd_channels > 0 {
+        vm.qmp
+            .migrate_set_capabilities(&[("multifd", true)])
+            .await
+            .context("enabling multifd")?;
+        vm.qmp
+            .migrate_set_parameters(json!({ "multifd-channels": inc.multifd_channels }))
+            .await
+            .context("setting multifd channels")?;
+    }
+    vm.qmp
+        .migrate_incoming(&inc.uri)
+        .await
+        .context("QMP migrate-incoming")?;
+    Ok(())
+}
+
+/// Routes merged into the control router.
+pub fn routes() -> Router<Arc<Vm>> {
+    Router::new()
+        .route("/migration/start", post(start))
+        .route("/migration/status", get(status))
+        .route("/migration/continue", post(cont))
+        .route("/migration/cancel", post(cancel))
+        .route("/migration/release-disks", post(release_disks))
+        .route("/migration/finish", post(finish))
+        .route("/migration/activate", post(activate))
+        .route("/migration/resume", post(resume))
+}
+
+/// An error answered to vireod.
+pub struct MigError(String);
+
+impl IntoResponse for MigError {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::BAD_GATEWAY,
+            Json(ErrorBody {
+                kind: ErrorKind::Failed,
+                error: self.0,
+            }),
+        )
+            .into_response()
+    }
+}
+
+impl From<anyhow::Error> for MigError {
+    fn from(e: anyhow::Error) -> Self {
+        MigError(format!("{e:#}"))
+    }
+}
+
+type R<T> = Result<Json<T>, MigError>;
+
+async fn start(State(vm): State<Arc<Vm>>, Json(req): Json<WorkerMigrateStart>) -> R<Value> {
+    let mut caps = vec![
+        ("pause-before-switchover", true),
+        ("auto-converge", req.auto_converge),
+        ("events", true),
+    ];
+    if req.multifd_channels > 0 {
+        caps.push(("multifd", true));
+    }
+    vm.qmp
+        .migrate_set_capabilities(&caps)
+        .await
+        .context("setting migration capabilities")?;
+    let mut params = json!({
+        "max-bandwidth": if req.bandwidth == 0 { i64::MAX as u64 } else { req.bandwidth },
+        "downtime-limit": req.max_downtime_ms.clamp(1, 2_000_000),
+    });
+    if req.multifd_channels > 0 {
+        params["multifd-channels"] = json!(req.multifd_channels);
+    }
+    vm.qmp
+        .migrate_set_parameters(params)
+        .await
+        .context("setting migration parameters")?;
+    vm.qmp.migrate(&req.uri).await.context("QMP migrate")?;
+    tracing::info!(uri = %req.uri, "outgoing migration started");
+    Ok(Json(Value::Null))
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    let mut cur = v;
+    for p in path {
+        match cur.get(p) {
+            Some(n) => cur = n,
+            None => return 0,
+        }
+    }
+    cur.as_u64().unwrap_or(0)
+}
+
+async fn status(State(vm): State<Arc<Vm>>) -> R<WorkerMigrateStatus> {
+    let m = vm.qmp_simple("query-migrate").await?;
+    let st = vm.qmp_simple("query-status").await?;
+    let status = m
+        .get("status")
+        .and_then(|s| s.as_str())
+        .unwrap_or("none")
+        .to_string();
+    Ok(Json(WorkerMigrateStatus {
+        run_state: st
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("unknown")
+            .to_string(),
+        transferred: u(&m, &["ram", "transferred"]),
+        remaining: u(&m, &["ram", "remaining"]),
+        total: u(&m, &["ram", "total"]),
+        dirty_pages_rate: u(&m, &["ram", "dirty-pages-rate"]),
+        passes: u(&m, &["ram", "dirty-sync-count"]),
+        expected_downtime_ms: u(&m, &["expected-downtime"]),
+        downtime_ms: m.get("downtime").and_then(|d| d.as_u64()),
+        error: m
+            .get("error-desc")
+            .and_then(|d| d.as_str())
+            .map(str::to_string),
+        status,
+    }))
+}
+
+async fn cont(State(vm): State<Arc<Vm>>) -> R<Value> {
+    vm.qmp
+        .execute(
+            "migrate-continue",
+            Some(json!({ "state": "pre-switchover" })),
+        )
+        .await
+        .context("QMP migrate-continue")?;
+    Ok(Json(Value::Null))
+}
+
+async fn cancel(State(vm): State<Arc<Vm>>) -> R<Value> {
+    vm.qmp
+        .migrate_cancel()
+        .await
+        .context("QMP migrate_cancel")?;
+    // Wait until QEMU has left the migration (it resumes a guest that was running).
+    for _ in 0..200 {
+        let m = vm.qmp_simple("query-migrate").await?;
+        match m.get("status").and_then(|s| s.as_str()) {
+            Some("cancelling")
+            | Some("active")
+            | Some("pre-switchover")
+            | Some("device")
+            | Some("setup") => tokio::time::sleep(Duration::from_millis(50)).await,
+            _ => break,
+        }
+    }
+    Ok(Json(Value::Null))
+}
+
+async fn release_disks(State(_vm): State<Arc<Vm>>) -> R<Value> {
+    tokio::task::spawn_blocking(crate::disks::shutdown)
+        .await
+        .context("closing the disks")?;
+    tracing::info!("disk images closed for the handover");
+    Ok(Json(Value::Null))
+}
+
+async fn finish(State(vm): State<Arc<Vm>>) -> R<Value> {
+    vm.set_exit(ExitRecord {
+        reason: "moved to another host".into(),
+        clean: true,
+        saved: false,
+    });
+    let _ = vm.qmp_simple("quit").await;
+    Ok(Json(Value::Null))
+}
+
+async fn activate(State(_vm): State<Arc<Vm>>) -> R<Value> {
+    let Some(l) = LAUNCH.get() else {
+        return Err(MigError(
+            "this worker is not a migration destination".into(),
+        ));
+    };
+    let held: Vec<_> = std::mem::take(&mut *PLACEHOLDERS.lock().unwrap_or_else(|p| p.into_inner()));
+    for (s, task) in held {
+        s.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    }
+    crate::disks::start(l).context("opening the disks on the destination")?;
+    tracing::info!("disks handed over: served by the disk service");
+    Ok(Json(Value::Null))
+}
+
+async fn resume(State(vm): State<Arc<Vm>>) -> R<Value> {
+    let st = vm.qmp_simple("query-status").await?;
+    let s = st.get("status").and_then(|s| s.as_str()).unwrap_or("");
+    if s != "paused" && s != "running" {
+        return Err(
+            anyhow::anyhow!("the incoming state is not complete (QEMU status {s:?})").into(),
+        );
+    }
+    if s == "paused" {
+        vm.qmp.cont().await.context("starting the guest")?;
+    }
+    vm.booted.store(true, Ordering::SeqCst);
+    tracing::info!("incoming VM runs");
+    Ok(Json(Value::Null))
+}
