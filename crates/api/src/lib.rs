@@ -10,6 +10,7 @@ pub mod client;
 pub mod migration;
 pub mod memory;
 pub mod switch;
+pub mod storage_move;
 pub mod types;
 pub mod units;
 pub mod validate;

@@ -115,6 +115,11 @@ fn failed(e: impl std::fmt::Display) -> DiskError {
     DiskError(ErrorKind::Failed, e.to_string())
 }
 
+/// The disk service and the VM directory, once started (storage migration uses them).
+pub fn service() -> Option<(Arc<DiskService>, PathBuf)> {
+    Some((SERVICE.get()?.clone(), VM_DIR.get()?.clone()))
+}
+
 fn svc() -> Result<Arc<DiskService>, DiskError> {
     SERVICE.get().cloned().ok_or_else(|| {
         DiskError(

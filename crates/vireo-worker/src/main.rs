@@ -11,6 +11,7 @@ mod launch;
 mod migration;
 mod memory;
 mod nics;
+mod storage_move;
 mod vm;
 
 use agent::client::AgentClient;

@@ -12,6 +12,7 @@ mod migration_routes;
 mod peers;
 mod process;
 mod routes;
+mod storage_move_routes;
 mod store;
 mod switch_routes;
 mod switches;

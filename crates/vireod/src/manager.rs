@@ -13,6 +13,7 @@
 //! ```
 
 mod checkpoints;
+mod storage_move;
 mod migration;
 mod disks;
 mod memory;

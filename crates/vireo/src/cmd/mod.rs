@@ -6,6 +6,7 @@ pub mod host;
 pub mod migrate;
 pub mod memory;
 pub mod nic;
+pub mod move_storage;
 pub mod output;
 pub mod serve;
 pub mod switch;

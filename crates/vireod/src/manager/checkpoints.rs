@@ -169,12 +169,16 @@ impl Manager {
             if let Ok(Some(st)) = DiskState::load(&self.store.vm_dir(&u)) {
                 out.extend(tree(&st).jobs.into_iter().map(|j| (n.clone(), j)));
             }
+            out.extend(self.storage_move_job(&u).map(|j| (n.clone(), j)));
         }
         Ok(out)
     }
 
     /// Cancels (or, with `resume`, continues) a merge job.
     pub async fn job_cancel(&self, id: &str, resume: bool) -> ApiResult<JobInfo> {
+        if let Some(r) = self.storage_move_cancel(id, resume).await {
+            return r;
+        }
         let (vm, _) = self
             .jobs()
             .await?
