@@ -5,6 +5,8 @@
 //! --workspace --bins` runs first in `scripts/test.sh`). Without QEMU or the guest images a
 //! test fails with a message naming the setup command: a silently skipped test proves nothing.
 
+pub mod multihost;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

@@ -1,0 +1,333 @@
+//! Live migration between vireod hosts in separate network namespaces (shared storage):
+//! a generation 1 guest keeps a counter in memory and writes checksummed records to its
+//! second disk while it moves A→B→A; refusals leave nothing behind; faults (cancel, link
+//! cut during pre-copy and at switchover, kill -9 of the destination daemon) each leave
+//! exactly one running copy, on the source, with the counter still counting and every disk
+//! record verifying.
+
+use std::time::{Duration, Instant};
+use vireo_e2e::multihost::{Cluster, NsHost};
+use vireo_e2e::*;
+
+/// The guest's writer: a counter in memory (shell variable mirrored in /tmp, the
+/// initramfs) and 4 KiB records on /dev/sdb, each 4000 random bytes + "seq sha256".
+const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
+i=0
+while true; do
+  i=$((i+1))
+  head -c 4000 /dev/urandom > /tmp/r
+  s=$(sha256sum /tmp/r | cut -c1-64)
+  { cat /tmp/r; printf '%s %s\n' "$i" "$s"; } > /tmp/rec
+  dd if=/tmp/rec of=/dev/sdb bs=4096 seek=$((i % 64)) count=1 conv=sync,fsync 2>/dev/null
+  echo $i > /tmp/counter
+  sleep 0.05
+done
+EOS
+setsid sh /tmp/w.sh >/dev/null 2>&1 &
+echo $! > /tmp/w.pid; echo started"#;
+
+/// Stops the writer and checks every record: its checksum, its slot, and that the last
+/// acknowledged write is there. Prints `OK <last>` or what is wrong.
+const VERIFY: &str = r#"kill $(cat /tmp/w.pid); sleep 0.3; sync; echo 3 > /proc/sys/vm/drop_caches
+last=$(cat /tmp/counter); n=0; bad=""
+for k in $(seq 0 63); do
+  dd if=/dev/sdb of=/tmp/b bs=4096 skip=$k count=1 2>/dev/null
+  t=$(dd if=/tmp/b bs=1 skip=4000 2>/dev/null | tr -d '\000')
+  [ -z "$t" ] && continue
+  seq=${t%% *}; sum=${t#* }
+  got=$(head -c 4000 /tmp/b | sha256sum | cut -c1-64)
+  [ "$got" = "$sum" ] || bad="$bad sum@$k"
+  [ $((seq % 64)) -eq $k ] || bad="$bad slot@$k"
+  [ $seq -le $last ] && [ $seq -gt $((last - 64)) ] || bad="$bad seq@$k($seq/$last)"
+  n=$((n+1))
+done
+t=$(dd if=/dev/sdb bs=4096 skip=$((last % 64)) count=1 2>/dev/null | dd bs=1 skip=4000 2>/dev/null | tr -d '\000')
+[ "${t%% *}" = "$last" ] || bad="$bad lost-last($t/$last)"
+if [ -z "$bad" ]; then echo "OK $last $n"; else echo "BAD$bad"; fi"#;
+
+fn counter(h: &NsHost) -> u64 {
+    let (code, out) = h.exec(
+        "g",
+        "cat /tmp/counter; kill -0 $(cat /tmp/w.pid) && echo alive",
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("alive"), "the writer died: {out}");
+    out.lines()
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("counter")
+}
+
+fn wait_counter_above(h: &NsHost, v: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let c = counter(h);
+        if c > v {
+            return c;
+        }
+        assert!(Instant::now() < deadline, "counter stuck at {c}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// Defines and starts `g` on host 0 with a boot disk and a 16 MiB data disk, starts the writer.
+fn start_guest(c: &Cluster) -> u64 {
+    let boot = guest_disk(c.dir.path(), 1, GuestAgent::Vireo);
+    let data = c.dir.path().join("data.vhdx");
+    let a = &c.hosts[0];
+    a.ok(&["disk", "new", data.to_str().unwrap(), "--size", "16M"]);
+    a.ok(&[
+        "vm",
+        "new",
+        "g",
+        "--generation",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        boot.to_str().unwrap(),
+        "--disk",
+        data.to_str().unwrap(),
+    ]);
+    a.ok(&["vm", "start", "g"]);
+    a.wait_heartbeat("g");
+    let (code, out) = a.exec("g", WRITER);
+    assert_eq!(code, 0, "{out}");
+    wait_counter_above(a, 3)
+}
+
+fn verify(h: &NsHost) -> u64 {
+    let (code, out) = h.exec("g", VERIFY);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("OK "), "disk verification failed: {out}");
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn job(h: &NsHost, id: &str) -> serde_json::Value {
+    serde_json::from_str(&h.ok(&["job", "show", id, "--json"])).expect("job json")
+}
+
+fn wait_job(
+    h: &NsHost,
+    id: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let j = job(h, id);
+        if pred(&j) {
+            return j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {j:#}\n{}",
+            tail(&h.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn is_final(j: &serde_json::Value) -> bool {
+    matches!(
+        j["phase"].as_str(),
+        Some("completed" | "failed" | "cancelled")
+    )
+}
+
+/// Exactly one copy, on `src`, running, counting; nothing left on `dst` (after its lease).
+fn assert_on_source_only(src: &NsHost, dst: &NsHost, before: u64) -> u64 {
+    assert_eq!(src.show("g")["state"], "running");
+    let c = wait_counter_above(src, before);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !dst.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "destination kept {:?}\n{}",
+            dst.leftovers(),
+            tail(&dst.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert!(
+        dst.vm_names().is_empty(),
+        "the VM is defined on the destination too"
+    );
+    c
+}
+
+/// A→B→A with shared storage: the counter continues, the disk verifies, the source forgets
+/// the VM only once the destination runs it.
+#[test]
+fn move_there_and_back() {
+    let c = Cluster::start(2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    // Trust is confirmed per host; refused fingerprint changes nothing.
+    let wrong = a.fails(&["host", "trust", &b.addr, "--fingerprint", &"AB".repeat(32)]);
+    assert!(wrong.contains("not the confirmed"), "{wrong}");
+    assert!(a.ok(&["host", "list", "--json"]).trim() == "[]");
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let listed = a.ok(&["host", "list"]);
+    assert!(listed.contains(&b.addr), "{listed}");
+
+    let c0 = start_guest(&c);
+    let out = a.ok(&["vm", "move", "g", "--to", &b.addr, "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["phase"], "completed", "{j:#}");
+    eprintln!(
+        "A->B: {:.1} s, downtime {} ms, {} bytes",
+        j["elapsed_secs"], j["downtime_ms"], j["memory_transferred"]
+    );
+    assert!(a.vm_names().is_empty(), "source still lists the VM");
+    assert!(a.leftovers().is_empty(), "source left {:?}", a.leftovers());
+    assert_eq!(b.show("g")["state"], "running");
+    let c1 = wait_counter_above(b, c0);
+
+    let out = b.ok(&[
+        "vm",
+        "move",
+        "g",
+        "--to",
+        &a.addr,
+        "--max-downtime",
+        "300ms",
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["phase"], "completed", "{j:#}");
+    eprintln!(
+        "B->A: {:.1} s, downtime {} ms",
+        j["elapsed_secs"], j["downtime_ms"]
+    );
+    assert!(b.vm_names().is_empty());
+    let c2 = wait_counter_above(a, c1);
+    assert!(c2 > c1 && c1 > c0);
+    let last = verify(a);
+    assert!(last >= c2);
+}
+
+/// Refusals before anything moves: untrusted source, protocol version mismatch, too little
+/// memory; each with its reason and fix, the VM untouched on the source, nothing on the
+/// destination.
+#[test]
+fn refusals_move_nothing() {
+    let c = Cluster::start(3, &[&[], &[], &[("VIREO_TEST_PROTOCOL_VERSION", "99")]]);
+    let (a, b, old) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
+    let c0 = start_guest(&c);
+
+    // Not trusted at all.
+    let e = a.fails(&["vm", "move", "g", "--to", &b.addr]);
+    assert!(e.contains("no trusted host"), "{e}");
+    // A trusts B, B does not trust A: B refuses and logs it.
+    c.trust(0, 1);
+    let e = a.fails(&["vm", "move", "g", "--to", &b.addr]);
+    assert!(e.contains("does not trust"), "{e}");
+    assert!(b.log().contains("refused a request from an untrusted host"));
+    let c1 = assert_on_source_only(a, b, c0);
+
+    // Version mismatch.
+    c.trust(0, 2);
+    c.trust(2, 0);
+    let e = a.fails(&["vm", "move", "g", "--to", &old.addr]);
+    assert!(
+        e.contains("protocol version mismatch") && e.contains("upgrade"),
+        "{e}"
+    );
+    let c2 = assert_on_source_only(a, old, c1);
+
+    // Not enough memory on B.
+    c.trust(1, 0);
+    b.ok(&["host", "set", "--memory-budget", "64M"]);
+    let e = a.fails(&["vm", "move", "g", "--to", &b.addr]);
+    assert!(e.contains("memory"), "{e}");
+    let c3 = assert_on_source_only(a, b, c2);
+    assert!(c3 > c0);
+    verify(a);
+}
+
+/// Faults: cancel, link cut during pre-copy, link cut at switchover, kill -9 of the
+/// destination daemon. After each, one running copy on the source, data verifies.
+#[test]
+fn faults_leave_vm_on_source() {
+    let c = Cluster::start(2, &[&[("VIREO_TEST_HOLD_SWITCHOVER_MS", "4000")], &[]]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let mut n = start_guest(&c);
+    let slow = ["--bandwidth", "4M"];
+
+    // Cancel during pre-copy.
+    let id = a
+        .ok(&[
+            &["vm", "move", "g", "--to", &b.addr, "--no-wait"][..],
+            &slow[..],
+        ]
+        .concat())
+        .trim()
+        .to_string();
+    wait_job(a, &id, "memory phase", |j| {
+        j["phase"] == "memory" && j["memory_transferred"].as_u64().unwrap_or(0) > 0
+    });
+    a.ok(&["job", "cancel", &id]);
+    let j = wait_job(a, &id, "end", is_final);
+    assert_eq!(j["phase"], "cancelled", "{j:#}");
+    n = assert_on_source_only(a, b, n);
+
+    // Link cut during pre-copy.
+    let id = a
+        .ok(&[
+            &["vm", "move", "g", "--to", &b.addr, "--no-wait"][..],
+            &slow[..],
+        ]
+        .concat())
+        .trim()
+        .to_string();
+    wait_job(a, &id, "memory phase", |j| {
+        j["memory_transferred"].as_u64().unwrap_or(0) > (1 << 20)
+    });
+    b.link(false);
+    let j = wait_job(a, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    n = wait_counter_above(a, n);
+    b.link(true);
+    n = assert_on_source_only(a, b, n);
+
+    // Link cut at switchover (the source holds the pre-switchover pause for 4 s).
+    let id = a
+        .ok(&["vm", "move", "g", "--to", &b.addr, "--no-wait"])
+        .trim()
+        .to_string();
+    wait_job(a, &id, "switchover", |j| {
+        j["phase"] == "switchover" || is_final(j)
+    });
+    b.link(false);
+    let j = wait_job(a, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    n = wait_counter_above(a, n);
+    b.link(true);
+    n = assert_on_source_only(a, b, n);
+
+    // kill -9 of the destination daemon during pre-copy; it cleans up when it comes back.
+    let id = a
+        .ok(&[
+            &["vm", "move", "g", "--to", &b.addr, "--no-wait"][..],
+            &slow[..],
+        ]
+        .concat())
+        .trim()
+        .to_string();
+    wait_job(a, &id, "memory phase", |j| {
+        j["memory_transferred"].as_u64().unwrap_or(0) > (1 << 20)
+    });
+    b.kill9();
+    let j = wait_job(a, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    b.spawn();
+    let n2 = assert_on_source_only(a, b, n);
+    assert!(n2 > n);
+    verify(a);
+}
