@@ -187,7 +187,8 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         }
     };
     s.report = WorkerMemory {
-        assigned: balloon_actual + plugged,
+        // QEMU's balloon `actual` counts memory-device RAM (virtio-mem plugged) too.
+        assigned: balloon_actual,
         balloon_actual,
         plugged,
         region: st.region,
@@ -287,11 +288,28 @@ async fn set(
             }
         }
     };
+    // QEMU's `balloon` value is relative to boot RAM plus what virtio-mem has plugged at the
+    // time of the command (the balloon's page count is fixed then): add the plugged size so the
+    // balloon leaves exactly `balloon_target` of boot RAM to the guest.
+    let balloon = |plugged_now: u64| {
+        let vm = vm.clone();
+        async move { vm.qmp.balloon(req.balloon_target + plugged_now).await }
+    };
+    let plugged_now = || {
+        let vm = vm.clone();
+        async move {
+            if st.region > 0 {
+                vm.qmp.virtio_mem_size(VIRTIO_MEM_ID).await
+            } else {
+                Ok(0)
+            }
+        }
+    };
     if target >= current {
-        vm.qmp
-            .balloon(req.balloon_target)
+        let p = plugged_now()
             .await
-            .map_err(|e| failed("balloon", e))?;
+            .map_err(|e| failed("virtio-mem size", e))?;
+        balloon(p).await.map_err(|e| failed("balloon", e))?;
         set_mem(req.virtio_mem_requested)
             .await
             .map_err(|e| failed("virtio-mem requested-size", e))?;
@@ -301,10 +319,10 @@ async fn set(
                 .await
                 .map_err(|e| failed("virtio-mem requested-size", e))?;
         }
-        vm.qmp
-            .balloon(req.balloon_target)
+        let p = plugged_now()
             .await
-            .map_err(|e| failed("balloon", e))?;
+            .map_err(|e| failed("virtio-mem size", e))?;
+        balloon(p).await.map_err(|e| failed("balloon", e))?;
     }
     tracing::debug!(
         balloon = req.balloon_target,

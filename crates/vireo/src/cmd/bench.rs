@@ -28,6 +28,8 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Dynamic memory: guest demand step to grant time, and density (simulation).
+    Memory(super::bench_memory::MemoryBenchArgs),
 }
 
 /// Median and spread of a series, in milliseconds.
@@ -112,12 +114,15 @@ fn rss_of(pid: u32) -> u64 {
 
 /// Runs a benchmark.
 pub async fn run(client: &Client, cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Boot {
-        image1,
-        image2,
-        runs,
-        json,
-    } = cmd;
+    let (image1, image2, runs, json) = match cmd {
+        BenchCommand::Memory(a) => return super::bench_memory::run(client, a).await,
+        BenchCommand::Boot {
+            image1,
+            image2,
+            runs,
+            json,
+        } => (image1, image2, runs, json),
+    };
     if image1.is_none() && image2.is_none() {
         bail!("give --image1 and/or --image2 (bootable test guests: `cargo xtask guest-image --generation N --out FILE`)");
     }

@@ -1,5 +1,6 @@
 //! One module per command group.
 pub mod bench;
+pub mod bench_memory;
 pub mod checkpoint;
 pub mod disk;
 pub mod host;
