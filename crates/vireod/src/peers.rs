@@ -232,7 +232,7 @@ pub fn hello(m: &Manager) -> Hello {
         .unwrap_or(migration::PROTOCOL_VERSION);
     Hello {
         protocol_version: version,
-        min_protocol_version: version.min(migration::protocol::MIN_PROTOCOL_VERSION),
+        min_protocol_version: version.max(migration::protocol::MIN_PROTOCOL_VERSION),
         vireo_version: env!("CARGO_PKG_VERSION").to_string(),
         hostname: hostname(),
         fingerprint: p
