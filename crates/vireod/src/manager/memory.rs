@@ -248,7 +248,7 @@ impl Manager {
 
     /// Admission control at start: refuses a VM whose minimum cannot be guaranteed next to the
     /// running VMs. Returns the virtio-mem region to boot with (dynamic VMs whose maximum is
-    /// above startup): `max(maximum, host limit) - startup`, so that maximum can grow live.
+    /// above startup): `maximum - startup`; maximum can grow live only within it.
     pub(super) fn admit_memory(&self, uuid: &Uuid, spec: &VmSpec) -> ApiResult<Option<u64>> {
         let new = settings_of(spec);
         let running: Vec<MemorySettings> = {
@@ -269,7 +269,9 @@ impl Manager {
         if !new.dynamic || new.maximum <= new.startup {
             return Ok(None);
         }
-        let region = new.maximum.max(host.vm_limit()) - new.startup;
+        // The region is sized to the maximum: a region as large as the host (so that maximum
+        // could grow live up to it) kept a TCG guest from booting in our tests.
+        let region = new.maximum - new.startup;
         Ok(Some(region - region % (2 * MIB)))
     }
 
