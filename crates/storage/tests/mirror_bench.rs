@@ -1,0 +1,140 @@
+//! Benchmark (ignored by default): storage migration of a served two-layer chain
+//! (512 MiB base + 128 MiB checkpoint leaf) into another directory on the same file
+//! system, side by side with `cp` of the same files (+ `sync`), alternating, in one run.
+//!
+//! `cargo test --release -p storage --test mirror_bench -- --ignored --nocapture`
+//! (set `MIRROR_BENCH_DIR` to choose the file system; default the system temp dir).
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use storage::mirror::{DirSink, MirrorOptions};
+use storage::{CheckpointKind, DiskConfig, DiskService};
+use vhdx::{CreateOptions, DiskType, Vhdx};
+
+const MIB: u64 = 1 << 20;
+
+fn fill(seed: u64, b: &mut [u8]) {
+    let mut x = seed | 1;
+    for c in b.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let n = c.len();
+        c.copy_from_slice(&x.to_le_bytes()[..n]);
+    }
+}
+
+fn dir_bytes(d: &Path) -> u64 {
+    std::fs::read_dir(d)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn storage_migration_vs_cp() {
+    let root = std::env::var("MIRROR_BENCH_DIR")
+        .unwrap_or_else(|_| std::env::temp_dir().display().to_string());
+    let tmp = tempfile::tempdir_in(root).unwrap();
+    let src = tmp.path().join("src");
+    let run = tmp.path().join("run");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    let base = src.join("disk0.vhdx");
+    let v = Vhdx::create(
+        &base,
+        &CreateOptions {
+            size: 1 << 30,
+            disk_type: DiskType::Dynamic,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut buf = vec![0u8; (4 * MIB) as usize];
+    for i in 0..128u64 {
+        fill(i + 1, &mut buf);
+        v.write_at(&buf, i * 4 * MIB).unwrap();
+    }
+    v.close().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let _g = rt.enter();
+    let svc = DiskService::start(
+        tmp.path(),
+        &run,
+        &[DiskConfig {
+            path: base,
+            read_only: false,
+        }],
+    )
+    .unwrap();
+    svc.create_checkpoint(None, CheckpointKind::Production, None)
+        .unwrap();
+    let c = svc.chain(0).unwrap();
+    for i in 0..32u64 {
+        fill(1000 + i, &mut buf);
+        nbd::Export::write_at(c.as_ref(), &buf, (512 * MIB) + i * 4 * MIB, false).unwrap();
+    }
+    nbd::Export::flush(c.as_ref()).unwrap();
+    let bytes = dir_bytes(&src);
+    println!(
+        "chain: {} files, {} MiB",
+        std::fs::read_dir(&src).unwrap().count(),
+        bytes / MIB
+    );
+    let mut cp_s = Vec::new();
+    let mut mv_s = Vec::new();
+    let mut here = src.clone();
+    for round in 0..3 {
+        // cp of the current files (+ sync), then removed.
+        let d = tmp.path().join(format!("cp{round}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let t = Instant::now();
+        let mut cmd = Command::new("cp");
+        cmd.arg("--sparse=auto");
+        for e in std::fs::read_dir(&here).unwrap() {
+            cmd.arg(e.unwrap().path());
+        }
+        assert!(cmd.arg(&d).status().unwrap().success());
+        assert!(Command::new("sync")
+            .arg("-f")
+            .arg(&d)
+            .status()
+            .unwrap()
+            .success());
+        cp_s.push(t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&d).unwrap();
+        // Storage migration of the served chain.
+        let d = tmp.path().join(format!("mv{round}"));
+        let t = Instant::now();
+        let m = svc
+            .mirror_disk(0, Box::new(DirSink::new(&d)), MirrorOptions::default())
+            .unwrap();
+        let _ = m.wait_converged(std::time::Duration::from_secs(600));
+        let out = svc.complete_move(0, m).unwrap();
+        for f in &out.source_files {
+            std::fs::remove_file(f).unwrap();
+        }
+        mv_s.push(t.elapsed().as_secs_f64());
+        println!(
+            "round {round}: cp {:.2} s ({:.0} MiB/s), move-storage {:.2} s ({:.0} MiB/s), I/O held {} ms",
+            cp_s[round],
+            bytes as f64 / MIB as f64 / cp_s[round],
+            mv_s[round],
+            bytes as f64 / MIB as f64 / mv_s[round],
+            out.io_pause.as_millis()
+        );
+        here = d;
+    }
+    let cp: f64 = cp_s.iter().sum();
+    let mv: f64 = mv_s.iter().sum();
+    println!(
+        "storage migration throughput / cp throughput = {:.2} (cp {:.0} MiB/s, move {:.0} MiB/s)",
+        cp / mv,
+        3.0 * bytes as f64 / MIB as f64 / cp,
+        3.0 * bytes as f64 / MIB as f64 / mv
+    );
+    svc.close().unwrap();
+}
