@@ -334,3 +334,154 @@ proptest! {
         }
     }
 }
+
+/// Hostile frames: runts, oversize frames, broken and double 802.1Q tags are dropped and
+/// counted, never forwarded across VLANs, and never panic the dataplane.
+#[test]
+fn hostile_frames_are_dropped_and_counted() {
+    let trunk = VlanMode::Trunk {
+        allowed: [10, 20].into(),
+        native: None,
+    };
+    let mut dp = switch(vec![
+        port("a10", access(10)),
+        port("b10", access(10)),
+        port("c20", access(20)),
+        port("t", trunk),
+    ]);
+    // runts: 0..=13 bytes carry no Ethernet header
+    for n in 0..14usize {
+        let f = vec![0xffu8; n];
+        for from in 0..4 {
+            assert!(
+                run(&mut dp, from, &f).is_empty(),
+                "runt of {n} bytes forwarded"
+            );
+        }
+    }
+    assert_eq!(
+        dp.ports()[0].counters.drops_for(DropReason::Malformed),
+        14,
+        "every runt is counted as malformed"
+    );
+    // a tag header cut short (TPID and nothing after it)
+    let mut cut = eth(Mac::BROADCAST, mac(1), ETH_P_IPV4, &[]);
+    cut.truncate(12);
+    cut.extend_from_slice(&[0x81, 0x00, 0x00]);
+    assert!(run(&mut dp, 3, &cut).is_empty());
+    // oversize: 64 KiB of payload on an access port and on the trunk
+    let big = eth(Mac::BROADCAST, mac(1), ETH_P_IPV4, &vec![0x45; 65_000]);
+    assert!(run(&mut dp, 0, &big).is_empty());
+    assert!(run(&mut dp, 3, &big).is_empty());
+    assert_eq!(dp.ports()[0].counters.drops_for(DropReason::Mtu), 1);
+    // a VLAN 20 tag arriving on a VLAN 10 access port never reaches VLAN 20
+    let mut tagged20 = ping(1, Mac::BROADCAST);
+    push_tag(
+        &mut tagged20,
+        VlanTag {
+            pcp: 0,
+            dei: false,
+            vid: 20,
+        },
+    );
+    for (p, _) in run(&mut dp, 0, &tagged20) {
+        assert_ne!(p, 2, "tagged frame from an access port leaked into VLAN 20");
+    }
+    // double tags (QinQ 0x88a8 outer and 0x8100 twice): the inner tag is payload; the outer
+    // VLAN decides, and frames leave only on its members
+    for outer_tpid in [0x8100u16, 0x88a8] {
+        let mut f = ping(2, Mac::BROADCAST);
+        push_tag(
+            &mut f,
+            VlanTag {
+                pcp: 0,
+                dei: false,
+                vid: 20,
+            },
+        );
+        push_tag(
+            &mut f,
+            VlanTag {
+                pcp: 0,
+                dei: false,
+                vid: 10,
+            },
+        );
+        f[12..14].copy_from_slice(&outer_tpid.to_be_bytes());
+        for (p, out) in run(&mut dp, 3, &f) {
+            assert_ne!(p, 2, "double-tagged frame for VLAN 10 reached VLAN 20");
+            assert!(out.len() <= f.len(), "output grew");
+        }
+    }
+    // reserved VLAN ids 0 (priority tag) and 4095 on the trunk
+    for vid in [0u16, 4095] {
+        let mut f = ping(3, Mac::BROADCAST);
+        push_tag(
+            &mut f,
+            VlanTag {
+                pcp: 7,
+                dei: true,
+                vid,
+            },
+        );
+        for (p, _) in run(&mut dp, 3, &f) {
+            assert!(p != 3, "frame reflected to its input");
+        }
+    }
+    // the switch still forwards normally afterwards
+    assert_eq!(run(&mut dp, 0, &ping(1, Mac::BROADCAST)).len(), 2);
+}
+
+/// A flood of random source MACs fills the MAC table only up to its bound; MACs learned
+/// before the flood keep their entries and unicast to them still goes to one port.
+#[test]
+fn source_mac_flood_keeps_fdb_bounded() {
+    let mut dp = switch(vec![
+        port("a", access(1)),
+        port("b", access(1)),
+        port("c", access(1)),
+    ]);
+    run(&mut dp, 1, &ping(2, Mac::BROADCAST)); // learn mac(2) on port 1
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    for _ in 0..(FDB_MAX_ENTRIES * 3) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        let src = Mac([b[0] & 0xfe, b[1], b[2], b[3], b[4], b[5]]); // unicast sources
+        let f = eth(mac(2), src, ETH_P_IPV4, &[0u8; 46]);
+        let out = run(&mut dp, 0, &f);
+        assert!(
+            out.iter().all(|(p, _)| *p == 1),
+            "unicast to mac(2) left on {out:?}"
+        );
+    }
+    let n = dp.fdb(0).len();
+    assert!(n <= FDB_MAX_ENTRIES, "FDB holds {n} entries");
+    assert!(
+        n >= FDB_MAX_ENTRIES / 2,
+        "the flood was not learned at all ({n})"
+    );
+    let out = run(&mut dp, 2, &ping(3, mac(2)));
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].0, 1);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// Arbitrary bytes on any port never panic, never come back out of their input port,
+    /// and never leave bigger than MTU plus one tag.
+    #[test]
+    fn arbitrary_bytes_never_panic(
+        from in 0u32..3,
+        bytes in proptest::collection::vec(any::<u8>(), 0..1600),
+    ) {
+        let trunk = VlanMode::Trunk { allowed: [1, 2].into(), native: Some(1) };
+        let mut dp = switch(vec![port("a", access(1)), port("b", access(2)), port("t", trunk)]);
+        for (p, out) in run(&mut dp, from, &bytes) {
+            prop_assert_ne!(p, from);
+            prop_assert!(out.len() <= 9000 + ETH_HLEN + VLAN_HLEN);
+        }
+    }
+}

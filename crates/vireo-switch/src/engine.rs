@@ -160,17 +160,38 @@ fn source_weights(dp: &Dataplane) -> Vec<u32> {
     w
 }
 
+/// Environment variable: microseconds the dataplane keeps polling its ports without
+/// sleeping after the last frame (default 0: it spins only while frames keep coming).
+pub const BUSY_POLL_ENV: &str = "VIREO_SWITCH_BUSY_POLL_US";
+
+fn busy_poll_from_env() -> Duration {
+    let us = std::env::var(BUSY_POLL_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        .min(1_000_000);
+    Duration::from_micros(us)
+}
+
 fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>) {
     let kfd = kick.as_raw_fd();
     let mut pfds: Vec<libc::pollfd> = Vec::new();
     let mut who: Vec<(PortId, bool)> = Vec::new(); // (port, is listener)
     let mut last_age = Instant::now();
-    let mut rx_frames: Vec<u8> = Vec::with_capacity(1 << 20);
-    let mut rx_lens: Vec<usize> = Vec::new();
-    let mut rx_gso: Vec<Option<sys::Gso>> = Vec::new();
     let mut weights: Vec<u32> = Vec::new();
     let mut ran_commands = true;
+    let busy_poll = busy_poll_from_env();
+    let mut last_work = Instant::now();
+    let mut worked = false;
     while !e.stop {
+        // While frames keep coming, skip poll(2) and try every port again at once (reads
+        // are non-blocking); with a busy-poll budget, keep spinning that long after the last
+        // frame. Only an idle switch sleeps in poll.
+        if worked {
+            last_work = Instant::now();
+        }
+        let spin = worked || last_work.elapsed() < busy_poll;
+        worked = false;
         pfds.clear();
         who.clear();
         pfds.push(libc::pollfd {
@@ -202,13 +223,20 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                 timeout = timeout.min(t.saturating_duration_since(now));
             }
         }
-        // SAFETY: pfds is a valid array of pollfd of the given length.
-        let r = unsafe {
-            libc::poll(
-                pfds.as_mut_ptr(),
-                pfds.len() as libc::nfds_t,
-                timeout.as_millis() as i32,
-            )
+        let r = if spin {
+            for p in pfds.iter_mut().skip(1) {
+                p.revents = libc::POLLIN;
+            }
+            0
+        } else {
+            // SAFETY: pfds is a valid array of pollfd of the given length.
+            unsafe {
+                libc::poll(
+                    pfds.as_mut_ptr(),
+                    pfds.len() as libc::nfds_t,
+                    timeout.as_millis() as i32,
+                )
+            }
         };
         if r < 0 {
             let err = std::io::Error::last_os_error();
@@ -241,22 +269,16 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                 continue;
             }
             let (id, is_listener) = who[k - 1];
-            let Some(Some(io)) = e.io.get_mut(id as usize) else {
-                continue;
-            };
             if is_listener {
                 continue; // handled by maintain below
             }
             if pfd.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                rx_frames.clear();
-                rx_lens.clear();
-                rx_gso.clear();
-                let ev = io.read_frames(&mut |f, gso| {
-                    rx_frames.extend_from_slice(f);
-                    rx_lens.push(f.len());
-                    rx_gso.push(gso);
-                });
-                let mut off = 0;
+                // The input port's I/O is taken out of the table while its frames are
+                // forwarded straight from its receive buffers (no copy): the dataplane never
+                // sends a frame back to its input port.
+                let Some(mut io) = e.io.get_mut(id as usize).and_then(Option::take) else {
+                    continue;
+                };
                 let Engine {
                     dp,
                     io: ios,
@@ -267,9 +289,9 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                     .get(id as usize)
                     .copied()
                     .unwrap_or(DEFAULT_FLOW_WEIGHT);
-                for (&l, &gso) in rx_lens.iter().zip(&rx_gso) {
-                    let frame = &rx_frames[off..off + l];
-                    off += l;
+                let mut frames = 0usize;
+                let ev = io.read_frames(&mut |frame, gso| {
+                    frames += 1;
                     let mut sink = |p: PortId, bytes: &[u8]| {
                         let Some(Some(o)) = ios.get_mut(p as usize) else {
                             return false;
@@ -316,7 +338,9 @@ fn run(mut e: Engine, rx: mpsc::Receiver<Command>, kick: std::sync::Arc<OwnedFd>
                     } else {
                         dp.process(id, frame, now_t, &mut sink);
                     }
-                }
+                });
+                e.io[id as usize] = Some(io);
+                worked |= frames > 0;
                 if ev == LinkEvent::Down {
                     e.dp.set_link(id, false);
                 }

@@ -28,6 +28,8 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Switch dataplane vs the Linux bridge: frames/s, Gbit/s, latency (root).
+    Switch(super::bench_switch::SwitchBenchArgs),
     /// Dynamic memory: guest demand step to grant time, and density (simulation).
     Memory(super::bench_memory::MemoryBenchArgs),
 }
@@ -115,6 +117,7 @@ fn rss_of(pid: u32) -> u64 {
 /// Runs a benchmark.
 pub async fn run(client: &Client, cmd: BenchCommand) -> anyhow::Result<()> {
     let (image1, image2, runs, json) = match cmd {
+        BenchCommand::Switch(a) => return super::bench_switch::run(a),
         BenchCommand::Memory(a) => return super::bench_memory::run(client, a).await,
         BenchCommand::Boot {
             image1,
