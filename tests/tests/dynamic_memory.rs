@@ -74,6 +74,14 @@ fn wait_mem(
     (v["memory"].clone(), t0.elapsed().as_secs_f64())
 }
 
+/// Waits for the guest agent; TCG boots through the NBD disk path can take minutes on a
+/// loaded 2-core machine.
+fn boot(h: &Host, vm: &str) {
+    h.wait_for(vm, Duration::from_secs(400), "heartbeat ok", |v| {
+        v["heartbeat"] == "ok"
+    });
+}
+
 fn new_vm(h: &Host, name: &str, disk: &std::path::Path) {
     h.ok(&[
         "vm",
@@ -172,7 +180,7 @@ fn dynamic_memory_end_to_end() {
 
     // --- One VM: idle guest gives memory back, load grows it to its maximum via virtio-mem.
     h.ok(&["vm", "start", "a"]);
-    h.wait_heartbeat("a");
+    boot(&h, "a");
     let (m, _) = wait_mem(&h, "a", 60, "idle guest shrinks below startup", |m| {
         m["demand"].is_u64() && u(m, "assigned") < 200 * MIB
     });
@@ -225,7 +233,7 @@ fn dynamic_memory_end_to_end() {
     // --- Two VMs under a 768 MiB budget: shared by weight above the minimums.
     h.ok(&["host", "set", "--memory-budget", "768M"]);
     h.ok(&["vm", "start", "b"]);
-    h.wait_heartbeat("b");
+    boot(&h, "b");
     wait_mem(&h, "b", 60, "b reports", |m| m["demand"].is_u64());
     start_load(&h, "a", 900);
     start_load(&h, "b", 900);
