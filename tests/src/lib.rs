@@ -7,6 +7,8 @@
 
 pub mod multihost;
 
+pub mod net;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

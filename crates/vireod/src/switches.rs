@@ -310,8 +310,9 @@ impl Switches {
     /// Stops a switch process and forgets the switch (the caller checked it has no NICs).
     pub async fn delete(&self, name: &str) -> ApiResult<()> {
         self.spec(name)?;
-        self.kill(name).await;
+        // Forget it first so that supervision does not restart it while it stops.
         lock(&self.entries).remove(name);
+        self.kill(name).await;
         std::fs::remove_dir_all(self.dir(name)).map_err(ApiError::internal)?;
         tracing::info!(switch = %name, "switch deleted");
         Ok(())

@@ -185,7 +185,7 @@ pub fn security_text(p: &NicPort) -> String {
 /// `100000000` -> `100M`.
 pub fn format_bps(b: u64) -> String {
     for (d, u) in [(1_000_000_000, "G"), (1_000_000, "M"), (1_000, "k")] {
-        if b >= d && b % d == 0 {
+        if b >= d && (b / d) * d == b {
             return format!("{}{u}", b / d);
         }
     }
@@ -246,16 +246,18 @@ pub async fn run(client: &Client, cmd: NicCommand) -> anyhow::Result<()> {
         NicCommand::Set(s) => {
             let vlan = match (&s.trunk, s.vlan) {
                 (Some(t), _) => {
-                    let allowed = parse_vlan_list(t).with_context(|| {
+                    let mut allowed = parse_vlan_list(t).with_context(|| {
                         format!("invalid --trunk {t:?} (use e.g. 10,20,100-110)")
                     })?;
                     if allowed.is_empty() {
                         bail!("--trunk needs at least one VLAN, e.g. --trunk 10,20");
                     }
                     if let Some(n) = s.native {
-                        if !allowed.contains(&n) {
-                            bail!("the native VLAN {n} must be in the trunk list {t}");
+                        if !(1..=4094).contains(&n) {
+                            bail!("--native {n} is outside 1-4094");
                         }
+                        // The native VLAN is carried untagged: it belongs to the trunk.
+                        allowed.insert(n);
                     }
                     Some(VlanMode::Trunk {
                         allowed,

@@ -497,7 +497,10 @@ impl Manager {
 
     /// Supervision: respawns dead switches and converges ports.
     pub async fn supervise_switches(&self) {
-        self.switches.supervise().await;
+        {
+            let _sync = self.switches.sync.lock().await;
+            self.switches.supervise().await;
+        }
         self.reconcile_switches().await;
     }
 
