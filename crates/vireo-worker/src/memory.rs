@@ -30,6 +30,10 @@ use std::time::{Duration, Instant};
 
 /// The guest's memory statistics interval, seconds.
 const STATS_INTERVAL_SECS: u32 = 1;
+/// Demand counts only after the balloon statistics have flowed this long: a guest
+/// still booting (unpacking its initramfs, loading modules) needs more than it reports, and
+/// a balloon inflating then drove a test guest into OOM.
+const BOOT_GRACE: Duration = Duration::from_secs(30);
 /// How long one agent memory-status call may take.
 const AGENT_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -44,6 +48,8 @@ const ONLINE_SCRIPT: &str = "f=/sys/devices/system/memory/auto_online_blocks; \
 struct Sample {
     report: WorkerMemory,
     balloon_at: Option<Instant>,
+    /// First balloon statistics report of this boot.
+    balloon_first: Option<Instant>,
     last_update: u64,
     agent_at: Option<Instant>,
     agent: Option<memory::AgentMemory>,
@@ -156,6 +162,7 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         if stats.last_update != 0 && stats.last_update != s.last_update {
             s.last_update = stats.last_update;
             s.balloon_at = Some(now);
+            s.balloon_first.get_or_insert(now);
             s.balloon = Some(memory::BalloonStats {
                 total: stats.total,
                 available: stats.available,
@@ -173,7 +180,11 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         if agent_seen { s.agent.as_ref() } else { None },
     );
     let ms = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
-    let reported_at = memory::demand_reported_at(ms(s.balloon_at), ms(s.agent_at), agent_seen);
+    let booted = s
+        .balloon_first
+        .is_some_and(|t| now.saturating_duration_since(t) >= BOOT_GRACE);
+    let reported_at =
+        memory::demand_reported_at(ms(s.balloon_at), ms(s.agent_at), agent_seen).filter(|_| booted);
     let (balloon_actual, plugged) = match (actual, plugged) {
         (Ok(a), Ok(p)) => (a, p),
         (a, p) => {
