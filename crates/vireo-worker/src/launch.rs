@@ -115,7 +115,12 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
         run_dir: l.run_dir.clone(),
         incoming: (l.restore_from.is_some() || l.incoming.is_some()).then(|| "defer".to_string()),
         start_paused: true,
-        balloon: Some(cmdline::BalloonConfig::default()),
+        // Deflate on OOM: a guest whose demand was underestimated takes balloon pages back
+        // rather than OOM (seen with small busybox guests, see docs/dynamic-memory.md).
+        balloon: Some(cmdline::BalloonConfig {
+            deflate_on_oom: true,
+            ..Default::default()
+        }),
         virtio_mem: l
             .virtio_mem_region
             .filter(|r| *r > 0)

@@ -17,7 +17,7 @@ use serde::Serialize;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 #[path = "../../../memory/tests/sim/mod.rs"]
 mod sim;
 
