@@ -139,8 +139,18 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     assert_eq!(before.len(), 4, "two chains of two layers: {before:?}");
 
     // Refusals change nothing.
-    let e = h.fails(&["vm", "move-storage", "g1", "--path", "relative/dir"]);
+    let file = h.dir.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let under_file = file.join("sub");
+    let e = h.fails(&[
+        "vm",
+        "move-storage",
+        "g1",
+        "--path",
+        under_file.to_str().unwrap(),
+    ]);
     assert!(!e.is_empty());
+    assert_eq!(files(&src), before, "a refused move changed the source");
     let e = h.fails(&["vm", "move-storage", "g1", "--path", src.to_str().unwrap()]);
     assert!(e.contains("already has"), "{e}");
 
@@ -155,7 +165,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     want.extend(w);
     let now = read_sums(&h, 0, 48);
     for (i, (a, b)) in now.iter().zip(&want).enumerate() {
-        if i >= 8 && i < 16 {
+        if (8..16).contains(&i) {
             continue;
         }
         assert_eq!(a, b, "MiB {i} differs in the guest after the move");

@@ -3,6 +3,7 @@
 use api::checkpoint::JobInfo;
 use api::storage_move::{MoveJob, MoveStorage};
 use api::Client;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -53,12 +54,16 @@ pub async fn run(client: &Client, a: MoveStorageArgs) -> anyhow::Result<i32> {
     let job: MoveJob = client
         .post(&format!("/v1/vms/{name}/move-storage"), &req)
         .await?;
-    eprintln!(
-        "moving the disks of {} to {} (job {})",
-        a.name,
-        job.dir.display(),
-        job.id
-    );
+    // Progress is for people: on a terminal only, so scripts get one result line.
+    let tty = std::io::stderr().is_terminal();
+    if tty {
+        eprintln!(
+            "moving the disks of {} to {} (job {})",
+            a.name,
+            job.dir.display(),
+            job.id
+        );
+    }
     if a.no_wait {
         println!("{}", job.id);
         return Ok(0);
@@ -69,7 +74,7 @@ pub async fn run(client: &Client, a: MoveStorageArgs) -> anyhow::Result<i32> {
         let j: VmJob = client.get(&format!("/v1/jobs/{}", job.id)).await?;
         let j = j.job;
         let line = format!("{} disk {}: {}/{} MiB", j.state, j.disk, j.done, j.total);
-        if line != last {
+        if tty && line != last {
             eprintln!("{line}");
             last = line;
         }
@@ -87,15 +92,18 @@ pub async fn run(client: &Client, a: MoveStorageArgs) -> anyhow::Result<i32> {
                 return Ok(0);
             }
             "cancelled" => {
-                eprintln!("cancelled: the disks stayed where they were");
-                return Ok(1);
+                anyhow::bail!(
+                    "the move of {}'s disks was cancelled: the disks stayed where they were",
+                    a.name
+                );
             }
             "failed" => {
-                eprintln!(
-                    "failed: {}",
-                    j.error.unwrap_or_else(|| "unknown reason".into())
+                anyhow::bail!(
+                    "moving the disks of {} failed: {} (the disks stayed where they were; `vireo job show {}` has the details)",
+                    a.name,
+                    j.error.unwrap_or_else(|| "unknown reason".into()),
+                    job.id
                 );
-                return Ok(1);
             }
             _ => {}
         }
