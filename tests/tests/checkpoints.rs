@@ -134,11 +134,18 @@ fn checkpoint_apply_remove_live_merge_kill9() {
     assert_eq!(&now[2..8], &a[2..]);
     assert_eq!(&now[8..], &b2[..]);
 
-    // Apply cp1 (VM off): A is back, B is gone.
-    let refused = h.fails(&["checkpoint", "apply", "g1", "cp1"]);
-    assert!(refused.contains("turn it off"), "{refused}");
-    h.ok(&["vm", "turn-off", "g1"]);
-    h.ok(&["checkpoint", "apply", "g1", "cp1"]);
+    // Apply cp1 while the VM runs: a production checkpoint turns it off and leaves it off;
+    // A is back, B is gone. A checkpoint that does not exist changes nothing.
+    let e = h.fails(&["checkpoint", "apply", "g1", "nope"]);
+    assert!(e.contains("nope"), "{e}");
+    assert_eq!(
+        h.show("g1")["state"],
+        "running",
+        "a refused apply turned nothing off"
+    );
+    let out = h.ok(&["checkpoint", "apply", "g1", "cp1"]);
+    assert!(out.contains("(off)"), "{out}");
+    assert_eq!(h.show("g1")["state"], "off");
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
     let now = read_sums(&h, 0, 12);
@@ -246,8 +253,8 @@ fn checkpoint_apply_remove_live_merge_kill9() {
     );
 }
 
-/// A standard checkpoint saves memory and device state with the disks: after apply, the next
-/// start resumes the guest where the checkpoint was (a tmpfs file written before it is back,
+/// A standard checkpoint saves memory and device state with the disks: applied while the VM
+/// runs, the VM is turned off, reverted and resumed where the checkpoint was (a tmpfs file written before it is back,
 /// one written after it is gone) with the disk data of that moment.
 #[test]
 fn standard_checkpoint_restores_memory_and_disk() {
@@ -289,9 +296,9 @@ fn standard_checkpoint_restores_memory_and_disk() {
     let (code, out) = h.exec("g1", "echo after > /run/marker2; echo ok");
     assert_eq!(code, 0, "{out}");
     write_random(&h, 0, 2);
-    h.ok(&["vm", "turn-off", "g1"]);
-    h.ok(&["checkpoint", "apply", "g1", "std1"]);
-    h.ok(&["vm", "start", "g1"]);
+    // Applied while running: turned off, reverted, and running again from the saved state.
+    let out = h.ok(&["checkpoint", "apply", "g1", "std1"]);
+    assert!(out.contains("running from its memory state"), "{out}");
     h.wait_heartbeat("g1");
     let (code, out) = h.exec(
         "g1",

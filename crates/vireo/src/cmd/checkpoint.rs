@@ -42,7 +42,9 @@ pub enum CheckpointCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revert a stopped VM to a checkpoint.
+    /// Revert a VM to a checkpoint. A running VM is turned off first; a standard
+    /// checkpoint then resumes running from its saved memory state, a production one
+    /// leaves the VM off.
     Apply {
         /// VM.
         vm: String,
@@ -187,13 +189,17 @@ pub async fn run(client: &Client, cmd: CheckpointCommand) -> anyhow::Result<()> 
             let c: CheckpointInfo = client
                 .post(&cp_path(&vm, &format!("/{name}/apply")), &())
                 .await?;
+            let running = client
+                .get::<api::VmInfo>(&format!("/v1/vms/{vm}"))
+                .await
+                .is_ok_and(|v| v.state == api::VmState::Running);
             println!(
                 "VM {vm} reverted to checkpoint {}{}",
                 c.name,
-                if c.memory_state.is_some() {
-                    " (the next start resumes its memory state)"
-                } else {
-                    ""
+                match (running, c.memory_state.is_some()) {
+                    (true, _) => " and running from its memory state",
+                    (false, true) => " (the next start resumes its memory state)",
+                    (false, false) => " (off)",
                 }
             );
         }

@@ -65,17 +65,45 @@ impl Manager {
             .await?)
     }
 
-    /// Reverts a stopped VM to a checkpoint (a standard checkpoint's memory state is what the
-    /// next start resumes from).
+    /// Reverts a VM to a checkpoint (Hyper-V's apply). A running VM is turned off first; then
+    /// a standard checkpoint's memory state becomes the VM's saved state, and a VM that was
+    /// running is started again from it (it resumes where the checkpoint was). A production
+    /// checkpoint leaves the VM off. A checkpoint that does not exist, or an unfinished merge,
+    /// is refused before anything is turned off.
     pub async fn checkpoint_apply(&self, name: &str, cp: &str) -> ApiResult<CheckpointInfo> {
         let (uuid, op) = self.find(name)?;
-        let _g = op.lock().await;
-        if self.qemu_pid(&uuid).is_some() {
-            return Err(ApiError::wrong_state(format!(
-                "VM {name} is running: turn it off first (`vireo vm turn-off {name}`), then apply"
+        let g = op.lock().await;
+        let dir = self.store.vm_dir(&uuid);
+        let st = DiskState::load(&dir)
+            .map_err(storage_err)?
+            .ok_or_else(|| ApiError::not_found(format!("VM {name} has no checkpoints")))?;
+        if st.find(cp).is_none() {
+            return Err(ApiError::not_found(format!(
+                "VM {name} has no checkpoint named {cp:?} (see `vireo checkpoint list {name}`)"
             )));
         }
-        let dir = self.store.vm_dir(&uuid);
+        let was_running = self.qemu_pid(&uuid).is_some();
+        if was_running {
+            // The worker owns the chains while it runs: ask it whether a merge is going on.
+            let client = self.running_worker(name, &uuid).await?;
+            let tree: CheckpointTree = client.get("/checkpoints").await?;
+            if tree
+                .jobs
+                .iter()
+                .any(|j| j.state == "copying" || j.state == "cancelled")
+            {
+                return Err(ApiError::wrong_state(format!(
+                    "VM {name} has an unfinished merge job (see `vireo job list`): wait for it or let it finish before applying"
+                )));
+            }
+            self.force_off(&uuid).await;
+            if self.qemu_pid(&uuid).is_some() || self.worker_pid(&uuid).is_some() {
+                return Err(ApiError::failed(format!(
+                    "VM {name} could not be turned off to apply the checkpoint"
+                )));
+            }
+            self.cache_status(&uuid, None);
+        }
         let cp = cp.to_string();
         let c = blocking(move || storage::offline::apply(&dir, &cp)).await?;
         let saved = self.saved_state_path(&uuid);
@@ -87,6 +115,11 @@ impl Manager {
                     m.display()
                 ))
             })?;
+        }
+        self.set_message(&uuid, Some(format!("checkpoint {} applied", c.name)));
+        drop(g);
+        if was_running && c.memory_state.is_some() {
+            self.start(name).await?;
         }
         Ok(checkpoint_info(&c))
     }
