@@ -6,7 +6,6 @@
 //! test fails with a message naming the setup command: a silently skipped test proves nothing.
 
 pub mod multihost;
-
 pub mod net;
 
 use std::path::{Path, PathBuf};

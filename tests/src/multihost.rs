@@ -166,8 +166,8 @@ impl NsHost {
             }
             std::thread::sleep(Duration::from_millis(300));
         }
-        let console = std::fs::read_to_string(v["console_log"].as_str().unwrap_or(""))
-            .unwrap_or_default();
+        let console =
+            std::fs::read_to_string(v["console_log"].as_str().unwrap_or("")).unwrap_or_default();
         panic!(
             "no heartbeat from {name} on {}: {v:#}\nconsole tail:\n{}",
             self.ns,
@@ -219,7 +219,10 @@ impl Drop for NsHost {
             }
         }
         self.kill9();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .stderr(Stdio::null())
+            .status();
     }
 }
 
@@ -253,14 +256,20 @@ impl Cluster {
             N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
         );
         let hub = format!("vmh{tag}");
-        let _ = Command::new("ip").args(["netns", "del", &hub]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &hub])
+            .stderr(Stdio::null())
+            .status();
         ip(&["netns", "add", &hub]);
         ip(&["-n", &hub, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &hub, "link", "set", "br0", "up"]);
         let mut hosts = Vec::new();
         for i in 0..n {
             let ns = format!("vm{tag}{i}");
-            let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
             ip(&["netns", "add", &ns]);
             let hub_end = format!("h{i}");
             ip(&[

@@ -7,10 +7,10 @@
 
 pub mod checkpoint;
 pub mod client;
-pub mod migration;
 pub mod memory;
-pub mod switch;
+pub mod migration;
 pub mod storage_move;
+pub mod switch;
 pub mod types;
 pub mod units;
 pub mod validate;

@@ -7,12 +7,12 @@
 //! dataplane, the switch process, vireod and the CLI.
 
 use serde::{Deserialize, Serialize};
+pub use switch::config::{format_vlan_list, parse_vlan_list};
 pub use switch::config::{
     AclAction, AclDirection, AclRule, IpPrefix, Mac, MirrorDirection, PortRole, PortSecurity,
     PvlanMode, QosConfig, SwitchType, VlanMode,
 };
 pub use switch::{Backend, MirrorConfig, PortConfig, PortCounters, SwitchConfig};
-pub use switch::config::{format_vlan_list, parse_vlan_list};
 
 /// A switch as vireod persists it (`STATE/switches/NAME/switch-spec.json`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

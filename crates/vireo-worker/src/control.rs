@@ -62,10 +62,10 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .route("/exec/{pid}", get(exec_output))
         .route("/kvp", get(kvp_list).put(kvp_set))
         .merge(crate::disks::routes())
-        .merge(crate::storage_move::routes())
         .merge(crate::migration::routes())
-        .merge(crate::memory::routes())
         .merge(crate::nics::routes())
+        .merge(crate::storage_move::routes())
+        .merge(crate::memory::routes())
         .with_state(vm)
 }
 

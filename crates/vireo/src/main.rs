@@ -42,12 +42,12 @@ enum Command {
     /// Long-running jobs (live merges).
     #[command(subcommand)]
     Job(cmd::checkpoint::JobCommand),
-    /// Dynamic memory: the balancer's view of the host and its VMs.
-    #[command(subcommand)]
-    Memory(cmd::memory::MemoryCommand),
     /// Virtual switches: new, list, show, delete, acl, mirror, capture, stats.
     #[command(subcommand)]
     Switch(cmd::switch::SwitchCommand),
+    /// Dynamic memory: the balancer's view of the host and its VMs.
+    #[command(subcommand)]
+    Memory(cmd::memory::MemoryCommand),
 }
 
 fn main() {
@@ -97,8 +97,8 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
             Command::Bench(c) => cmd::bench::run(&client, c).await.map(|_| 0),
             Command::Checkpoint(c) => cmd::checkpoint::run(&client, c).await.map(|_| 0),
             Command::Job(c) => cmd::checkpoint::run_job(&client, c).await.map(|_| 0),
-            Command::Memory(c) => cmd::memory::run(&client, c).await.map(|_| 0),
             Command::Switch(c) => cmd::switch::run(&client, c).await.map(|_| 0),
+            Command::Memory(c) => cmd::memory::run(&client, c).await.map(|_| 0),
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })

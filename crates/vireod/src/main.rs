@@ -124,7 +124,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .context("opening the VM inventory")?,
     );
-    let peers = peers::init(&args.state_dir, args.listen.clone()).context("loading the host identity")?;
+    let peers =
+        peers::init(&args.state_dir, args.listen.clone()).context("loading the host identity")?;
     // Re-attach to VMs that kept running while we were away before serving anything.
     manager.supervise_once().await;
     let listener = bind(&args.socket).await?;

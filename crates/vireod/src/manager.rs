@@ -13,11 +13,11 @@
 //! ```
 
 mod checkpoints;
-mod storage_move;
-mod migration;
 mod disks;
 mod memory;
+mod migration;
 mod nics;
+mod storage_move;
 
 use crate::error::{ApiError, ApiResult};
 use crate::process;
@@ -61,10 +61,10 @@ pub struct Manager {
     host: HostConfig,
     run_root: PathBuf,
     vms: Mutex<BTreeMap<Uuid, VmEntry>>,
-    /// Dynamic memory: host settings, worker reports, balancer decisions.
-    mem: memory::MemoryState,
     /// Virtual switch processes (`switches.rs`; VM ports in `manager/nics.rs`).
     switches: crate::switches::Switches,
+    /// Dynamic memory: host settings, worker reports, balancer decisions.
+    mem: memory::MemoryState,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -97,8 +97,8 @@ impl Manager {
             crate::switches::Switches::default_bin(&host.worker_bin),
         )?;
         Ok(Manager {
-            mem: memory::MemoryState::load(&host.state_dir),
             switches,
+            mem: memory::MemoryState::load(&host.state_dir),
             store,
             host,
             run_root,

@@ -33,10 +33,10 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .route("/v1/vms/{name}/kvp", get(vm_kvp_list).put(vm_kvp_set))
         .route("/v1/vms/{name}/console", get(vm_console))
         .merge(crate::checkpoint_routes::routes())
-        .merge(crate::storage_move_routes::routes())
         .merge(crate::migration_routes::routes())
         .merge(crate::memory_routes::routes())
         .merge(crate::switch_routes::routes())
+        .merge(crate::storage_move_routes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .with_state(manager)
 }

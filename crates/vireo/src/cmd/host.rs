@@ -111,7 +111,9 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
                 ),
                 (
                     "listen",
-                    h.listen.clone().unwrap_or_else(|| "- (vireod --listen ADDR:PORT)".into()),
+                    h.listen
+                        .clone()
+                        .unwrap_or_else(|| "- (vireod --listen ADDR:PORT)".into()),
                 ),
             ]);
             Ok(())

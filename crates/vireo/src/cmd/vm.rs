@@ -238,10 +238,10 @@ pub enum VmCommand {
     /// Network adapters: add, set (switch, VLAN, guards, QoS), list, remove.
     #[command(subcommand)]
     Nic(super::nic::NicCommand),
-    /// Move a running VM's disks (whole chains, checkpoints included) to another directory.
-    MoveStorage(super::move_storage::MoveStorageArgs),
     /// Live-migrate a running VM to a trusted host (`vireo host trust`).
     Move(super::migrate::MoveArgs),
+    /// Move a running VM's disks (whole chains, checkpoints included) to another directory.
+    MoveStorage(super::move_storage::MoveStorageArgs),
     /// Key-value pairs exchanged with the guest (needs vireo-guest).
     Kvp {
         /// VM name.
@@ -485,8 +485,8 @@ pub async fn run(client: &Client, cmd: VmCommand) -> anyhow::Result<i32> {
             print_vm(&client.patch(&vm_path(&name, ""), &patch).await?, json)?;
         }
         VmCommand::Nic(c) => super::nic::run(client, c).await?,
-        VmCommand::MoveStorage(a) => return super::move_storage::run(client, a).await,
         VmCommand::Move(a) => return super::migrate::move_vm(client, a).await,
+        VmCommand::MoveStorage(a) => return super::move_storage::run(client, a).await,
         VmCommand::Kvp { name, action } => {
             match action {
                 KvpAction::List { json } => {
