@@ -285,8 +285,22 @@ async fn activate(State(_vm): State<Arc<Vm>>) -> R<Value> {
 }
 
 async fn resume(State(vm): State<Arc<Vm>>) -> R<Value> {
-    let st = vm.qmp_simple("query-status").await?;
-    let s = st.get("status").and_then(|s| s.as_str()).unwrap_or("");
+    // The source reports completion when it has sent the last byte; the destination may
+    // still be loading the final device state for a moment, so wait out "inmigrate".
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut s = String::new();
+    while tokio::time::Instant::now() < deadline {
+        let st = vm.qmp_simple("query-status").await?;
+        s = st
+            .get("status")
+            .and_then(|s| s.as_str())
+            .unwrap_or("")
+            .to_string();
+        if s != "inmigrate" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     if s != "paused" && s != "running" {
         return Err(
             anyhow::anyhow!("the incoming state is not complete (QEMU status {s:?})").into(),
