@@ -189,10 +189,21 @@ pub async fn run(client: &Client, cmd: CheckpointCommand) -> anyhow::Result<()> 
             let c: CheckpointInfo = client
                 .post(&cp_path(&vm, &format!("/{name}/apply")), &())
                 .await?;
-            let running = client
-                .get::<api::VmInfo>(&format!("/v1/vms/{vm}"))
-                .await
-                .is_ok_and(|v| v.state == api::VmState::Running);
+            // A restore from the memory state reports `starting` until QEMU has loaded it;
+            // wait that out (bounded) so the message says where the VM ended up.
+            let mut running = false;
+            for _ in 0..120 {
+                match client.get::<api::VmInfo>(&format!("/v1/vms/{vm}")).await {
+                    Ok(v) if v.state == api::VmState::Starting => {
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await
+                    }
+                    Ok(v) => {
+                        running = v.state == api::VmState::Running;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
             println!(
                 "VM {vm} reverted to checkpoint {}{}",
                 c.name,

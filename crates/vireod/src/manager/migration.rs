@@ -580,9 +580,16 @@ impl Manager {
                     let client = self.worker_client(&uuid);
                     if let Ok(st) = client.get::<WorkerStatus>("/status").await {
                         if was_running && st.state != VmState::Running {
-                            if let Err(e) = client.post::<_, WorkerStatus>("/resume", &()).await {
-                                tracing::error!(job = %id, "resuming the VM on the source: {e}");
+                            match client.post::<_, WorkerStatus>("/resume", &()).await {
+                                // `vm show` reads this cache: without it the state stays
+                                // `saving` (from the switchover) until the next supervision pass.
+                                Ok(st) => self.cache_status(&uuid, Some(st)),
+                                Err(e) => {
+                                    tracing::error!(job = %id, "resuming the VM on the source: {e}")
+                                }
                             }
+                        } else {
+                            self.cache_status(&uuid, Some(st));
                         }
                     }
                 }
