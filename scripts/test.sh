@@ -15,4 +15,6 @@ for g in 1 2; do
   target/debug/xtask guest-image --generation "$g" --agent vireo --out "target/guest-gen$g.img" >/dev/null
 done
 echo "== tests"
-cargo test --workspace --quiet --no-fail-fast -- --test-threads=2
+# Every test binary, in parallel lanes (one end-to-end lane beside the crate tests),
+# one line per binary with its wall time; failures print their whole output.
+target/debug/xtask test-suite --jobs 2 --e2e-jobs 1 --test-threads 2

@@ -15,6 +15,7 @@ mod disk;
 mod elf;
 mod image;
 mod kernel;
+mod suite;
 mod testcmd;
 
 use agent::AgentKind;
@@ -45,6 +46,8 @@ enum Cmd {
     GuestTest(testcmd::TestArgs),
     /// Remove cached images made by other builder versions (or all with --all).
     GuestCacheClean(CleanArgs),
+    /// Build every test binary once and run them in parallel lanes, with wall times.
+    TestSuite(suite::SuiteArgs),
 }
 
 #[derive(Args, Clone)]
@@ -182,6 +185,7 @@ fn main() {
         }),
         Cmd::GuestBoot(a) => boot::boot_cmd(&a),
         Cmd::GuestTest(a) => testcmd::run(&a),
+        Cmd::TestSuite(a) => suite::run(&a, &repo_root()),
         Cmd::GuestCacheClean(a) => open_cache(&a.cache).and_then(|c| {
             let removed = image::clean(&c, a.all)?;
             if removed > 0 {
