@@ -626,7 +626,7 @@ impl Vhdx {
         Error::io(op, &self.path, e)
     }
 
-    fn check_range(&self, off: u64, len: u64) -> Result<()> {
+    pub(crate) fn check_range(&self, off: u64, len: u64) -> Result<()> {
         let size = self.size();
         if off.checked_add(len).map_or(true, |e| e > size) {
             return Err(Error::InvalidInput(format!(
@@ -637,7 +637,7 @@ impl Vhdx {
         Ok(())
     }
 
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.closed.load(Ordering::Acquire) {
             return Err(Error::InvalidInput(format!(
                 "{} is closed",

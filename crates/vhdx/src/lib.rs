@@ -39,6 +39,7 @@ pub mod log;
 pub mod metadata;
 pub mod ops;
 pub mod region;
+pub mod reparent;
 
 pub use check::{check, CheckReport};
 pub use create::{create, CreateOptions};
@@ -49,3 +50,4 @@ pub use ops::{
     compact, convert, detect_format, merge, merge_block, merge_into_child, CompactSummary,
     ConvertOptions, ImageFormat, Progress,
 };
+pub use reparent::absorb_parent;
