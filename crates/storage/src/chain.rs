@@ -33,6 +33,9 @@ pub(crate) struct Layers {
     pub(crate) mirror: Option<Arc<Vhdx>>,
     /// Told of every change (storage mirror dirty tracking, `crate::mirror`).
     pub(crate) observer: Option<Arc<dyn crate::mirror::WriteObserver>>,
+    /// Image of this chain (the leaf or an ancestor, open read-write) taking over its
+    /// parent's data while an inner checkpoint is removed ([`DiskChain::begin_absorb`]).
+    pub(crate) absorb: Option<Arc<Vhdx>>,
 }
 
 /// One disk served over NBD: a VHDX chain opened from its leaf, or a raw image.
@@ -45,6 +48,9 @@ pub struct DiskChain {
     unflushed_meta: AtomicU64,
     /// Write journal (set by the disk service; see [`crate::journal`]).
     journal: OnceLock<Journal>,
+    /// The absorbing image holds pulled data whose metadata is not flushed yet (guest
+    /// writes are journaled meanwhile: they may land in blocks that pull allocated).
+    absorb_dirty: std::sync::atomic::AtomicBool,
 }
 
 /// A mutating request as [`DiskChain::mutate`] sees it.
@@ -103,11 +109,13 @@ impl DiskChain {
                 top: Some(img),
                 mirror: None,
                 observer: None,
+                absorb: None,
             }),
             read_only,
             stripes: (0..STRIPES).map(|_| RwLock::new(())).collect(),
             unflushed_meta: AtomicU64::new(0),
             journal: OnceLock::new(),
+            absorb_dirty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -143,6 +151,11 @@ impl DiskChain {
         self.read().mirror.is_some()
     }
 
+    /// Whether an image of this chain is taking over its parent's data.
+    pub fn is_absorbing(&self) -> bool {
+        self.read().absorb.is_some()
+    }
+
     /// Block size of the leaf VHDX (merge unit).
     pub fn merge_block_size(&self) -> Option<u64> {
         match &self.read().top {
@@ -157,6 +170,7 @@ impl DiskChain {
         let mut g = self.write();
         let mirror = g.mirror.take();
         let top = g.top.take();
+        let absorb = g.absorb.take();
         let mut first_err = None;
         if let Some(Image::Vhdx(v)) = top {
             let path = v.path().to_path_buf();
@@ -186,6 +200,21 @@ impl DiskChain {
                     op: "flushing",
                     path: t.path().to_path_buf(),
                     source: e,
+                });
+            }
+        }
+        if let Some(a) = absorb {
+            // After the leaf (which held it as a parent); the leaf itself when they are one.
+            let path = a.path().to_path_buf();
+            let r = match Arc::try_unwrap(a) {
+                Ok(a) => a.close(),
+                Err(a) => a.flush(),
+            };
+            if let Err(e) = r {
+                first_err.get_or_insert(StorageError::Image {
+                    op: "closing",
+                    path,
+                    source: Box::new(e),
                 });
             }
         }
@@ -223,7 +252,7 @@ impl DiskChain {
         commit: impl FnOnce(&Path) -> Result<()>,
     ) -> Result<PathBuf> {
         let mut g = self.write();
-        if g.mirror.is_some() {
+        if g.mirror.is_some() || g.absorb.is_some() {
             return Err(StorageError::Busy("a merge is running on this disk".into()));
         }
         crate::mirror::refuse_while_mirroring(&g)?;
@@ -318,7 +347,7 @@ impl DiskChain {
     /// and from now on receives every write too. Returns (leaf, parent, blocks to copy).
     pub fn begin_merge(&self) -> Result<(PathBuf, PathBuf, u64)> {
         let mut g = self.write();
-        if g.mirror.is_some() {
+        if g.mirror.is_some() || g.absorb.is_some() {
             return Err(StorageError::Busy(
                 "a merge is already running on this disk".into(),
             ));
@@ -474,6 +503,245 @@ impl DiskChain {
         Ok(top_path)
     }
 
+    /// Starts the live removal of the inner layer `parent` for this chain: `child` (the leaf,
+    /// or an image between the leaf and `parent`, whose parent is `parent`) is made the
+    /// chain's read-write "absorbing" image, which [`DiskChain::absorb_chunk`] fills with
+    /// `parent`'s data while clients keep doing I/O. Returns `false` and changes nothing
+    /// when `child`'s parent is no longer `parent` (an earlier run finished re-pointing it).
+    pub fn begin_absorb(&self, child: &Path, parent: &Path) -> Result<bool> {
+        let mut g = self.write();
+        if g.mirror.is_some() || g.absorb.is_some() {
+            return Err(StorageError::Busy(
+                "a merge is already running on this disk".into(),
+            ));
+        }
+        crate::mirror::refuse_while_mirroring(&g)?;
+        let top = match g.top.take() {
+            Some(Image::Vhdx(v)) => v,
+            Some(raw @ Image::Raw { .. }) => {
+                let path = raw.path().to_path_buf();
+                g.top = Some(raw);
+                return Err(StorageError::RawDisk { path });
+            }
+            None => return Err(StorageError::Busy("the disk has no active chain".into())),
+        };
+        let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+        let (want, want_parent) = (canon(child), canon(parent));
+        let mut found = None;
+        let mut cur = Some(&top);
+        while let Some(v) = cur {
+            if canon(v.path()) == want {
+                found = Some(v.clone());
+                break;
+            }
+            cur = v.parent();
+        }
+        let refuse = |g: &mut Layers, top: Arc<Vhdx>, e: StorageError| {
+            g.top = Some(Image::Vhdx(top));
+            Err(e)
+        };
+        let Some(k) = found else {
+            return refuse(
+                &mut g,
+                top,
+                StorageError::InvalidInput(format!(
+                    "{} is not in the running chain of this disk",
+                    child.display()
+                )),
+            );
+        };
+        if k.parent().map(|p| canon(p.path())) != Some(want_parent) {
+            g.top = Some(Image::Vhdx(top));
+            return Ok(false);
+        }
+        if k.parent().and_then(|p| p.parent()).is_none() {
+            return refuse(
+                &mut g,
+                top,
+                StorageError::Unsupported(format!(
+                    "{} has no parent to re-point {} at",
+                    parent.display(),
+                    child.display()
+                )),
+            );
+        }
+        if Arc::ptr_eq(&k, &top) {
+            g.absorb = Some(k);
+            g.top = Some(Image::Vhdx(top));
+            return Ok(true);
+        }
+        drop(k);
+        // An inner image: reopen the leaf on top of a read-write handle of it.
+        let leaf_path = top.path().to_path_buf();
+        if let Err(e) = top.flush() {
+            return refuse(
+                &mut g,
+                top,
+                StorageError::Image {
+                    op: "flushing",
+                    path: leaf_path,
+                    source: Box::new(e),
+                },
+            );
+        }
+        self.journal_done();
+        match Arc::try_unwrap(top) {
+            Ok(v) => {
+                if let Err(e) = v.close() {
+                    tracing::warn!("closing {}: {e}", leaf_path.display());
+                }
+            }
+            Err(a) => {
+                return refuse(
+                    &mut g,
+                    a,
+                    StorageError::Busy("the leaf is still in use".into()),
+                )
+            }
+        }
+        let opened = Vhdx::open(child, OpenOptions { read_only: false })
+            .map_err(StorageError::image("opening", child))
+            .map(Arc::new)
+            .and_then(|k| {
+                Vhdx::open_with_parents(
+                    &leaf_path,
+                    OpenOptions { read_only: false },
+                    std::slice::from_ref(&k),
+                )
+                .map_err(StorageError::image("opening", &leaf_path))
+                .map(|l| (k, l))
+            });
+        match opened {
+            Ok((k, l)) => {
+                g.top = Some(Image::Vhdx(Arc::new(l)));
+                g.absorb = Some(k);
+                Ok(true)
+            }
+            Err(e) => {
+                match Vhdx::open(&leaf_path, OpenOptions { read_only: false }) {
+                    Ok(v) => g.top = Some(Image::Vhdx(Arc::new(v))),
+                    Err(e2) => tracing::error!("reopening {}: {e2}", leaf_path.display()),
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Number of [`DiskChain::absorb_chunk`] units of this disk.
+    pub fn absorb_chunks(&self) -> u64 {
+        self.size.div_ceil(MERGE_CHUNK)
+    }
+
+    /// Copies the part of chunk `idx` (1 MiB units) that the absorbing image takes from the
+    /// layer being removed into it, under the lock that keeps guest writes off that chunk.
+    /// Idempotent; what clients read does not change. Returns the bytes copied.
+    pub fn absorb_chunk(&self, idx: u64) -> Result<u64> {
+        let g = self.read();
+        let Some(k) = &g.absorb else {
+            return Err(StorageError::Unsupported(
+                "no merge is running on this disk".into(),
+            ));
+        };
+        let off = idx.saturating_mul(MERGE_CHUNK);
+        if off >= k.size() {
+            return Ok(0);
+        }
+        let n = MERGE_CHUNK.min(k.size() - off);
+        let _c = self.stripes[(idx as usize) % STRIPES]
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        // From now until the next absorb_flush, an acknowledged guest write may sit in a
+        // block whose allocation is only in memory: have it journaled.
+        if !self.absorb_dirty.swap(true, Ordering::SeqCst) {
+            self.unflushed_meta.fetch_add(1, Ordering::SeqCst);
+        }
+        k.pull_from_parent(off, n)
+            .map_err(StorageError::image("merging into", k.path()))
+    }
+
+    /// Makes what [`DiskChain::absorb_chunk`] copied durable (and empties the journal).
+    pub fn absorb_flush(&self) -> Result<()> {
+        let g = self.read();
+        let Some(k) = &g.absorb else {
+            return Ok(());
+        };
+        k.flush()
+            .map_err(StorageError::image("flushing", k.path()))?;
+        self.flush_layers(&g)
+            .map_err(StorageError::io("flushing", k.path()))?;
+        if self.absorb_dirty.swap(false, Ordering::SeqCst) {
+            self.unflushed_meta.fetch_sub(1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Ends the absorbing started by [`DiskChain::begin_absorb`]: drains requests, flushes,
+    /// and with `reparent` re-points the absorbing image at the removed layer's parent (one
+    /// atomic metadata commit); then reopens the chain from the leaf, which from then on
+    /// reads without the removed layer. Without `reparent` (cancel) the chain is only
+    /// reopened as it was.
+    pub fn end_absorb(&self, reparent: bool) -> Result<()> {
+        let mut g = self.write();
+        let Some(k) = g.absorb.take() else {
+            return Ok(());
+        };
+        let Some(Image::Vhdx(top)) = g.top.take() else {
+            return Err(StorageError::Busy("the disk has no active chain".into()));
+        };
+        let leaf_path = top.path().to_path_buf();
+        let r = (|| {
+            top.flush()
+                .map_err(StorageError::image("flushing", &leaf_path))?;
+            k.flush()
+                .map_err(StorageError::image("flushing", k.path()))?;
+            self.journal_done();
+            if reparent {
+                let grand = k
+                    .parent()
+                    .and_then(|p| p.parent())
+                    .cloned()
+                    .ok_or_else(|| {
+                        StorageError::Unsupported(format!(
+                            "{} has no grandparent to re-point at",
+                            k.path().display()
+                        ))
+                    })?;
+                k.set_parent(&grand)
+                    .map_err(StorageError::image("re-pointing the parent of", k.path()))?;
+            }
+            Ok(())
+        })();
+        if self.absorb_dirty.swap(false, Ordering::SeqCst) {
+            self.unflushed_meta.fetch_sub(1, Ordering::SeqCst);
+        }
+        drop(k);
+        match Arc::try_unwrap(top) {
+            Ok(v) => {
+                if let Err(e) = v.close() {
+                    tracing::warn!("closing {}: {e}", leaf_path.display());
+                }
+            }
+            Err(a) => {
+                // Cannot happen while the write lock is held; keep serving rather than lose it.
+                g.top = Some(Image::Vhdx(a));
+                return r.and(Err(StorageError::Busy("the leaf is still in use".into())));
+            }
+        }
+        match Vhdx::open(&leaf_path, OpenOptions { read_only: false }) {
+            Ok(v) => g.top = Some(Image::Vhdx(Arc::new(v))),
+            Err(e) => {
+                tracing::error!("reopening {}: {e}", leaf_path.display());
+                return r.and(Err(StorageError::Image {
+                    op: "reopening",
+                    path: leaf_path,
+                    source: Box::new(e),
+                }));
+            }
+        }
+        tracing::info!(leaf = %leaf_path.display(), reparent, "absorbing ended");
+        r
+    }
+
     /// Stripe guards of the merge chunks `[off, off+len)` touches while merging.
     fn stripe_guards(&self, mirror: bool, off: u64, len: u64) -> Vec<RwLockReadGuard<'_, ()>> {
         if !mirror || len == 0 {
@@ -515,7 +783,7 @@ impl DiskChain {
     ) -> io::Result<()> {
         let g = self.read();
         let top = g.top.as_ref().ok_or_else(gone)?;
-        let _s = self.stripe_guards(g.mirror.is_some(), off, len);
+        let _s = self.stripe_guards(g.mirror.is_some() || g.absorb.is_some(), off, len);
         let meta = match top {
             Image::Raw { .. } => false,
             Image::Vhdx(v) => {

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+mod absorb;
 mod chain;
 mod error;
 mod image;
@@ -29,6 +30,6 @@ pub use error::{ErrorKind, Result, StorageError};
 pub use image::{open_image, Image};
 pub use service::{export_name, journal_path, offline, socket_path, DiskConfig, DiskService};
 pub use state::{
-    now_unix, Checkpoint, CheckpointKind, DiskState, MergeJob, MergeState, FILE_NAME,
+    now_unix, Checkpoint, CheckpointKind, DiskState, MergeJob, MergeKind, MergeState, FILE_NAME,
     FORMAT_VERSION,
 };

@@ -3,7 +3,9 @@
 
 use crate::chain::DiskChain;
 use crate::error::{Result, StorageError};
-use crate::state::{now_unix, Checkpoint, CheckpointKind, DiskState, MergeJob, MergeState};
+use crate::state::{
+    now_unix, Checkpoint, CheckpointKind, DiskState, MergeJob, MergeKind, MergeState,
+};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -58,11 +60,14 @@ impl DiskService {
     pub fn start(vm_dir: &Path, run_dir: &Path, disks: &[DiskConfig]) -> Result<Arc<DiskService>> {
         let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
         let state = DiskState::load_or_new(vm_dir, &paths)?;
+        crate::absorb::collect_garbage(&state);
         let resume = state.active_merge().cloned();
         let mut chains = Vec::new();
         for (i, d) in disks.iter().enumerate() {
             let chain = match &resume {
-                Some(j) if j.disk == i => DiskChain::open_merging(&j.top, &j.target)?,
+                Some(j) if j.disk == i && j.kind == MergeKind::IntoParent => {
+                    DiskChain::open_merging(&j.top, &j.target)?
+                }
                 _ => DiskChain::open(&state.leaves[i], d.read_only)?,
             };
             if !d.read_only {
@@ -257,13 +262,29 @@ impl DiskService {
                 let job = MergeJob {
                     id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
                     checkpoint: c.id.clone(),
+                    kind: MergeKind::IntoParent,
                     disk,
                     top: st.leaves[disk].clone(),
                     target: c.images[disk].clone(),
+                    finished: Vec::new(),
+                    obsolete: Vec::new(),
                     total_blocks: 0,
                     state: MergeState::Copying { next_block: 0 },
                     started: now_unix(),
                 };
+                st.jobs.push(job.clone());
+                st.save(&self.vm_dir)?;
+                drop(st);
+                self.cancel.store(false, Ordering::SeqCst);
+                self.clone().spawn_merge(job.id.clone());
+                Ok(Some(job))
+            }
+            Removal::Absorb(cp) => {
+                let c = st
+                    .find(&cp)
+                    .cloned()
+                    .ok_or_else(|| StorageError::NotFound(cp.clone()))?;
+                let job = crate::absorb::new_job(&c);
                 st.jobs.push(job.clone());
                 st.save(&self.vm_dir)?;
                 drop(st);
@@ -360,6 +381,16 @@ impl DiskService {
     /// The merge loop: for each disk of the checkpoint, mirror writes, copy every block
     /// (persisting progress after each), then make the target the leaf.
     fn run_merge(&self, id: &str) -> Result<()> {
+        if self.update_job(id, |_| {})?.kind == MergeKind::IntoChildren {
+            let ctx = crate::absorb::Ctx {
+                vm_dir: &self.vm_dir,
+                state: &self.state,
+                chains: &self.chains,
+                cancel: &self.cancel,
+                closing: &self.closing,
+            };
+            return crate::absorb::run(&ctx, id);
+        }
         loop {
             let job = self.update_job(id, |_| {})?;
             let MergeState::Copying { mut next_block } = job.state else {
@@ -436,6 +467,8 @@ fn first_merge_disk(st: &DiskState, c: &Checkpoint, from: usize) -> Option<usize
 enum Removal {
     DeleteFiles(String, Vec<PathBuf>),
     LiveMerge(String),
+    /// An inner checkpoint: its children take over its layer ([`crate::absorb`]).
+    Absorb(String),
 }
 
 fn plan_remove(st: &DiskState, name: &str) -> Result<Removal> {
@@ -447,21 +480,27 @@ fn plan_remove(st: &DiskState, name: &str) -> Result<Removal> {
     match (has_children, is_current) {
         (false, false) => {
             // Nothing descends from its images: drop the layers it added.
-            let parent_images: Vec<PathBuf> =
-                c.parent.as_deref().and_then(|p| st.find(p)).map(|p| p.images.clone()).unwrap_or_default();
+            let parent_images: Vec<PathBuf> = c
+                .parent
+                .as_deref()
+                .and_then(|p| st.find(p))
+                .map(|p| p.images.clone())
+                .unwrap_or_default();
             let files = c
                 .images
                 .iter()
                 .filter(|f| !st.leaves.contains(f) && !parent_images.contains(f))
-                .filter(|f| !st.checkpoints.iter().any(|o| o.id != c.id && o.images.contains(f)))
+                .filter(|f| {
+                    !st.checkpoints
+                        .iter()
+                        .any(|o| o.id != c.id && o.images.contains(f))
+                })
                 .cloned()
                 .collect();
             Ok(Removal::DeleteFiles(c.id.clone(), files))
         }
         (false, true) => Ok(Removal::LiveMerge(c.id.clone())),
-        (true, _) => Err(StorageError::Unsupported(format!(
-            "checkpoint {name:?} has child checkpoints; remove them first (removing an inner checkpoint of a tree is not supported yet)"
-        ))),
+        (true, _) => Ok(Removal::Absorb(c.id.clone())),
     }
 }
 
@@ -563,8 +602,11 @@ pub mod offline {
             .ok_or_else(|| StorageError::NotFound(new_name.into()))
     }
 
-    /// Removes a checkpoint nothing descends from (a stopped VM cannot merge live; the
-    /// checkpoint the VM runs on is removed by starting the VM and removing it then).
+    /// Removes a checkpoint of a stopped VM: one nothing descends from by deleting its
+    /// files, an inner one by merging its layer into its children's images (synchronously,
+    /// as a persisted job that a later start resumes if this is interrupted). The
+    /// checkpoint the VM runs on without children is removed by starting the VM and
+    /// removing it then (live merge).
     pub fn remove(vm_dir: &Path, name: &str) -> Result<()> {
         let mut st = DiskState::load(vm_dir)?
             .ok_or_else(|| StorageError::NotFound("this VM has no checkpoints".into()))?;
@@ -581,6 +623,36 @@ pub mod offline {
                 "the VM runs on this checkpoint: start the VM and remove it then (live merge)"
                     .into(),
             )),
+            Removal::Absorb(cp) => {
+                let c = st
+                    .find(&cp)
+                    .cloned()
+                    .ok_or_else(|| StorageError::NotFound(cp.clone()))?;
+                let job = crate::absorb::new_job(&c);
+                let id = job.id.clone();
+                st.jobs.push(job);
+                st.save(vm_dir)?;
+                let state = Mutex::new(st);
+                let (no, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+                let ctx = crate::absorb::Ctx {
+                    vm_dir,
+                    state: &state,
+                    chains: &[],
+                    cancel: &no,
+                    closing: &closing,
+                };
+                let r = crate::absorb::run(&ctx, &id);
+                if let Err(e) = &r {
+                    let mut st = lock(&state);
+                    if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
+                        j.state = MergeState::Failed {
+                            reason: e.to_string(),
+                        };
+                    }
+                    let _ = st.save(vm_dir);
+                }
+                r
+            }
         }
     }
 

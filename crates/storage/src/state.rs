@@ -74,19 +74,44 @@ pub enum MergeState {
     },
 }
 
-/// A live merge of one disk's leaf into its parent (removing a checkpoint).
+/// Direction of a merge job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeKind {
+    /// The running leaf merges into its parent (the checkpoint the VM runs on, with no
+    /// children, is removed; its image becomes the leaf).
+    #[default]
+    IntoParent,
+    /// An inner checkpoint is removed: each image whose parent is the checkpoint's image
+    /// (its children's images, and the leaf when the VM runs on it) takes over that image's
+    /// data and is re-pointed at its parent; the image is then deleted.
+    IntoChildren,
+}
+
+/// A merge of one disk's layers, removing a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeJob {
     /// Job id.
     pub id: String,
     /// The checkpoint being removed.
     pub checkpoint: String,
+    /// Direction.
+    #[serde(default)]
+    pub kind: MergeKind,
     /// Disk index.
     pub disk: usize,
-    /// The leaf being merged.
+    /// The layer whose data moves: the leaf ([`MergeKind::IntoParent`]) or the removed
+    /// checkpoint's image ([`MergeKind::IntoChildren`]).
     pub top: PathBuf,
-    /// Its parent, receiving the data.
+    /// The image receiving the data: the leaf's parent, or the child being filled.
     pub target: PathBuf,
+    /// Children already re-pointed ([`MergeKind::IntoChildren`]).
+    #[serde(default)]
+    pub finished: Vec<PathBuf>,
+    /// Files the finished job made obsolete, deleted after the commit (again at the next
+    /// start, if a crash came in between).
+    #[serde(default)]
+    pub obsolete: Vec<PathBuf>,
     /// Blocks to copy.
     pub total_blocks: u64,
     /// Where it is.
