@@ -11,8 +11,9 @@ use vireo_e2e::*;
 
 /// The guest's writer: a counter in memory (shell variable mirrored in /tmp, the
 /// initramfs) and 4 KiB records on /dev/sdb, each 4000 random bytes + "seq sha256".
+/// A restarted writer continues the counter.
 const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
-i=0
+i=$(cat /tmp/counter 2>/dev/null || echo 0)
 while true; do
   i=$((i+1))
   head -c 4000 /dev/urandom > /tmp/r
@@ -27,7 +28,8 @@ setsid sh /tmp/w.sh >/dev/null 2>&1 &
 echo $! > /tmp/w.pid; echo started"#;
 
 /// Stops the writer and checks every record: its checksum, its slot, and that the last
-/// acknowledged write is there. Prints `OK <last>` or what is wrong.
+/// acknowledged write is there (a record one past the counter is the write the kill
+/// interrupted before the counter moved). Prints `OK <last>` or what is wrong.
 const VERIFY: &str = r#"kill $(cat /tmp/w.pid); sleep 0.3; sync; echo 3 > /proc/sys/vm/drop_caches
 last=$(cat /tmp/counter); n=0; bad=""
 for k in $(seq 0 63); do
@@ -38,7 +40,7 @@ for k in $(seq 0 63); do
   got=$(head -c 4000 /tmp/b | sha256sum | cut -c1-64)
   [ "$got" = "$sum" ] || bad="$bad sum@$k"
   [ $((seq % 64)) -eq $k ] || bad="$bad slot@$k"
-  [ $seq -le $last ] && [ $seq -gt $((last - 64)) ] || bad="$bad seq@$k($seq/$last)"
+  [ $seq -le $((last + 1)) ] && [ $seq -gt $((last - 64)) ] || bad="$bad seq@$k($seq/$last)"
   n=$((n+1))
 done
 t=$(dd if=/dev/sdb bs=4096 skip=$((last % 64)) count=1 2>/dev/null | dd bs=1 skip=4000 2>/dev/null | tr -d '\000')
@@ -329,4 +331,165 @@ fn faults_leave_vm_on_source() {
     let n2 = assert_on_source_only(a, b, n);
     assert!(n2 > n);
     verify(a);
+}
+
+/// Files in `dir` (empty when it does not exist).
+fn files_in(dir: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Shared-nothing: a guest with a checkpoint (a two-layer VHDX chain per disk) keeps writing
+/// checksummed records while its whole chains are copied A→B (`--include-storage
+/// --destination-path`), then memory moves. On B the counter continued, every record
+/// verifies (the last acknowledged write included), the checkpoint is there, and A's chain
+/// files are gone. Then faults on the way back, each leaving the VM running on B only
+/// with nothing on A: a destination path that cannot be written (refused before anything
+/// moves), and the link cut during the disk copy.
+#[test]
+fn shared_nothing_move_and_faults() {
+    let c = Cluster::start(2, &[]);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let src = c.dir.path().join("a-disks");
+    std::fs::create_dir_all(&src).expect("source dir");
+    let raw = guest_disk(c.dir.path(), 1, GuestAgent::Vireo);
+    let boot = src.join("boot.vhdx");
+    a.ok(&[
+        "disk",
+        "convert",
+        raw.to_str().unwrap(),
+        boot.to_str().unwrap(),
+    ]);
+    let data = src.join("data.vhdx");
+    a.ok(&["disk", "new", data.to_str().unwrap(), "--size", "16M"]);
+    a.ok(&[
+        "vm",
+        "new",
+        "g",
+        "--generation",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        boot.to_str().unwrap(),
+        "--disk",
+        data.to_str().unwrap(),
+    ]);
+    a.ok(&["vm", "start", "g"]);
+    a.wait_heartbeat("g");
+    let (code, out) = a.exec("g", WRITER);
+    assert_eq!(code, 0, "{out}");
+    let c0 = wait_counter_above(a, 3);
+    let cp = a.ok(&["checkpoint", "new", "g", "cp1", "--type", "production"]);
+    assert!(cp.contains("cp1"), "{cp}");
+    let c0 = wait_counter_above(a, c0);
+    let before = files_in(&src);
+    assert!(
+        before.len() >= 4,
+        "expected two chains of two files: {before:?}"
+    );
+
+    let dst = c.dir.path().join("b-disks");
+    let out = a.ok(&[
+        "vm",
+        "move",
+        "g",
+        "--to",
+        &b.addr,
+        "--include-storage",
+        "--destination-path",
+        dst.to_str().unwrap(),
+        "--json",
+    ]);
+    let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(j["phase"], "completed", "{j:#}");
+    eprintln!(
+        "A->B shared-nothing: {:.1} s, downtime {} ms, disk {} bytes, memory {} bytes",
+        j["elapsed_secs"], j["downtime_ms"], j["disk_transferred"], j["memory_transferred"]
+    );
+    assert!(a.vm_names().is_empty(), "source still lists the VM");
+    assert!(a.leftovers().is_empty(), "source left {:?}", a.leftovers());
+    assert!(
+        files_in(&src).is_empty(),
+        "the source's chain files stay: {:?}",
+        files_in(&src)
+    );
+    let mut after = files_in(&dst);
+    after.sort();
+    let mut want = before.clone();
+    want.sort();
+    assert_eq!(after, want, "the destination holds another set of files");
+    assert_eq!(b.show("g")["state"], "running");
+    let listed = b.ok(&["checkpoint", "list", "g"]);
+    assert!(listed.contains("cp1"), "{listed}");
+    let mut n = wait_counter_above(b, c0);
+    // The data written before, during and after the copy verifies on B.
+    let last = verify(b);
+    assert!(last >= n, "last record {last} < counter {n}");
+    let (code, out) = b.exec("g", WRITER);
+    assert_eq!(code, 0, "{out}");
+    n = wait_counter_above(b, last);
+
+    // Back to A into a path A cannot write: refused before anything moves.
+    let e = b.fails(&[
+        "vm",
+        "move",
+        "g",
+        "--to",
+        &a.addr,
+        "--include-storage",
+        "--destination-path",
+        "/proc/vireo-no-such-dir",
+    ]);
+    assert!(e.contains("not writable"), "{e}");
+    n = assert_on_source_only(b, a, n);
+
+    // Link cut while the disks are being copied (slowed down so the cut lands there).
+    let back = c.dir.path().join("a-back");
+    let id = b
+        .ok(&[
+            "vm",
+            "move",
+            "g",
+            "--to",
+            &a.addr,
+            "--include-storage",
+            "--destination-path",
+            back.to_str().unwrap(),
+            "--bandwidth",
+            "2M",
+            "--no-wait",
+        ])
+        .trim()
+        .to_string();
+    wait_job(b, &id, "disk copy", |j| {
+        j["phase"] == "copying_disks" && j["disk_transferred"].as_u64().unwrap_or(0) > (1 << 20)
+    });
+    a.link(false);
+    let j = wait_job(b, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    n = wait_counter_above(b, n);
+    a.link(true);
+    n = assert_on_source_only(b, a, n);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_in(&back).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "partial copies stay on A: {:?}",
+            files_in(&back)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let mut now = files_in(&dst);
+    now.sort();
+    assert_eq!(now, want, "B's disk files changed");
+    let last = verify(b);
+    assert!(last >= n);
 }

@@ -239,3 +239,56 @@ pub struct ExportFacts {
     /// Block size constraints (minimum, preferred, maximum), when the server sent them.
     pub block_size: Option<(u32, u32, u32)>,
 }
+
+/// `POST /migration/mirror-start` (worker, shared-nothing source): mirror every disk's
+/// chain into a unix socket each (the daemon tunnels it to the destination).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerMirrorStart {
+    /// Socket of disk `i`'s mirror stream.
+    pub sockets: Vec<PathBuf>,
+    /// Copy rate limit in bytes per second, shared by the disks (0: unlimited).
+    #[serde(default)]
+    pub bandwidth: u64,
+}
+
+/// `GET /migration/mirror-status` (worker).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerMirrorStatus {
+    /// Mirrors running (0 when none was started or they completed).
+    pub disks: usize,
+    /// Bytes sent so far (all disks).
+    pub bytes_copied: u64,
+    /// Bytes still to send (frozen layers left plus dirty ranges).
+    pub bytes_remaining: u64,
+    /// Bytes per second the guest dirties the disks.
+    pub dirty_bytes_per_sec: u64,
+    /// Every mirror is in sync (at most its convergence threshold dirty).
+    pub converged: bool,
+    /// The first mirror failure.
+    pub error: Option<String>,
+}
+
+/// Answer of `POST /migration/mirror-complete` (worker): every disk is byte-identical at
+/// the destination (verified by checksum) and committed there.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerMirrorDone {
+    /// Source files of every chain (leaf first per disk), to remove once the destination
+    /// runs the VM.
+    pub source_files: Vec<PathBuf>,
+    /// Combined CRC32C of each disk's virtual contents.
+    pub checksums: Vec<u32>,
+    /// Bytes sent in all.
+    pub bytes_copied: u64,
+    /// Bytes of the final pass (with I/O held).
+    pub final_pass_bytes: u64,
+    /// Longest time guest I/O was held for one disk, ms.
+    pub io_pause_ms: u64,
+}
+
+/// `GET /migration/chain-files` (worker): every file of each disk's chain (leaf first,
+/// then parents, then other checkpoint images).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct WorkerChainFiles {
+    /// Per disk.
+    pub disks: Vec<Vec<PathBuf>>,
+}

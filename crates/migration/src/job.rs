@@ -62,6 +62,12 @@ pub struct Done {
     pub prepared: bool,
     /// QEMU's outgoing migration was started.
     pub migrating: bool,
+    /// Disk mirrors to the destination were started (shared-nothing).
+    #[serde(default)]
+    pub mirroring: bool,
+    /// Every disk mirror completed: the destination holds verified copies.
+    #[serde(default)]
+    pub mirrored: bool,
     /// The source worker closed its disk images (shared storage handover).
     pub disks_released: bool,
     /// The destination was asked to open the disks.
@@ -82,6 +88,8 @@ pub enum Recovery {
         /// required before [`Recovery::ReopenSourceDisks`].
         must_confirm: bool,
     },
+    /// Stop the disk mirrors (shared-nothing); the source chains are untouched.
+    CancelDiskMirrors,
     /// Serve the disks again on the source (a new worker re-attaches to QEMU).
     ReopenSourceDisks,
     /// Cancel QEMU's outgoing migration; QEMU resumes the VM if it was running.
@@ -108,6 +116,9 @@ pub fn recovery(done: &Done) -> Vec<Recovery> {
         plan.push(AbortDestination {
             must_confirm: done.activate_sent,
         });
+    }
+    if done.mirroring && !done.disks_released {
+        plan.push(CancelDiskMirrors);
     }
     if done.disks_released {
         plan.push(ReopenSourceDisks);
@@ -162,6 +173,21 @@ mod tests {
             ]
         );
         assert_eq!(recovery(&Done::default()), vec![Recovery::ResumeSource]);
+        let copying = Done {
+            prepared: true,
+            mirroring: true,
+            ..Done::default()
+        };
+        assert_eq!(
+            recovery(&copying),
+            vec![
+                Recovery::AbortDestination {
+                    must_confirm: false
+                },
+                Recovery::CancelDiskMirrors,
+                Recovery::ResumeSource
+            ]
+        );
     }
 
     fn event() -> impl Strategy<Value = Event> {
@@ -199,7 +225,7 @@ mod tests {
         fn plan_always_ends_running(a in any::<bool>(), b in any::<bool>(), c in any::<bool>(),
                                     d in any::<bool>(), e in any::<bool>(), f in any::<bool>()) {
             let done = Done { prepared: a, migrating: b, disks_released: c,
-                              activate_sent: d, commit_sent: e, committed: f };
+                              activate_sent: d, commit_sent: e, committed: f, mirroring: a && b, mirrored: a && c };
             let plan = recovery(&done);
             let last = *plan.last().unwrap();
             let ends_running = matches!(
@@ -210,7 +236,7 @@ mod tests {
             if let Some(i) = plan.iter().position(|r| *r == Recovery::ReopenSourceDisks) {
                 let only_aborts = plan[..i]
                     .iter()
-                    .all(|r| matches!(r, Recovery::AbortDestination { .. }));
+                    .all(|r| matches!(r, Recovery::AbortDestination { .. } | Recovery::CancelDiskMirrors));
                 prop_assert!(only_aborts);
             }
         }

@@ -27,6 +27,7 @@ pub const MIN_PROTOCOL_VERSION: u32 = 1;
 /// Features this build offers. A migration needs the ones [`required_features`] lists.
 pub const FEATURES: &[&str] = &[
     "shared-storage",
+    "shared-nothing",
     "pause-before-switchover",
     "tls-tunnel",
     "auto-converge",
@@ -385,6 +386,58 @@ pub struct PrepareRequest {
     /// The source's launch (`launch.json`): the destination starts an identical machine.
     #[serde(default)]
     pub launch: Option<serde_json::Value>,
+    /// Shared-nothing: the disks are copied to the destination.
+    #[serde(default)]
+    pub storage: Option<StorageCopy>,
+}
+
+/// The disks a shared-nothing migration copies (part of [`PrepareRequest`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StorageCopy {
+    /// Directory for the copies on the destination (`None`: the VM's directory there).
+    pub destination_path: Option<std::path::PathBuf>,
+    /// Every file of every disk's chain (leaves, parents, checkpoint images), per disk.
+    pub files: Vec<Vec<std::path::PathBuf>>,
+}
+
+impl StorageCopy {
+    /// Where each source file lands in `dir`: same file name. Refuses names used twice
+    /// (two chains with equal file names in different directories).
+    pub fn destinations(
+        &self,
+        dir: &std::path::Path,
+    ) -> Result<Vec<(std::path::PathBuf, std::path::PathBuf)>, String> {
+        let mut out: Vec<(std::path::PathBuf, std::path::PathBuf)> = Vec::new();
+        for f in self.files.iter().flatten() {
+            let name = f
+                .file_name()
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| format!("disk file {} has no file name", f.display()))?;
+            let to = dir.join(name);
+            if let Some((other, _)) = out.iter().find(|(s, t)| *t == to && s != f) {
+                return Err(format!(
+                    "{} and {} have the same file name and would both land at {}; rename one of them first",
+                    other.display(),
+                    f.display(),
+                    to.display()
+                ));
+            }
+            if !out.iter().any(|(s, _)| s == f) {
+                out.push((f.clone(), to));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The channel name of disk `i`'s mirror stream in a [`crate::tls::StreamHeader`].
+pub fn disk_channel(i: usize) -> String {
+    format!("disk-{i}")
+}
+
+/// The disk index of a mirror stream channel name.
+pub fn parse_disk_channel(c: &str) -> Option<usize> {
+    c.strip_prefix("disk-")?.parse().ok()
 }
 
 /// Seconds without a word from the source after which a destination aborts an incoming
@@ -516,6 +569,32 @@ mod tests {
                 missing: vec!["avx2".into()]
             }]
         );
+    }
+
+    /// Copies land under their file name; equal names from two directories are refused.
+    #[test]
+    fn storage_destinations() {
+        use std::path::PathBuf;
+        let s = StorageCopy {
+            destination_path: None,
+            files: vec![
+                vec![PathBuf::from("/a/x.vhdx"), PathBuf::from("/a/base.vhdx")],
+                vec![PathBuf::from("/b/y.vhdx"), PathBuf::from("/a/base.vhdx")],
+            ],
+        };
+        let d = s.destinations(std::path::Path::new("/d")).unwrap();
+        assert_eq!(d.len(), 3);
+        assert_eq!(d[1].1, PathBuf::from("/d/base.vhdx"));
+        let bad = StorageCopy {
+            destination_path: None,
+            files: vec![
+                vec![PathBuf::from("/a/x.vhdx")],
+                vec![PathBuf::from("/b/x.vhdx")],
+            ],
+        };
+        assert!(bad.destinations(std::path::Path::new("/d")).is_err());
+        assert_eq!(parse_disk_channel(&disk_channel(3)), Some(3));
+        assert_eq!(parse_disk_channel("memory"), None);
     }
 
     #[test]

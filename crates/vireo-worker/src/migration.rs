@@ -12,10 +12,20 @@
 //! while incoming), starts QEMU with `-incoming defer` and calls `migrate-incoming`.
 //! `/migration/activate` replaces the placeholders by the real disk service (QEMU's NBD
 //! client reconnects on its first request), `/migration/resume` runs the guest.
+//!
+//! Shared-nothing (source): `/migration/mirror-start` mirrors every disk's whole chain
+//! (`storage::mirror` into a [`StreamSink`]) into a unix socket per disk, which the daemon
+//! tunnels over mutual TLS to the destination's `receive_chain`; the guest keeps running and
+//! its writes are mirrored. `/migration/mirror-complete`, called at the pre-switchover
+//! pause, runs each mirror's final pass, verifies the destination by checksum and commits
+//! it there; `/migration/mirror-cancel` stops them (the destination removes its files).
 
 use crate::vm::Vm;
 use anyhow::Context;
-use api::migration::{ExportFacts, IncomingLaunch, WorkerMigrateStart, WorkerMigrateStatus};
+use api::migration::{
+    ExportFacts, IncomingLaunch, WorkerChainFiles, WorkerMigrateStart, WorkerMigrateStatus,
+    WorkerMirrorDone, WorkerMirrorStart, WorkerMirrorStatus,
+};
 use api::worker::{ExitRecord, LaunchSpec};
 use api::{ErrorBody, ErrorKind};
 use axum::extract::State;
@@ -28,10 +38,33 @@ use std::io;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use storage::mirror::{DiskMirror, MirrorOptions, StreamSink};
 
 static LAUNCH: OnceLock<LaunchSpec> = OnceLock::new();
 static PLACEHOLDERS: Mutex<Vec<(nbd::Server, tokio::task::JoinHandle<()>)>> =
     Mutex::new(Vec::new());
+/// Disk mirrors of an outgoing shared-nothing migration.
+static MIRRORS: Mutex<Vec<DiskMirror>> = Mutex::new(Vec::new());
+/// Runtime driving the mirror streams: the worker's own runtime is single-threaded and the
+/// mirror threads block on their stream, so the streams get a runtime of their own.
+static MIRROR_RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+fn mirror_rt() -> anyhow::Result<&'static tokio::runtime::Runtime> {
+    if let Some(rt) = MIRROR_RT.get() {
+        return Ok(rt);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("vireo-mirror-io")
+        .enable_all()
+        .build()
+        .context("starting the mirror stream runtime")?;
+    Ok(MIRROR_RT.get_or_init(|| rt))
+}
+
+fn mirrors() -> std::sync::MutexGuard<'static, Vec<DiskMirror>> {
+    MIRRORS.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 /// An export with the size and abilities of a disk that is not here yet: QEMU's NBD client
 /// connects to it while the VM waits for its state; any I/O fails (none happens).
@@ -124,6 +157,11 @@ pub fn routes() -> Router<Arc<Vm>> {
         .route("/migration/finish", post(finish))
         .route("/migration/activate", post(activate))
         .route("/migration/resume", post(resume))
+        .route("/migration/chain-files", get(chain_files))
+        .route("/migration/mirror-start", post(mirror_start))
+        .route("/migration/mirror-status", get(mirror_status))
+        .route("/migration/mirror-complete", post(mirror_complete))
+        .route("/migration/mirror-cancel", post(mirror_cancel))
 }
 
 /// An error answered to vireod.
@@ -311,5 +349,156 @@ async fn resume(State(vm): State<Arc<Vm>>) -> R<Value> {
     }
     vm.booted.store(true, Ordering::SeqCst);
     tracing::info!("incoming VM runs");
+    Ok(Json(Value::Null))
+}
+
+fn disk_service() -> Result<Arc<storage::DiskService>, MigError> {
+    crate::disks::service()
+        .map(|(s, _)| s)
+        .ok_or_else(|| MigError("the disk service is not running".into()))
+}
+
+async fn chain_files(State(_vm): State<Arc<Vm>>) -> R<WorkerChainFiles> {
+    let svc = disk_service()?;
+    Ok(Json(WorkerChainFiles {
+        disks: (0..svc.disks())
+            .map(|d| crate::storage_move::chain_files(&svc, d))
+            .collect(),
+    }))
+}
+
+/// Cancels mirrors off the async runtime (cancel joins the mirror thread).
+async fn drop_mirrors(ms: Vec<DiskMirror>) {
+    if ms.is_empty() {
+        return;
+    }
+    let _ = tokio::task::spawn_blocking(move || {
+        for m in ms {
+            let _ = m.cancel();
+        }
+    })
+    .await;
+}
+
+async fn mirror_start(State(_vm): State<Arc<Vm>>, Json(req): Json<WorkerMirrorStart>) -> R<Value> {
+    let svc = disk_service()?;
+    if req.sockets.len() != svc.disks() {
+        return Err(MigError(format!(
+            "{} mirror sockets for {} disks",
+            req.sockets.len(),
+            svc.disks()
+        )));
+    }
+    if !mirrors().is_empty() {
+        return Err(MigError("the disks are already being mirrored".into()));
+    }
+    let rt = mirror_rt()?;
+    let n = req.sockets.len().max(1) as u64;
+    let limit = (req.bandwidth > 0).then(|| (req.bandwidth / n).max(1 << 20));
+    let sockets = req.sockets.clone();
+    let started = tokio::task::spawn_blocking(move || {
+        let mut started: Vec<DiskMirror> = Vec::new();
+        for (i, sock) in sockets.iter().enumerate() {
+            let r = rt
+                .block_on(tokio::net::UnixStream::connect(sock))
+                .with_context(|| format!("connecting disk {i}'s mirror stream"))
+                .and_then(|stream| {
+                    let sink = StreamSink::new(rt.handle().clone(), stream);
+                    let opts = MirrorOptions {
+                        max_bytes_per_sec: limit,
+                        ..Default::default()
+                    };
+                    svc.mirror_disk(i, Box::new(sink), opts)
+                        .map_err(|e| anyhow::anyhow!("mirroring disk {i}: {}", e.full_message()))
+                });
+            match r {
+                Ok(m) => started.push(m),
+                Err(e) => {
+                    for m in started {
+                        let _ = m.cancel();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(started)
+    })
+    .await
+    .context("starting the mirrors")??;
+    tracing::info!(
+        disks = started.len(),
+        "disk mirrors to the destination started"
+    );
+    *mirrors() = started;
+    Ok(Json(Value::Null))
+}
+
+async fn mirror_status(State(_vm): State<Arc<Vm>>) -> R<WorkerMirrorStatus> {
+    let ms = mirrors();
+    let mut st = WorkerMirrorStatus {
+        disks: ms.len(),
+        converged: !ms.is_empty(),
+        ..Default::default()
+    };
+    for (i, m) in ms.iter().enumerate() {
+        let p = m.progress();
+        st.bytes_copied += p.bytes_copied;
+        st.bytes_remaining += p.bytes_remaining;
+        st.dirty_bytes_per_sec += p.dirty_bytes_per_sec;
+        st.converged &= p.converged;
+        if st.error.is_none() && (m.is_finished() || p.error.is_some()) {
+            st.error = Some(format!(
+                "disk {i}: {}",
+                p.error.unwrap_or_else(|| "the mirror stopped".into())
+            ));
+        }
+    }
+    Ok(Json(st))
+}
+
+async fn mirror_complete(State(_vm): State<Arc<Vm>>) -> R<WorkerMirrorDone> {
+    let ms: Vec<DiskMirror> = std::mem::take(&mut *mirrors());
+    if ms.is_empty() {
+        return Err(MigError("no disk mirror is running".into()));
+    }
+    let done = tokio::task::spawn_blocking(move || {
+        let mut out = WorkerMirrorDone::default();
+        let mut it = ms.into_iter().enumerate();
+        while let Some((i, m)) = it.next() {
+            match m.complete() {
+                Ok(o) => {
+                    out.source_files.extend(o.source_files.iter().cloned());
+                    out.checksums.push(o.checksum);
+                    out.bytes_copied += o.bytes_copied;
+                    out.final_pass_bytes += o.final_pass_bytes;
+                    out.io_pause_ms = out.io_pause_ms.max(o.io_pause.as_millis() as u64);
+                }
+                Err(e) => {
+                    for (_, rest) in it {
+                        let _ = rest.cancel();
+                    }
+                    return Err(anyhow::anyhow!(
+                        "completing disk {i}'s mirror: {}",
+                        e.full_message()
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .context("completing the mirrors")??;
+    tracing::info!(
+        bytes = done.bytes_copied,
+        final_pass = done.final_pass_bytes,
+        io_pause_ms = done.io_pause_ms,
+        "disks in sync at the destination (verified)"
+    );
+    Ok(Json(done))
+}
+
+async fn mirror_cancel(State(_vm): State<Arc<Vm>>) -> R<Value> {
+    let ms: Vec<DiskMirror> = std::mem::take(&mut *mirrors());
+    drop_mirrors(ms).await;
     Ok(Json(Value::Null))
 }

@@ -117,7 +117,8 @@ async fn cancel(State(_vm): State<Arc<Vm>>) -> Result<Json<MoveJob>, DiskError> 
     Ok(Json(j))
 }
 
-fn chain_files(svc: &DiskService, disk: usize) -> Vec<PathBuf> {
+/// Every file of disk `disk`'s chain: leaf, parents, then other checkpoints' images.
+pub(crate) fn chain_files(svc: &DiskService, disk: usize) -> Vec<PathBuf> {
     let mut files = svc.chain(disk).map(|c| c.chain_paths()).unwrap_or_default();
     for c in svc.state().checkpoints {
         if let Some(p) = c.images.get(disk) {

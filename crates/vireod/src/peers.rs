@@ -54,6 +54,10 @@ pub struct Incoming {
     pub last_contact: Instant,
     /// The VM's run directory here.
     pub run_dir: PathBuf,
+    /// Shared-nothing: the directory the disk copies land in.
+    pub storage_dir: Option<PathBuf>,
+    /// Shared-nothing: which disks were received completely (verified and committed).
+    pub received: Vec<bool>,
     /// The prepare request (spec, disk state).
     pub request: Arc<PrepareRequest>,
 }

@@ -11,9 +11,20 @@
 //!               destination opens them; QEMU sends the rest; destination resumes on commit
 //!  Completed:   source QEMU quits, the VM leaves the source inventory
 //! ```
+//! Shared-nothing (`--include-storage`) adds, between Preparing and Memory:
+//! ```text
+//!  CopyingDisks: the worker mirrors each disk's whole chain (checkpoints included) into a
+//!               unix socket -> TLS tunnel "disk-N" -> destination `receive_chain` into the
+//!               destination directory; guest writes are mirrored; memory starts once
+//!               every mirror is in sync, and the mirrors keep running during pre-copy
+//!  Switchover:  (VM paused) final mirror pass, checksum verification and commit of every
+//!               disk at the destination, then the handover as with shared storage
+//!  Completed:   the source's chain files are removed
+//! ```
 //! Any failure or cancel before the commit runs `migration::job::recovery`: the destination
-//! aborts (or its lease expires), the source disks are served again, QEMU's migration is
-//! cancelled and the VM runs on the source.
+//! aborts (or its lease expires) and removes what it received, the mirrors stop, the
+//! source disks are served again, QEMU's migration is cancelled and the VM runs on the
+//! source.
 
 use super::{lock, Manager, VmEntry};
 use crate::error::{ApiError, ApiResult};
@@ -21,14 +32,17 @@ use crate::peers::{self, Incoming, Outgoing, PeerId};
 use crate::process;
 use crate::store::write_atomic;
 use api::migration::{
-    IncomingLaunch, MigrationJobInfo, MigrationPhase, MoveRequest, WorkerMigrateStart,
-    WorkerMigrateStatus,
+    IncomingLaunch, MigrationJobInfo, MigrationPhase, MoveRequest, WorkerChainFiles,
+    WorkerMigrateStart, WorkerMigrateStatus, WorkerMirrorDone, WorkerMirrorStart,
+    WorkerMirrorStatus,
 };
 use api::worker::{LaunchSpec, WorkerStatus};
 use api::{VmSpec, VmState};
 use base64::Engine;
 use migration::job::{recovery, Done, Recovery};
-use migration::protocol::{self, IncomingState, IncomingStatus, PrepareRequest, LEASE_SECS};
+use migration::protocol::{
+    self, IncomingState, IncomingStatus, PrepareRequest, StorageCopy, LEASE_SECS,
+};
 use migration::tls::StreamHeader;
 use migration::{PeerClient, PeerError, VmNeeds};
 use std::path::{Path, PathBuf};
@@ -80,10 +94,18 @@ impl Manager {
                 "VM {name} is not running: live migration moves running VMs (start it with `vireo vm start {name}`)"
             )));
         }
-        if req.include_storage {
+        if !req.include_storage && req.destination_path.is_some() {
             return Err(ApiError::invalid(
-                "shared-nothing migration (--include-storage) needs the disk service's mirror, which this build does not have yet; put the disks on storage both hosts see and move without --include-storage",
+                "--destination-path is for shared-nothing migration: add --include-storage",
             ));
+        }
+        if let Some(p) = &req.destination_path {
+            if !p.is_absolute() {
+                return Err(ApiError::invalid(format!(
+                    "the destination path {} is not absolute",
+                    p.display()
+                )));
+            }
         }
         let peer = peers.trust.find(&req.to).ok_or_else(|| {
             ApiError::not_found(format!(
@@ -110,7 +132,7 @@ impl Manager {
             direction: "outgoing".into(),
             peer: format!("{} ({})", peer.name, peer.address),
             phase: MigrationPhase::Negotiating,
-            include_storage: false,
+            include_storage: req.include_storage,
             memory_transferred: 0,
             memory_remaining: 0,
             memory_total: spec.memory,
@@ -188,18 +210,22 @@ impl Manager {
             .map(|s| s.state == VmState::Running)
             .unwrap_or(true);
         let mut done = Done::default();
-        let mut tunnel: Option<tokio::task::JoinHandle<()>> = None;
+        let mut tunnel: Vec<tokio::task::JoinHandle<()>> = Vec::new();
         self.set_message(&uuid, Some(format!("moving to {}", peer.address())));
         let r = self
             .outgoing_steps(&job, &id, uuid, &spec, &peer, &req, &mut done, &mut tunnel)
             .await;
-        if let Some(t) = tunnel.take() {
+        for t in tunnel.drain(..) {
             t.abort();
         }
         let _ = std::fs::remove_file(uri_path(&run_dir, "migrate-out.sock"));
+        for i in 0..spec.disks.len() {
+            let _ = std::fs::remove_file(uri_path(&run_dir, &format!("mirror-out-{i}.sock")));
+        }
         match r {
-            Ok(()) => {
+            Ok(copied_files) => {
                 self.finish_source(uuid, &spec.name).await;
+                remove_source_files(&id, &copied_files);
                 let mut i = peers::lock(&job.info);
                 i.phase = MigrationPhase::Completed;
                 i.elapsed_secs = job.t0.elapsed().as_secs_f64();
@@ -229,6 +255,9 @@ impl Manager {
                 }
                 if on_destination {
                     self.finish_source(uuid, &spec.name).await;
+                    if req.include_storage && done.mirrored {
+                        tracing::warn!(job = %id, "the source's disk files stay (the move ended in recovery); remove them once the VM is verified on the destination");
+                    }
                 } else {
                     self.set_message(&uuid, Some(format!("live migration {id}: {why}")));
                 }
@@ -246,8 +275,8 @@ impl Manager {
         peer: &PeerClient,
         req: &MoveRequest,
         done: &mut Done,
-        tunnel: &mut Option<tokio::task::JoinHandle<()>>,
-    ) -> Result<(), Stop> {
+        tunnel: &mut Vec<tokio::task::JoinHandle<()>>,
+    ) -> Result<Vec<PathBuf>, Stop> {
         let check_cancel = |job: &Outgoing| {
             if job.cancel.load(Ordering::SeqCst) {
                 Err(Stop::Cancelled)
@@ -296,6 +325,30 @@ impl Manager {
         let uefi_vars = std::fs::read(vm_dir.join("uefi-vars.fd"))
             .ok()
             .map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+        let storage = if req.include_storage {
+            let files: WorkerChainFiles = worker.get("/migration/chain-files").await?;
+            if files.disks.len() != spec.disks.len() {
+                return Err(Stop::Failed(format!(
+                    "the worker serves {} disks, the VM has {}",
+                    files.disks.len(),
+                    spec.disks.len()
+                )));
+            }
+            let total: u64 = files
+                .disks
+                .iter()
+                .flatten()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .sum();
+            peers::lock(&job.info).disk_total = total;
+            Some(StorageCopy {
+                destination_path: req.destination_path.clone(),
+                files: files.disks,
+            })
+        } else {
+            None
+        };
         let prep = PrepareRequest {
             id: id.to_string(),
             source: ours,
@@ -306,6 +359,7 @@ impl Manager {
             uefi_vars,
             multifd_channels: 0,
             launch,
+            storage,
         };
         done.prepared = true;
         let st: IncomingStatus = peer
@@ -315,37 +369,50 @@ impl Manager {
             .await?;
         tracing::info!(job = %id, qemu = %st.qemu_status, "destination prepared");
         check_cancel(job)?;
+        let mut lease = Lease::new();
+
+        // CopyingDisks (shared-nothing): mirror every chain while the VM runs.
+        if req.include_storage {
+            Self::set_phase(job, MigrationPhase::CopyingDisks);
+            let mut sockets = Vec::new();
+            for i in 0..spec.disks.len() {
+                let sock = uri_path(&run_dir, &format!("mirror-out-{i}.sock"));
+                tunnel.push(open_tunnel(&sock, peer, id, &protocol::disk_channel(i))?);
+                sockets.push(sock);
+            }
+            done.mirroring = true;
+            worker
+                .post::<_, serde_json::Value>(
+                    "/migration/mirror-start",
+                    &WorkerMirrorStart {
+                        sockets,
+                        bandwidth: req.bandwidth,
+                    },
+                )
+                .await?;
+            let mut last = (0u64, Instant::now());
+            loop {
+                check_cancel(job)?;
+                let s = self.mirror_status(job, &worker).await?;
+                if s.converged {
+                    break;
+                }
+                if s.bytes_copied != last.0 {
+                    last = (s.bytes_copied, Instant::now());
+                } else if last.1.elapsed() > Duration::from_secs(LEASE_SECS) {
+                    return Err(Stop::Failed(format!(
+                        "the disk copy made no progress for {LEASE_SECS} s (network to the destination down?)"
+                    )));
+                }
+                lease.keep(peer, id).await?;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            tracing::info!(job = %id, "disks in sync; memory follows");
+        }
 
         // Memory: the tunnel, then QEMU's migration.
         let sock = uri_path(&run_dir, "migrate-out.sock");
-        let _ = std::fs::remove_file(&sock);
-        let listener = tokio::net::UnixListener::bind(&sock)
-            .map_err(|e| Stop::Failed(format!("binding the migration socket: {e}")))?;
-        let tpeer = peer.clone();
-        let tid = id.to_string();
-        *tunnel = Some(tokio::spawn(async move {
-            // Dropping the set (job end, abort) closes every tunnel.
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut local, _)) = listener.accept().await {
-                let p = tpeer.clone();
-                let h = StreamHeader {
-                    migration: tid.clone(),
-                    channel: "memory".into(),
-                };
-                conns.spawn(async move {
-                    match p.open_stream(&h).await {
-                        Ok(mut remote) => {
-                            if let Err(e) =
-                                tokio::io::copy_bidirectional(&mut local, &mut remote).await
-                            {
-                                tracing::debug!("migration tunnel ended: {e}");
-                            }
-                        }
-                        Err(e) => tracing::warn!("opening the migration tunnel: {e}"),
-                    }
-                });
-            }
-        }));
+        tunnel.push(open_tunnel(&sock, peer, id, "memory")?);
         Self::set_phase(job, MigrationPhase::Memory);
         done.migrating = true;
         worker
@@ -360,13 +427,15 @@ impl Manager {
                 },
             )
             .await?;
-        let mut lease = Lease::new();
         let mut last_bytes = 0u64;
         let mut last_progress = Instant::now();
         loop {
             check_cancel(job)?;
             let s: WorkerMigrateStatus = worker.get("/migration/status").await?;
             self.record(job, &s);
+            if req.include_storage {
+                self.mirror_status(job, &worker).await?;
+            }
             match s.status.as_str() {
                 "pre-switchover" => break,
                 "failed" | "cancelled" | "none" => {
@@ -406,6 +475,25 @@ impl Manager {
         }
         check_cancel(job)?;
         lease.keep_now(peer, id).await?;
+        let mut copied_files = Vec::new();
+        if req.include_storage {
+            // The guest is paused: the final pass makes the destination byte-identical,
+            // verified by checksum, and commits it there.
+            let md: WorkerMirrorDone = worker
+                .clone()
+                .with_timeout(Duration::from_secs(600))
+                .post("/migration/mirror-complete", &())
+                .await
+                .map_err(|e| Stop::Failed(format!("completing the disk copy: {e}")))?;
+            done.mirrored = true;
+            {
+                let mut i = peers::lock(&job.info);
+                i.disk_transferred = md.bytes_copied;
+            }
+            tracing::info!(job = %id, final_pass = md.final_pass_bytes, io_pause_ms = md.io_pause_ms, checksums = ?md.checksums, "disks verified at the destination");
+            copied_files = md.source_files;
+            lease.keep_now(peer, id).await?;
+        }
         done.disks_released = true;
         worker
             .post::<_, serde_json::Value>("/migration/release-disks", &())
@@ -445,7 +533,7 @@ impl Manager {
         {
             Ok(st) if st.state == IncomingState::Committed => {
                 done.committed = true;
-                Ok(())
+                Ok(copied_files)
             }
             Ok(st) => Err(Stop::Failed(format!(
                 "the destination did not take the VM (state {:?})",
@@ -458,6 +546,28 @@ impl Manager {
                 Err(e.into())
             }
         }
+    }
+
+    /// Mirror progress into the job; a failed mirror stops the migration.
+    async fn mirror_status(
+        &self,
+        job: &Outgoing,
+        worker: &api::Client,
+    ) -> Result<WorkerMirrorStatus, Stop> {
+        let s: WorkerMirrorStatus = worker.get("/migration/mirror-status").await?;
+        {
+            let mut i = peers::lock(&job.info);
+            i.disk_transferred = s.bytes_copied;
+            i.disk_total = i.disk_total.max(s.bytes_copied + s.bytes_remaining);
+            i.elapsed_secs = job.t0.elapsed().as_secs_f64();
+        }
+        if let Some(e) = &s.error {
+            return Err(Stop::Failed(format!("copying the disks: {e}")));
+        }
+        if s.disks == 0 {
+            return Err(Stop::Failed("the disk mirrors are gone".into()));
+        }
+        Ok(s)
     }
 
     fn record(&self, job: &Outgoing, s: &WorkerMigrateStatus) {
@@ -570,6 +680,16 @@ impl Manager {
                     }
                     self.wait_worker(&uuid, Duration::from_secs(30)).await;
                 }
+                Recovery::CancelDiskMirrors => {
+                    if let Err(e) = self
+                        .worker_client(&uuid)
+                        .with_timeout(Duration::from_secs(60))
+                        .post::<_, serde_json::Value>("/migration/mirror-cancel", &())
+                        .await
+                    {
+                        tracing::warn!(job = %id, "stopping the disk mirrors: {e}");
+                    }
+                }
                 Recovery::CancelQemuMigration => {
                     let _ = self
                         .worker_client(&uuid)
@@ -681,7 +801,7 @@ impl Manager {
     /// Prepares an incoming VM: compatibility again, then a worker waiting for the state.
     pub async fn incoming_prepare(
         self: &Arc<Self>,
-        req: PrepareRequest,
+        mut req: PrepareRequest,
         source_fp: &str,
     ) -> ApiResult<IncomingStatus> {
         let peers = peers::get()?;
@@ -717,21 +837,40 @@ impl Manager {
                 req.spec.name, e.message
             ))
         })?;
-        for d in &req.spec.disks {
-            if !d.path.is_file() {
-                return Err(ApiError::invalid(format!(
-                    "disk {} is not visible on this host; fix: put the disks on storage both hosts see, or move with --include-storage",
-                    d.path.display()
-                )));
+        if req.storage.is_none() {
+            for d in &req.spec.disks {
+                if !d.path.is_file() {
+                    return Err(ApiError::invalid(format!(
+                        "disk {} is not visible on this host; fix: put the disks on storage both hosts see, or move with --include-storage",
+                        d.path.display()
+                    )));
+                }
             }
         }
         let run_dir = self.run_dir(&uuid);
         let vm_dir = self.store.vm_dir(&uuid);
+        // Shared-nothing: where the copies land; refused before anything moves.
+        let (storage_dir, storage_files, dir_created) = match req.storage.clone() {
+            Some(sc) => {
+                let dir = sc
+                    .destination_path
+                    .clone()
+                    .unwrap_or_else(|| vm_dir.clone());
+                let (files, created) = plan_storage(&mut req, &sc, &dir, &vm_dir)?;
+                (Some(dir), files, created)
+            }
+            None => (None, Vec::new(), false),
+        };
         let record = peers.records_dir().join(format!("in-{}.json", req.id));
         write_atomic(
             &record,
-            &serde_json::to_vec(&serde_json::json!({ "id": req.id, "uuid": uuid }))
-                .map_err(ApiError::internal)?,
+            &serde_json::to_vec(&serde_json::json!({
+                "id": req.id,
+                "uuid": uuid,
+                "files": storage_files,
+                "created_dir": if dir_created { storage_dir.clone() } else { None },
+            }))
+            .map_err(ApiError::internal)?,
         )?;
         let r = self.prepare_dirs(&req, &run_dir, &vm_dir);
         let launch = match r {
@@ -747,7 +886,7 @@ impl Manager {
             direction: "incoming".into(),
             peer: req.source.hostname.clone(),
             phase: MigrationPhase::Preparing,
-            include_storage: false,
+            include_storage: req.storage.is_some(),
             memory_transferred: 0,
             memory_remaining: 0,
             memory_total: req.spec.memory,
@@ -772,6 +911,8 @@ impl Manager {
                 state: IncomingState::Prepared,
                 last_contact: Instant::now(),
                 run_dir: run_dir.clone(),
+                storage_dir,
+                received: vec![false; req.spec.disks.len()],
                 request: Arc::new(req),
             },
         );
@@ -912,6 +1053,29 @@ impl Manager {
                 inc.state
             )));
         }
+        if inc.storage_dir.is_some() {
+            // The source's last mirror commit may still be finishing its bookkeeping here.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let all = peers::get()
+                    .ok()
+                    .and_then(|p| {
+                        peers::lock(&p.incoming)
+                            .get(id)
+                            .map(|i| i.received.iter().all(|r| *r))
+                    })
+                    .unwrap_or(false);
+                if all {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(ApiError::wrong_state(format!(
+                        "migration {id}: not every disk was received completely"
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
         self.incoming_set(id, IncomingState::Activated);
         let client =
             api::Client::new(inc.run_dir.join("worker.sock")).with_timeout(Duration::from_secs(30));
@@ -1034,6 +1198,7 @@ impl Manager {
         if !lock(&self.vms).contains_key(&uuid) {
             let _ = std::fs::remove_dir_all(run_dir);
             let _ = std::fs::remove_dir_all(self.store.vm_dir(&uuid));
+            remove_received(record);
         }
         let _ = std::fs::remove_file(record);
     }
@@ -1129,6 +1294,10 @@ impl Manager {
                 return;
             }
         };
+        if let Some(disk) = protocol::parse_disk_channel(&h.channel) {
+            self.receive_disk(tls, &h.migration, &inc, disk).await;
+            return;
+        }
         if h.channel != "memory" || inc.state != IncomingState::Prepared {
             let _ = tls
                 .write_all(refuse("(unknown channel or state)").as_bytes())
@@ -1156,6 +1325,78 @@ impl Manager {
         let _ = tls.flush().await;
         if let Err(e) = tokio::io::copy_bidirectional(&mut tls, &mut local).await {
             tracing::debug!(job = %h.migration, "incoming stream ended: {e}");
+        }
+    }
+
+    /// A disk mirror stream (shared-nothing): receives disk `disk`'s chain into the
+    /// migration's directory. Stops (the files go) when the migration is aborted.
+    async fn receive_disk(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        id: &str,
+        inc: &Incoming,
+        disk: usize,
+    ) {
+        use tokio::io::AsyncWriteExt;
+        let Some(dir) = inc.storage_dir.clone() else {
+            let _ = tls
+                .write_all(b"refused (this migration does not copy disks)\n")
+                .await;
+            return;
+        };
+        if inc.state != IncomingState::Prepared || disk >= inc.received.len() || inc.received[disk]
+        {
+            let _ = tls
+                .write_all(b"refused (unknown disk or wrong state)\n")
+                .await;
+            return;
+        }
+        let copies = peers::get()
+            .map(|p| received_list(&p.records_dir().join(format!("in-{id}.json"))))
+            .unwrap_or_default();
+        if tls.write_all(b"ok\n").await.is_err() {
+            return;
+        }
+        let _ = tls.flush().await;
+        let aborted = || {
+            peers::get()
+                .ok()
+                .map(|p| {
+                    peers::lock(&p.incoming)
+                        .get(id)
+                        .is_none_or(|i| i.state == IncomingState::Aborted)
+                })
+                .unwrap_or(true)
+        };
+        let watch = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                if aborted() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = storage::mirror::receive_chain(&mut tls, &dir) => match r {
+                Ok(files) => {
+                    tracing::info!(job = %id, disk, files = files.len(), "disk chain received and verified");
+                    if let Ok(p) = peers::get() {
+                        if let Some(i) = peers::lock(&p.incoming).get_mut(id) {
+                            if let Some(r) = i.received.get_mut(disk) {
+                                *r = true;
+                            }
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(job = %id, disk, "receiving the disk chain: {}", e.full_message()),
+            },
+            _ = watch => {
+                tracing::warn!(job = %id, disk, "disk copy stopped: the migration was aborted");
+            }
+        }
+        if aborted() {
+            // Whatever the stream created after the cleanup goes too.
+            remove_copies(&copies.0, copies.1.as_deref());
         }
     }
 
@@ -1219,5 +1460,175 @@ impl Lease {
                 }
             }
         }
+    }
+}
+
+/// Listens on `sock`; every connection is tunnelled to the peer as stream `channel` of
+/// migration `id`. Aborting the task (job end) closes every tunnel.
+fn open_tunnel(
+    sock: &Path,
+    peer: &PeerClient,
+    id: &str,
+    channel: &str,
+) -> Result<tokio::task::JoinHandle<()>, Stop> {
+    let _ = std::fs::remove_file(sock);
+    let listener = tokio::net::UnixListener::bind(sock)
+        .map_err(|e| Stop::Failed(format!("binding {}: {e}", sock.display())))?;
+    let tpeer = peer.clone();
+    let header = StreamHeader {
+        migration: id.to_string(),
+        channel: channel.to_string(),
+    };
+    Ok(tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((mut local, _)) = listener.accept().await {
+            let p = tpeer.clone();
+            let h = header.clone();
+            conns.spawn(async move {
+                match p.open_stream(&h).await {
+                    Ok(mut remote) => {
+                        if let Err(e) = tokio::io::copy_bidirectional(&mut local, &mut remote).await
+                        {
+                            tracing::debug!(channel = %h.channel, "migration tunnel ended: {e}");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(channel = %h.channel, "opening the migration tunnel: {e}")
+                    }
+                }
+            });
+        }
+    }))
+}
+
+/// After a shared-nothing move: the destination runs the VM on its verified copies, so the
+/// source's chain files go.
+fn remove_source_files(id: &str, files: &[PathBuf]) {
+    for f in files {
+        match std::fs::remove_file(f) {
+            Ok(()) => tracing::info!(job = %id, file = %f.display(), "source disk file removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(job = %id, "removing the source's {}: {e}", f.display()),
+        }
+    }
+}
+
+/// Shared-nothing, destination: checks that the copies can land in `dir` (absolute, no file
+/// of the chains there yet, writable) and points the spec and the disk state at them.
+/// Returns the destination files and whether `dir` was created.
+fn plan_storage(
+    req: &mut PrepareRequest,
+    sc: &StorageCopy,
+    dir: &Path,
+    vm_dir: &Path,
+) -> ApiResult<(Vec<PathBuf>, bool)> {
+    if !dir.is_absolute() {
+        return Err(ApiError::invalid(format!(
+            "the destination path {} is not absolute",
+            dir.display()
+        )));
+    }
+    if sc.files.len() != req.spec.disks.len() {
+        return Err(ApiError::invalid("the chain list does not match the disks"));
+    }
+    let map = sc.destinations(dir).map_err(ApiError::invalid)?;
+    for (_, to) in &map {
+        if to.exists() {
+            return Err(ApiError::conflict(format!(
+                "{} already exists on this host; fix: remove it or choose another --destination-path",
+                to.display()
+            )));
+        }
+    }
+    let created = !dir.exists() && dir != vm_dir;
+    let unwritable = |e: std::io::Error| {
+        ApiError::invalid(format!(
+            "the destination path {} is not writable on this host ({e}); fix: choose another --destination-path or fix its permissions",
+            dir.display()
+        ))
+    };
+    std::fs::create_dir_all(dir).map_err(unwritable)?;
+    let probe = dir.join(format!(".vireo-probe-{}", req.id));
+    let r = std::fs::File::create(&probe).and_then(|f| f.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    if let Err(e) = r {
+        if created {
+            let _ = std::fs::remove_dir(dir);
+        }
+        return Err(unwritable(e));
+    }
+    let to = |p: &Path| -> Option<PathBuf> {
+        map.iter()
+            .find(|(from, _)| from == p)
+            .map(|(_, t)| t.clone())
+    };
+    for (i, d) in req.spec.disks.iter_mut().enumerate() {
+        d.path = to(&d.path)
+            .or_else(|| sc.files[i].first().cloned().and_then(|l| to(&l)))
+            .ok_or_else(|| ApiError::invalid(format!("disk {i} has no files to copy")))?;
+    }
+    if let Some(ds) = req.disk_state.take() {
+        let mut st: storage::DiskState = serde_json::from_value(ds)
+            .map_err(|e| ApiError::invalid(format!("the source's disk state: {e}")))?;
+        for l in &mut st.leaves {
+            if let Some(t) = to(l) {
+                *l = t;
+            }
+        }
+        for c in &mut st.checkpoints {
+            for img in &mut c.images {
+                if let Some(t) = to(img) {
+                    *img = t;
+                }
+            }
+        }
+        for j in &mut st.jobs {
+            for p in [&mut j.top, &mut j.target] {
+                if let Some(t) = to(p) {
+                    *p = t;
+                }
+            }
+        }
+        req.disk_state = Some(serde_json::to_value(&st).map_err(ApiError::internal)?);
+    }
+    Ok((map.into_iter().map(|(_, t)| t).collect(), created))
+}
+
+/// The disk copies an incoming migration record lists, and the directory it made.
+fn received_list(record: &Path) -> (Vec<PathBuf>, Option<PathBuf>) {
+    let Some(rec) = std::fs::read(record)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return (Vec::new(), None);
+    };
+    let files: Vec<PathBuf> = rec
+        .get("files")
+        .and_then(|f| serde_json::from_value(f.clone()).ok())
+        .unwrap_or_default();
+    let dir = rec
+        .get("created_dir")
+        .and_then(|d| d.as_str())
+        .map(PathBuf::from);
+    (files, dir)
+}
+
+/// Removes the disk copies an incoming migration record lists (and the directory it made,
+/// when empty). Only for migrations that never committed.
+fn remove_received(record: &Path) {
+    let (files, dir) = received_list(record);
+    remove_copies(&files, dir.as_deref());
+}
+
+fn remove_copies(files: &[PathBuf], dir: Option<&Path>) {
+    for f in files {
+        match std::fs::remove_file(f) {
+            Ok(()) => tracing::info!(file = %f.display(), "removed a partial disk copy"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!("removing the partial {}: {e}", f.display()),
+        }
+    }
+    if let Some(d) = dir {
+        let _ = std::fs::remove_dir(d);
     }
 }
