@@ -10,8 +10,14 @@ run() { printf '$ %s\n' "$*"; "$@"; }
 say "installing what is missing (scripts/setup.sh)"
 bash scripts/setup.sh
 say "building"
-cargo build --release --workspace --bins --quiet
-BIN=$PWD/target/release
+# VIREO_DEMO_PROFILE=debug reuses a debug build (e.g. the test suite's).
+PROFILE=${VIREO_DEMO_PROFILE:-release}
+if [ "$PROFILE" = release ]; then
+  cargo build --release --workspace --bins --quiet
+else
+  cargo build --workspace --bins --quiet
+fi
+BIN=${CARGO_TARGET_DIR:-$PWD/target}/$PROFILE
 DEMO=$PWD/.demo
 rm -rf "$DEMO"; mkdir -p "$DEMO"
 vireo() { "$BIN/vireo" "$@"; }
