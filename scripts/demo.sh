@@ -81,7 +81,7 @@ run vireo vm kvp demo-gen1 set role demo-frontend
 run vireo vm exec demo-gen1 -- cat /run/vireo/kvp/host/role
 
 # The data disk is the guest's 64 MiB disk (names can change between boots: find it by size).
-DATA='d=$(for b in /sys/block/sd* /sys/block/vd*; do [ "$(cat $b/size)" = 131072 ] && echo /dev/${b##*/}; done | head -1)'
+DATA='d=$(for b in /sys/block/sd* /sys/block/vd*; do [ -e $b/size ] && [ "$(cat $b/size)" = 131072 ] && echo /dev/${b##*/}; done | head -1)'
 guest_write() { vireo vm exec demo-gen1 -- sh -c "$DATA; dd if=/dev/urandom of=\$d bs=1M count=4 seek=$1 conv=fsync 2>/dev/null; dd if=\$d bs=1M count=4 skip=$1 2>/dev/null | md5sum | cut -d' ' -f1"; }
 guest_sum() { vireo vm exec demo-gen1 -- sh -c "$DATA; dd if=\$d bs=1M count=4 skip=$1 2>/dev/null | md5sum | cut -d' ' -f1"; }
 
@@ -101,9 +101,20 @@ say "a second checkpoint, then removing the first: its layer merges live while t
 run vireo checkpoint new demo-gen1 after-upgrade --type production
 SUM3=$(guest_write 8); echo "guest wrote more, md5 $SUM3"
 run vireo checkpoint list demo-gen1
-run vireo checkpoint remove demo-gen1 before-upgrade
+printf '$ vireo checkpoint remove demo-gen1 before-upgrade\n'
+OUT=$(vireo checkpoint remove demo-gen1 before-upgrade); echo "$OUT"
+JOB=$(echo "$OUT" | grep -o 'job [0-9a-f]*' | head -1 | cut -d' ' -f2)
 run vireo job list
+if [ -n "$JOB" ]; then
+  for _ in $(seq 240); do
+    vireo job show "$JOB" --json 2>/dev/null | grep -q '"state": *"copying"' || break
+    sleep 0.5
+  done
+  run vireo job show "$JOB"
+fi
 run vireo checkpoint list demo-gen1
+NOW=$(guest_sum 8); [ "$NOW" = "$SUM3" ] || { echo "data changed by the merge"; exit 1; }
+echo "data disk md5 unchanged by the live merge: $NOW"
 
 say "storage live migration: the running VM's disks (whole chains) move to another directory"
 run vireo vm move-storage demo-gen1 --path "$DEMO/moved"
