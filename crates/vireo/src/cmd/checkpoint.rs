@@ -130,7 +130,10 @@ fn print_tree(t: &CheckpointTree) {
                 format!("{}{}{}", "  ".repeat(depth), c.name, here),
                 c.id.clone(),
                 format!("{:?}", c.kind).to_lowercase(),
-                c.created.to_string(),
+                humantime::format_rfc3339_seconds(
+                    std::time::UNIX_EPOCH + std::time::Duration::from_secs(c.created),
+                )
+                .to_string(),
             ]);
             walk(t, Some(&c.id), depth + 1, rows);
         }
