@@ -350,7 +350,8 @@ fn files_in(dir: &std::path::Path) -> Vec<String> {
 /// verifies (the last acknowledged write included), the checkpoint is there, and A's chain
 /// files are gone. Then faults on the way back, each leaving the VM running on B only
 /// with nothing on A: a destination path that cannot be written (refused before anything
-/// moves), and the link cut during the disk copy.
+/// moves), the link cut during the disk copy, and kill -9 + restart of B's daemon during
+/// the disk copy.
 #[test]
 fn shared_nothing_move_and_faults() {
     let c = Cluster::start(2, &[]);
@@ -487,6 +488,45 @@ fn shared_nothing_move_and_faults() {
         );
         std::thread::sleep(Duration::from_millis(250));
     }
+    // kill -9 of the source daemon during the disk copy, then restart: the VM stays on B,
+    // running; A cleans up after its lease.
+    let id = b
+        .ok(&[
+            "vm",
+            "move",
+            "g",
+            "--to",
+            &a.addr,
+            "--include-storage",
+            "--destination-path",
+            back.to_str().unwrap(),
+            "--bandwidth",
+            "2M",
+            "--no-wait",
+        ])
+        .trim()
+        .to_string();
+    wait_job(b, &id, "disk copy", |j| {
+        j["phase"] == "copying_disks" && j["disk_transferred"].as_u64().unwrap_or(0) > (1 << 20)
+    });
+    b.kill9();
+    b.spawn();
+    n = assert_on_source_only(b, a, n);
+    assert!(
+        b.log().contains("interrupted by a daemon restart"),
+        "{}",
+        tail(&b.log(), 20)
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_in(&back).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "partial copies stay on A after the source restart: {:?}",
+            files_in(&back)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
     let mut now = files_in(&dst);
     now.sort();
     assert_eq!(now, want, "B's disk files changed");

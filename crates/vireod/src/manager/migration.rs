@@ -1206,6 +1206,7 @@ impl Manager {
     /// Destination watchdog: an incoming migration whose source went silent for longer
     /// than the lease, or whose worker died, is aborted. Also cleans up after a restart.
     pub async fn migration_watchdog(self: Arc<Self>) {
+        self.recover_orphaned_outgoing().await;
         if let Ok(peers) = peers::get() {
             // Leftovers of a previous run: never committed, so nothing of them may stay.
             if let Ok(rd) = std::fs::read_dir(peers.records_dir()) {
@@ -1255,6 +1256,85 @@ impl Manager {
             for (id, why) in expired {
                 self.incoming_abort(&id, &why).await;
             }
+        }
+    }
+
+    /// Source side after a daemon restart: an outgoing migration whose job died with the
+    /// previous vireod has lost its tunnels, so it cannot complete. Before the commit the
+    /// destination never runs the VM (and its lease ends it), so the source takes the VM
+    /// back: disk mirrors stop, QEMU's migration is cancelled (QEMU resumes a guest that
+    /// was running) and the cached state is refreshed.
+    async fn recover_orphaned_outgoing(&self) {
+        let vms: Vec<(Uuid, String)> = lock(&self.vms)
+            .iter()
+            .map(|(u, e)| (*u, e.spec.name.clone()))
+            .collect();
+        for (uuid, name) in vms {
+            if self.qemu_pid(&uuid).is_none() {
+                continue;
+            }
+            let worker = self
+                .worker_client(&uuid)
+                .with_timeout(Duration::from_secs(10));
+            let Ok(s) = worker.get::<WorkerMigrateStatus>("/migration/status").await else {
+                continue;
+            };
+            let mirrors = worker
+                .get::<WorkerMirrorStatus>("/migration/mirror-status")
+                .await
+                .map(|m| m.disks)
+                .unwrap_or(0);
+            let orphaned = matches!(
+                s.status.as_str(),
+                "setup" | "active" | "pre-switchover" | "device" | "cancelling"
+            );
+            if !orphaned && mirrors == 0 {
+                continue;
+            }
+            tracing::warn!(vm = %name, status = %s.status, "an outgoing migration was interrupted by a daemon restart; the VM stays on this host");
+            if mirrors > 0 {
+                let _ = worker
+                    .clone()
+                    .with_timeout(Duration::from_secs(60))
+                    .post::<_, serde_json::Value>("/migration/mirror-cancel", &())
+                    .await;
+            }
+            if s.status == "pre-switchover" {
+                // The disks may have been handed over already: wait until the destination's
+                // lease has certainly ended (it lets go of them), then serve them again
+                // from a new worker before QEMU resumes the guest.
+                tokio::time::sleep(Duration::from_secs(LEASE_SECS + 2)).await;
+                if let Some(pid) = self.worker_pid(&uuid) {
+                    process::signal(pid, libc::SIGKILL);
+                }
+                for _ in 0..100 {
+                    if self.worker_pid(&uuid).is_none() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                if let Err(e) =
+                    process::spawn_worker(&self.host.worker_bin, &self.run_dir(&uuid), true)
+                {
+                    tracing::error!(vm = %name, "restarting the worker: {e}");
+                }
+                self.wait_worker(&uuid, Duration::from_secs(30)).await;
+            }
+            if orphaned {
+                if let Err(e) = worker
+                    .post::<_, serde_json::Value>("/migration/cancel", &())
+                    .await
+                {
+                    tracing::error!(vm = %name, "cancelling the interrupted migration: {e}");
+                }
+            }
+            if let Ok(st) = worker.get::<WorkerStatus>("/status").await {
+                self.cache_status(&uuid, Some(st));
+            }
+            self.set_message(
+                &uuid,
+                Some("live migration interrupted by a daemon restart; the VM stayed here".into()),
+            );
         }
     }
 
