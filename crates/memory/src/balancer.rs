@@ -90,7 +90,18 @@ pub struct BalanceConfig {
     pub hysteresis_percent: u32,
     /// ...or smaller than this many bytes.
     pub hysteresis_min: u64,
+    /// Memory left available in every guest whatever its buffer (a target is at least
+    /// `demand + min_free`), bytes.
+    #[serde(default = "default_min_free")]
+    pub min_free: u64,
 }
+
+fn default_min_free() -> u64 {
+    DEFAULT_MIN_FREE
+}
+
+/// Default [`BalanceConfig::min_free`]: 64 MiB.
+pub const DEFAULT_MIN_FREE: u64 = 64 * MIB;
 
 impl Default for BalanceConfig {
     fn default() -> Self {
@@ -99,6 +110,7 @@ impl Default for BalanceConfig {
             stale_after_ms: 10_000,
             hysteresis_percent: 2,
             hysteresis_min: 8 * MIB,
+            min_free: DEFAULT_MIN_FREE,
         }
     }
 }
@@ -226,7 +238,8 @@ pub fn balance_with(
             let fresh = v
                 .reported_at
                 .is_some_and(|t| now_ms.saturating_sub(t) <= cfg.stale_after_ms);
-            let raw = with_buffer(v.demand, s.buffer_percent);
+            let raw =
+                with_buffer(v.demand, s.buffer_percent).max(v.demand.saturating_add(cfg.min_free));
             let mut slot = Slot {
                 floor,
                 ceiling,

@@ -32,23 +32,42 @@ pub struct AgentMemory {
 
 /// The guest's demand in bytes, or `None` when nothing usable was reported.
 ///
-/// Demand is used memory: total minus available (minus free if the guest does not report
-/// available). The agent's figures, when given, replace the balloon's (same source, but
-/// fresher). Committed memory then raises demand, by at most half of used memory: Linux
-/// overcommits, and counting all of `Committed_AS` would make a guest that reserved more than
-/// it will ever touch grow to its maximum.
-pub fn guest_demand(balloon: Option<&BalloonStats>, agent: Option<&AgentMemory>) -> Option<u64> {
-    let used = match (agent, balloon) {
-        (Some(a), _) if a.total > 0 => a.total.saturating_sub(a.available),
-        (_, Some(b)) => {
-            let total = b.total?;
-            let avail = b.available.or(b.free)?;
-            total.saturating_sub(avail)
-        }
+/// Demand is the memory the guest cannot give up: what the VM has now (`assigned`, balloon
+/// `actual` from QEMU, which counts plugged virtio-mem memory) minus what the guest still has
+/// available (`MemAvailable`, or `MemFree` on guests that do not report it). Measuring from
+/// `assigned` rather than from the guest's `MemTotal` counts the memory the guest kernel keeps
+/// for itself (kernel image, page structs, reserved ranges: tens of MiB on a small guest, and
+/// more as virtio-mem adds memory) and is the same whether or not balloon pages are counted
+/// in `MemTotal` (they are with `deflate-on-oom`). Giving a VM `demand + buffer` thus leaves
+/// the guest about `buffer` available. With `assigned == 0` (unknown) the guest's own total is
+/// used instead.
+///
+/// The agent's figures, when given, replace the balloon's (same source, but fresher).
+/// Committed memory then raises demand by the part of `Committed_AS` above the guest's used
+/// memory (`MemTotal - MemAvailable`), at most half of that used memory: Linux overcommits,
+/// and counting all of `Committed_AS` would make a guest that reserved more than it will ever
+/// touch grow to its maximum.
+pub fn guest_demand(
+    assigned: u64,
+    balloon: Option<&BalloonStats>,
+    agent: Option<&AgentMemory>,
+) -> Option<u64> {
+    let (total, available) = match (agent, balloon) {
+        (Some(a), _) if a.total > 0 => (a.total, a.available),
+        (_, Some(b)) => (b.total?, b.available.or(b.free)?),
         _ => return None,
     };
+    let used = total.saturating_sub(available);
+    let base = if assigned > 0 {
+        assigned.saturating_sub(available)
+    } else {
+        used
+    };
     let committed = agent.map_or(0, |a| a.committed);
-    Some(used.max(committed.min(used.saturating_add(used / 2))))
+    let extra = committed
+        .min(used.saturating_add(used / 2))
+        .saturating_sub(used);
+    Some(base.saturating_add(extra))
 }
 
 /// When the guest last reported its demand, for [`crate::VmDemand::reported_at`], from the
@@ -84,15 +103,36 @@ mod tests {
             available: Some(700 * MIB),
             free: Some(100 * MIB),
         };
-        assert_eq!(guest_demand(Some(&b), None), Some(324 * MIB));
+        assert_eq!(guest_demand(0, Some(&b), None), Some(324 * MIB));
         let b = BalloonStats {
             available: None,
             ..b
         };
-        assert_eq!(guest_demand(Some(&b), None), Some(924 * MIB));
+        assert_eq!(guest_demand(0, Some(&b), None), Some(924 * MIB));
         let b = BalloonStats { total: None, ..b };
-        assert_eq!(guest_demand(Some(&b), None), None);
-        assert_eq!(guest_demand(None, None), None);
+        assert_eq!(guest_demand(0, Some(&b), None), None);
+        assert_eq!(guest_demand(0, None, None), None);
+    }
+
+    /// Measured from what the VM has: the guest kernel's own memory (here 1100 - 1024 MiB)
+    /// counts as demand, and so do balloon pages a `deflate-on-oom` guest keeps in MemTotal.
+    #[test]
+    fn from_assigned() {
+        let b = BalloonStats {
+            total: Some(1024 * MIB),
+            available: Some(700 * MIB),
+            free: None,
+        };
+        assert_eq!(guest_demand(1100 * MIB, Some(&b), None), Some(400 * MIB));
+        // deflate-on-oom: 512 MiB ballooned out but still in MemTotal, 200 MiB available.
+        let b = BalloonStats {
+            total: Some(1000 * MIB),
+            available: Some(200 * MIB),
+            free: None,
+        };
+        assert_eq!(guest_demand(600 * MIB, Some(&b), None), Some(400 * MIB));
+        // Never negative.
+        assert_eq!(guest_demand(100 * MIB, Some(&b), None), Some(0));
     }
 
     /// Once the agent has been seen, only its reports keep the demand fresh.
@@ -117,20 +157,25 @@ mod tests {
             available: 624 * MIB,
             committed: 300 * MIB,
         };
-        assert_eq!(guest_demand(Some(&b), Some(&a)), Some(400 * MIB));
+        assert_eq!(guest_demand(0, Some(&b), Some(&a)), Some(400 * MIB));
         let a = AgentMemory {
             committed: 500 * MIB,
             ..a
         };
-        assert_eq!(guest_demand(Some(&b), Some(&a)), Some(500 * MIB));
+        assert_eq!(guest_demand(0, Some(&b), Some(&a)), Some(500 * MIB));
+        // Committed memory adds on top of the kernel's share too.
+        assert_eq!(
+            guest_demand(1100 * MIB, Some(&b), Some(&a)),
+            Some(576 * MIB)
+        );
         let a = AgentMemory {
             committed: 64 * 1024 * MIB,
             ..a
         };
-        assert_eq!(guest_demand(None, Some(&a)), Some(600 * MIB));
+        assert_eq!(guest_demand(0, None, Some(&a)), Some(600 * MIB));
         // An empty agent report falls back to the balloon.
         assert_eq!(
-            guest_demand(Some(&b), Some(&AgentMemory::default())),
+            guest_demand(0, Some(&b), Some(&AgentMemory::default())),
             Some(324 * MIB)
         );
     }

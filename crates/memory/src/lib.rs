@@ -41,7 +41,9 @@ mod demand;
 mod settings;
 
 pub use admission::{admit, AdmissionError};
-pub use balancer::{balance, balance_with, BalanceConfig, Decision, HostMemory, Reason, VmDemand};
+pub use balancer::{
+    balance, balance_with, BalanceConfig, Decision, HostMemory, Reason, VmDemand, DEFAULT_MIN_FREE,
+};
 pub use demand::{demand_reported_at, guest_demand, AgentMemory, BalloonStats};
 pub use settings::{
     check_live_change, LiveChangeError, MemorySettings, SettingsError, DEFAULT_BUFFER_PERCENT,

@@ -36,7 +36,35 @@ impl GuestMemoryStats {
     }
 }
 
+/// QMP `query-memory-size-summary`, bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemorySizeSummary {
+    /// `base-memory`: RAM the machine booted with (`-m`).
+    pub base: u64,
+    /// `plugged-memory`: memory-device RAM plugged now (virtio-mem `size`, DIMMs); 0 if none.
+    pub plugged: u64,
+}
+
+impl MemorySizeSummary {
+    /// Parses `{"base-memory": N, "plugged-memory": M}` (`plugged-memory` is optional).
+    pub fn from_qmp(v: &Value) -> Result<MemorySizeSummary> {
+        let base = v
+            .get("base-memory")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| QmpError::Protocol(format!("memory size summary without base: {v}")))?;
+        Ok(MemorySizeSummary {
+            base,
+            plugged: v.get("plugged-memory").and_then(Value::as_u64).unwrap_or(0),
+        })
+    }
+}
+
 impl QmpClient {
+    /// `query-memory-size-summary`: boot RAM and plugged memory-device RAM.
+    pub async fn memory_size_summary(&self) -> Result<MemorySizeSummary> {
+        MemorySizeSummary::from_qmp(&self.execute("query-memory-size-summary", None).await?)
+    }
+
     /// The balloon device `id`'s guest memory statistics (see `set_balloon_stats_interval`).
     pub async fn guest_memory_stats(&self, id: &str) -> Result<GuestMemoryStats> {
         GuestMemoryStats::from_qom(&self.balloon_stats(id).await?)
@@ -79,5 +107,24 @@ mod tests {
         assert_eq!(s.free, None);
         assert_eq!(s.last_update, 1234);
         assert!(GuestMemoryStats::from_qom(&json!({"last-update": 1})).is_err());
+    }
+
+    /// `plugged-memory` is optional; `base-memory` is not.
+    #[test]
+    fn parses_memory_size_summary() {
+        let s = MemorySizeSummary::from_qmp(&json!({"base-memory": 256u64 << 20})).unwrap();
+        assert_eq!(
+            s,
+            MemorySizeSummary {
+                base: 256 << 20,
+                plugged: 0
+            }
+        );
+        let s = MemorySizeSummary::from_qmp(
+            &json!({"base-memory": 256u64 << 20, "plugged-memory": 4u64 << 20}),
+        )
+        .unwrap();
+        assert_eq!(s.plugged, 4 << 20);
+        assert!(MemorySizeSummary::from_qmp(&json!({})).is_err());
     }
 }

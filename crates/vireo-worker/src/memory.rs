@@ -11,6 +11,12 @@
 //!   shrinking lowers `requested-size` first, then inflates the balloon. Both are asynchronous
 //!   in the guest: the next report shows what it really has.
 //!
+//! A guest reset (reboot) gives the VM its startup RAM back: the worker deflates the balloon,
+//! asks virtio-mem to unplug everything (QEMU unplugs on reset anyway, but would plug the old
+//! `requested-size` again) and forgets the guest's demand, so the balancer keeps the VM at
+//! startup until the new boot reports again (`StaleDemand`, then [`BOOT_GRACE`]). A balloon
+//! target set for the old boot would otherwise squeeze the new one while it boots.
+//!
 //! Hot-plugged memory must be onlined by the guest: once the agent answers, the worker sets the
 //! guest's `auto_online_blocks` to `online_movable` (movable memory can be unplugged again)
 //! and onlines blocks that were added before.
@@ -30,10 +36,10 @@ use std::time::{Duration, Instant};
 
 /// The guest's memory statistics interval, seconds.
 const STATS_INTERVAL_SECS: u32 = 1;
-/// Demand counts only after the balloon statistics have flowed this long: a guest
-/// still booting (unpacking its initramfs, loading modules) needs more than it reports, and
-/// a balloon inflating then drove a test guest into OOM.
-const BOOT_GRACE: Duration = Duration::from_secs(30);
+/// Demand counts only after the balloon statistics have flowed this long: a guest still
+/// booting (loading modules, starting services) changes its needs quickly, and the VM keeps
+/// its startup RAM until then.
+const BOOT_GRACE: Duration = Duration::from_secs(10);
 /// How long one agent memory-status call may take.
 const AGENT_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -92,10 +98,24 @@ async fn run(vm: Arc<Vm>, st: Arc<MemState>) {
         tracing::warn!("cannot set the balloon statistics interval: {e}");
     }
     let mut onlined = st.region == 0;
+    let mut events = vm.qmp.events();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            ev = events.recv() => {
+                match ev {
+                    Ok(ev) if ev.event == "RESET" => {
+                        after_reset(&vm, &st).await;
+                        onlined = st.region == 0;
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    _ => {}
+                }
+                continue;
+            }
+        }
         if vm.qmp.is_closed() {
             return;
         }
@@ -124,6 +144,42 @@ async fn online_hotplugged(vm: &Vm) -> bool {
             false
         }
         Err(_) => false,
+    }
+}
+
+/// The guest was reset: startup RAM back, no virtio-mem, demand unknown until the new boot
+/// reports (see the module doc).
+async fn after_reset(vm: &Vm, st: &MemState) {
+    let _g = st.apply.lock().await;
+    {
+        let mut s = lock(&st.sample);
+        let report = std::mem::take(&mut s.report);
+        *s = Sample::default();
+        // Keep what the VM had until the next sample reads it again, but no demand.
+        s.report = WorkerMemory {
+            demand: None,
+            age_ms: None,
+            source: None,
+            agent_seen: false,
+            ..report
+        };
+    }
+    if st.region > 0 {
+        if let Err(e) = vm.qmp.set_virtio_mem_requested(VIRTIO_MEM_ID, 0).await {
+            tracing::warn!("guest reset: unplugging virtio-mem memory failed: {e}");
+        }
+    }
+    match vm.qmp.memory_size_summary().await {
+        // The balloon value is relative to boot RAM plus what is plugged: asking for all of
+        // it deflates the balloon completely.
+        Ok(m) => match vm.qmp.balloon(m.base + m.plugged).await {
+            Ok(()) => tracing::info!(
+                startup = m.base,
+                "guest reset: balloon deflated, the VM has its startup RAM until the guest reports again"
+            ),
+            Err(e) => tracing::warn!("guest reset: deflating the balloon failed: {e}"),
+        },
+        Err(e) => tracing::warn!("guest reset: reading the VM's memory size failed: {e}"),
     }
 }
 
@@ -175,10 +231,6 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         s.agent_at = Some(now);
     }
     let agent_seen = s.agent_at.is_some();
-    let demand = memory::guest_demand(
-        s.balloon.as_ref(),
-        if agent_seen { s.agent.as_ref() } else { None },
-    );
     let ms = |t: Option<Instant>| t.map(|t| now.saturating_duration_since(t).as_millis() as u64);
     let booted = s
         .balloon_first
@@ -197,6 +249,11 @@ async fn sample_once(vm: &Vm, st: &MemState) {
             (s.report.balloon_actual, s.report.plugged)
         }
     };
+    let demand = memory::guest_demand(
+        balloon_actual,
+        s.balloon.as_ref(),
+        if agent_seen { s.agent.as_ref() } else { None },
+    );
     s.report = WorkerMemory {
         // QEMU's balloon `actual` counts memory-device RAM (virtio-mem plugged) too.
         assigned: balloon_actual,
