@@ -798,6 +798,7 @@ impl DiskChain {
             self.unflushed_meta.fetch_add(1, Ordering::SeqCst);
         }
         let r = (|| {
+            crate::tracking::record(self, off, len);
             op(top)?;
             if let Some(o) = &g.observer {
                 o.changed(off, len);

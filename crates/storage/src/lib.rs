@@ -23,6 +23,7 @@ mod journal;
 pub mod mirror;
 mod service;
 mod state;
+pub mod tracking;
 pub mod wire;
 
 pub use chain::DiskChain;
