@@ -1,0 +1,18 @@
+//! `replica`: Vireo Replica, asynchronous replication of a VM's disks to another host.
+//!
+//! It owns:
+//! - [`cycle`]: the replication cycle format (the changed grains of every disk of a VM cut
+//!   at one instant, LZ4-compressed, checksummed end to end) and its strict reader;
+//! - [`store`]: the replica side, recovery points as a chain of differencing VHDX layers,
+//!   a cycle applied wholly or not at all, retention of the newest points.
+//!
+//! Change tracking and the consistent capture on the primary live in the disk service
+//! (`storage::tracking`). This crate must not drive QEMU or own VMs, and it does not open
+//! network connections itself: the daemon carries cycles over the mutual-TLS host channel.
+#![warn(missing_docs)]
+
+pub mod cycle;
+pub mod store;
+
+pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
+pub use store::{ErrorKind, Point, ReplicaStore, StoreError};
