@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_PROGRESS_WHEN=never
+TARGET=${CARGO_TARGET_DIR:-target}
 bash scripts/setup.sh
 echo "== build"
 cargo build --workspace --bins --quiet
@@ -12,9 +13,9 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 echo "== test guests"
 for g in 1 2; do
-  target/debug/xtask guest-image --generation "$g" --agent vireo --out "target/guest-gen$g.img" >/dev/null
+  "$TARGET"/debug/xtask guest-image --generation "$g" --agent vireo --out "$TARGET/guest-gen$g.img" >/dev/null
 done
 echo "== tests"
 # Every test binary, in parallel lanes (one end-to-end lane beside the crate tests),
 # one line per binary with its wall time; failures print their whole output.
-target/debug/xtask test-suite --jobs 2 --e2e-jobs 1 --test-threads 2
+"$TARGET"/debug/xtask test-suite --jobs 2 --e2e-jobs 1 --test-threads 2
