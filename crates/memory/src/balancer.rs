@@ -100,8 +100,8 @@ fn default_min_free() -> u64 {
     DEFAULT_MIN_FREE
 }
 
-/// Default [`BalanceConfig::min_free`]: 64 MiB.
-pub const DEFAULT_MIN_FREE: u64 = 64 * MIB;
+/// Default [`BalanceConfig::min_free`]: 32 MiB.
+pub const DEFAULT_MIN_FREE: u64 = 32 * MIB;
 
 impl Default for BalanceConfig {
     fn default() -> Self {

@@ -173,8 +173,7 @@ fn pressure_reclaims_from_idle_vms() {
     w.report(busy, 4 * GIB);
     let d = w.round();
     assert_eq!(d[busy].reason, Reason::GrowthLimited, "{d:?}");
-    // Demand plus the 64 MiB free floor (more than the 20 % buffer here).
-    assert!(idle.iter().all(|&i| d[i].target == 264 * MIB));
+    assert!(idle.iter().all(|&i| d[i].target == 256 * MIB));
     w.report_all_except(&[]);
     let d = w.round();
     assert_eq!(d[busy].target, 4916 * MIB, "{d:?}");
@@ -207,9 +206,8 @@ fn greedy_vm_never_starves_host_or_others() {
             "round {r}: {d:?}"
         );
         if r == 19 {
-            // Alone, it may take what is free: all but the small VMs' 3 x 364 MiB (demand
-            // plus the 64 MiB free floor).
-            assert_eq!(w.vms[greedy].assigned, 21 * GIB - 1092 * MIB);
+            // Alone, it may take what is free: all but the small VMs' 3 x 360 MiB.
+            assert_eq!(w.vms[greedy].assigned, 21 * GIB - 1080 * MIB);
         }
     }
     // Each small VM wants 3 GiB + 20 % (in 2 MiB blocks); all four share 21 GiB by weight.
