@@ -4,7 +4,9 @@
 //! - [`cycle`]: the replication cycle format (the changed grains of every disk of a VM cut
 //!   at one instant, LZ4-compressed, checksummed end to end) and its strict reader;
 //! - [`store`]: the replica side, recovery points as a chain of differencing VHDX layers,
-//!   a cycle applied wholly or not at all, retention of the newest points.
+//!   a cycle applied wholly or not at all, retention of the newest points;
+//! - [`transport`]: a cycle over a byte stream (the mutual-TLS host channel) and the
+//!   replica's answer, which is what lets the primary commit its change tracker.
 //!
 //! Change tracking and the consistent capture on the primary live in the disk service
 //! (`storage::tracking`). This crate must not drive QEMU or own VMs, and it does not open
@@ -13,6 +15,8 @@
 
 pub mod cycle;
 pub mod store;
+pub mod transport;
 
 pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
 pub use store::{ErrorKind, Point, ReplicaStore, StoreError};
+pub use transport::{receive_cycle, send_cycle, TransportError};
