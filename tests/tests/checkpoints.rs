@@ -312,3 +312,136 @@ fn standard_checkpoint_restores_memory_and_disk() {
     assert_eq!(read_sums(&h, 0, 2), a, "disk not at the checkpoint");
     h.ok(&["vm", "turn-off", "g1"]);
 }
+
+/// sha256 of each MiB of a disk image (any chain), read on the host: `vireo disk convert`
+/// flattens it into a standalone VHDX, which QEMU's own reader turns into raw bytes.
+fn host_sums(h: &Host, image: &str, tag: &str) -> Vec<String> {
+    let flat = h.dir.path().join(format!("{tag}.vhdx"));
+    let raw = h.dir.path().join(format!("{tag}.raw"));
+    h.ok(&["disk", "convert", image, flat.to_str().unwrap()]);
+    let st = Command::new("qemu-img")
+        .args(["convert", "-f", "vhdx", "-O", "raw"])
+        .arg(&flat)
+        .arg(&raw)
+        .status()
+        .expect("qemu-img (scripts/setup.sh installs qemu-utils)");
+    assert!(st.success(), "qemu-img could not read {}", flat.display());
+    let bytes = std::fs::read(&raw).unwrap();
+    let _ = std::fs::remove_file(&raw);
+    bytes
+        .chunks(MIB)
+        .map(|c| sha256_hex(h.dir.path(), c))
+        .collect()
+}
+
+/// Removing an inner checkpoint while the guest writes: tree a → b → c with guest-written
+/// data at each step; b is removed while the VM runs on c and keeps writing (c's layer takes
+/// over b's live). The guest then reads every block as last written; applying c and then a
+/// gives back exactly the data of those moments (read on the host through QEMU's reader).
+#[test]
+fn remove_inner_checkpoint_while_running() {
+    let h = Host::start();
+    let raw = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let boot = h.dir.path().join("boot.vhdx");
+    h.ok(&[
+        "disk",
+        "convert",
+        raw.to_str().unwrap(),
+        boot.to_str().unwrap(),
+    ]);
+    let data = h.dir.path().join("data.vhdx");
+    h.ok(&[
+        "disk",
+        "new",
+        data.to_str().unwrap(),
+        "--size",
+        "64M",
+        "--block-size",
+        "1M",
+    ]);
+    h.ok(&[
+        "vm",
+        "new",
+        "g1",
+        "--generation",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        boot.to_str().unwrap(),
+        "--disk",
+        data.to_str().unwrap(),
+    ]);
+    h.ok(&["vm", "start", "g1"]);
+    h.wait_heartbeat("g1");
+    let mut now: Vec<String> = vec![zero_sum(); 64];
+    let put = |now: &mut Vec<String>, at: usize, s: Vec<String>| {
+        now[at..at + s.len()].clone_from_slice(&s);
+    };
+    put(&mut now, 0, write_random(&h, 0, 6));
+    h.ok(&["checkpoint", "new", "g1", "a", "--type", "production"]);
+    let at_a = now.clone();
+    put(&mut now, 4, write_random(&h, 4, 6)); // overwrites a's 4..6, new 6..10
+    h.ok(&["checkpoint", "new", "g1", "b", "--type", "production"]);
+    put(&mut now, 8, write_random(&h, 8, 4)); // overwrites b's 8..10
+    h.ok(&["checkpoint", "new", "g1", "c", "--type", "production"]);
+    let at_c = now.clone();
+    put(&mut now, 1, write_random(&h, 1, 2));
+
+    // Remove b while the guest writes blocks 30..46.
+    let writer = "setsid sh -c 'for i in $(seq 30 45); do head -c 1048576 /dev/urandom > /tmp/w; \
+        dd if=/tmp/w of=$D bs=1048576 seek=$i conv=fsync 2>/dev/null && sha256sum /tmp/w | cut -d\" \" -f1 >> /run/sums; done; touch /run/done' \
+        </dev/null >/dev/null 2>&1 & echo started";
+    let (code, out) = h.exec(
+        "g1",
+        &format!("rm -f /run/sums /run/done; {DATA_DISK} export D; {writer}"),
+    );
+    assert_eq!(code, 0, "{out}");
+    std::thread::sleep(Duration::from_millis(300));
+    let removed = h.ok(&["checkpoint", "remove", "g1", "b"]);
+    assert!(removed.contains("merge job"), "{removed}");
+    let t = Instant::now();
+    loop {
+        let (_, st) = job_state(&h);
+        if st == "done" {
+            break;
+        }
+        assert!(st == "copying", "merge job ended as {st}");
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "merge did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let t = Instant::now();
+    while h.exec("g1", "test -e /run/done").0 != 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "guest writer did not finish"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let (code, sums) = h.exec("g1", "cat /run/sums");
+    assert_eq!(code, 0);
+    let w: Vec<String> = sums.lines().map(|l| l.trim().to_string()).collect();
+    assert_eq!(w.len(), 16, "every guest write was acknowledged: {sums}");
+    put(&mut now, 30, w);
+    let tree: serde_json::Value =
+        serde_json::from_str(&h.ok(&["checkpoint", "list", "g1", "--json"])).unwrap();
+    let cps = tree["checkpoints"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = cps.iter().filter_map(|c| c["name"].as_str()).collect();
+    assert_eq!(names, ["a", "c"], "{tree}");
+    assert_eq!(cps[1]["parent"], cps[0]["id"], "c now hangs from a: {tree}");
+    assert_eq!(read_sums(&h, 0, 64), now, "guest reads after removing b");
+
+    // Apply c, then a: the data of those moments, read on the host.
+    h.ok(&["checkpoint", "apply", "g1", "c"]);
+    let leaf = |h: &Host| -> String {
+        let t: serde_json::Value =
+            serde_json::from_str(&h.ok(&["checkpoint", "list", "g1", "--json"])).unwrap();
+        t["leaves"][1].as_str().unwrap_or_default().to_string()
+    };
+    assert_eq!(host_sums(&h, &leaf(&h), "at-c"), at_c, "apply c");
+    h.ok(&["checkpoint", "apply", "g1", "a"]);
+    assert_eq!(host_sums(&h, &leaf(&h), "at-a"), at_a, "apply a");
+}
