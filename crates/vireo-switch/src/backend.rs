@@ -8,7 +8,8 @@
 //! - `StreamListen`: the switch listens at `P` (for peers that connect, or QEMU 8+ with
 //!   `server=off,reconnect=N`); a new connection replaces the old one.
 //! - `Tap`: a TAP interface (IFF_TAP | IFF_NO_PI) the switch creates; one read/write per frame.
-//! - `Packet`: an AF_PACKET socket on a host interface, promiscuous, recvmmsg/sendmmsg
+//! - `Packet`: an AF_PACKET socket on a host interface, promiscuous, receiving from a
+//!   TPACKET_V2 ring (recvmmsg where the kernel refuses one), sending with sendmmsg
 //!   batches, VLAN tags restored from PACKET_AUXDATA.
 //!
 //! Stream framing (checked against QEMU 7.2): every frame is preceded by its length as a
@@ -41,7 +42,15 @@ pub enum PortIo {
     /// A TAP device.
     Tap(FramePort),
     /// An AF_PACKET socket.
-    Packet(FramePort, Box<sys::RecvBatch>),
+    Packet(FramePort, Box<PacketRx>),
+}
+
+/// How a packet port receives.
+pub enum PacketRx {
+    /// A TPACKET_V2 ring shared with the kernel (no system call or copy per frame).
+    Ring(sys::RxRing),
+    /// `recvmmsg` into the switch's buffers (where the kernel refuses a ring).
+    Batch(sys::RecvBatch),
 }
 
 /// A unix stream port.
@@ -63,6 +72,7 @@ pub struct FramePort {
     qbuf: Vec<u8>,
     qlens: Vec<usize>,
     qhdrs: Vec<[u8; VNET_HDR_LEN]>,
+    send: sys::SendBatch,
 }
 
 /// What happened to a port's link while polling.
@@ -98,10 +108,14 @@ impl PortIo {
             }
             Backend::Packet { ifname } => {
                 let fd = sys::open_packet(ifname)?;
-                PortIo::Packet(
-                    FramePort::new(fd),
-                    Box::new(sys::RecvBatch::new(READ_BATCH, 65536 + 64)),
-                )
+                let rx = match sys::RxRing::new(fd.as_raw_fd()) {
+                    Ok(r) => PacketRx::Ring(r),
+                    Err(e) => {
+                        tracing::info!(iface = %ifname, error = %e, "no receive ring; using recvmmsg");
+                        PacketRx::Batch(sys::RecvBatch::new(READ_BATCH, 65536 + 64))
+                    }
+                };
+                PortIo::Packet(FramePort::new(fd), Box::new(rx))
             }
         })
     }
@@ -217,7 +231,14 @@ impl PortIo {
                 }
                 LinkEvent::None
             }
-            PortIo::Packet(p, batch) => {
+            PortIo::Packet(p, rx) => {
+                let batch = match rx.as_mut() {
+                    PacketRx::Ring(r) => {
+                        r.recv(p.fd.as_raw_fd(), 4 * READ_BATCH, f);
+                        return LinkEvent::None;
+                    }
+                    PacketRx::Batch(b) => b,
+                };
                 for _ in 0..4 {
                     match batch.recv(p.fd.as_raw_fd(), f) {
                         Ok(n) if n == READ_BATCH => continue,
@@ -312,7 +333,7 @@ impl PortIo {
                     let end = p.qlens.len().min(sent + 64);
                     let lens = &p.qlens[sent..end];
                     let hdrs = &p.qhdrs[sent..end];
-                    match sys::sendmmsg(p.fd.as_raw_fd(), &p.qbuf[off..], lens, hdrs) {
+                    match sys::sendmmsg(p.fd.as_raw_fd(), &mut p.send, &p.qbuf[off..], lens, hdrs) {
                         Ok(0) => break,
                         Ok(n) => {
                             off += lens[..n].iter().sum::<usize>();
@@ -347,6 +368,7 @@ impl FramePort {
             qbuf: Vec::with_capacity(1 << 20),
             qlens: Vec::new(),
             qhdrs: Vec::new(),
+            send: sys::SendBatch::default(),
         }
     }
 

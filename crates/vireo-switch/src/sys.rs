@@ -315,46 +315,9 @@ impl RecvBatch {
             }
             let tci = self.vlan_tci(i);
             let buf = &mut self.bufs[i];
-            let v = &buf[4..4 + VNET_HDR_LEN];
-            let flags = v[0];
-            let gso_type = v[1];
-            let gso_size = u16::from_le_bytes([v[4], v[5]]) as usize;
-            let mut csum_start = u16::from_le_bytes([v[6], v[7]]) as usize;
-            let csum_offset = u16::from_le_bytes([v[8], v[9]]) as usize;
-            let start = 4 + VNET_HDR_LEN;
-            let end = 4 + len;
-            let frame: &mut [u8] = match tci {
-                Some((tpid, tci)) => {
-                    // move the MACs 4 bytes left and put the tag after them
-                    buf.copy_within(start..start + 12, start - 4);
-                    buf[start + 8..start + 10].copy_from_slice(&tpid.to_be_bytes());
-                    buf[start + 10..start + 12].copy_from_slice(&tci.to_be_bytes());
-                    csum_start += 4;
-                    &mut buf[start - 4..end]
-                }
-                None => &mut buf[start..end],
-            };
-            let tcp_gso = matches!(
-                gso_type & 0x7f,
-                VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
-            );
-            if tcp_gso && gso_size > 0 {
-                f(
-                    frame,
-                    Some(Gso {
-                        size: gso_size as u16,
-                    }),
-                );
-                continue;
-            }
-            if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
-                switch::frame::complete_partial_checksum(frame, csum_start, csum_offset);
-            }
-            if gso_type == 0 {
-                f(frame, None);
-            } else {
-                tracing::debug!(gso_type, len, "unsupported GSO type; frame dropped");
-            }
+            let mut v = [0u8; VNET_HDR_LEN];
+            v.copy_from_slice(&buf[4..4 + VNET_HDR_LEN]);
+            deliver(buf, 4 + VNET_HDR_LEN, 4 + len, v, tci, f);
         }
         Ok(got)
     }
@@ -389,18 +352,234 @@ impl RecvBatch {
     }
 }
 
+/// Hands one received frame on: `buf[start..end]` is the frame as the kernel delivered it,
+/// `v` its virtio-net header, and the 4 bytes before `start` are free (the 802.1Q tag the
+/// kernel stripped, `tci`, is put back there). Completes partial checksums; TCP super-frames
+/// go on whole with their segment size; other GSO types are dropped.
+fn deliver(
+    buf: &mut [u8],
+    start: usize,
+    end: usize,
+    v: [u8; VNET_HDR_LEN],
+    tci: Option<(u16, u16)>,
+    f: &mut dyn FnMut(&[u8], Option<Gso>),
+) {
+    if start < 4 || end > buf.len() || end < start + 12 {
+        return;
+    }
+    let flags = v[0];
+    let gso_type = v[1];
+    let gso_size = u16::from_le_bytes([v[4], v[5]]) as usize;
+    let mut csum_start = u16::from_le_bytes([v[6], v[7]]) as usize;
+    let csum_offset = u16::from_le_bytes([v[8], v[9]]) as usize;
+    let frame: &mut [u8] = match tci {
+        Some((tpid, tci)) => {
+            // move the MACs 4 bytes left and put the tag after them
+            buf.copy_within(start..start + 12, start - 4);
+            buf[start + 8..start + 10].copy_from_slice(&tpid.to_be_bytes());
+            buf[start + 10..start + 12].copy_from_slice(&tci.to_be_bytes());
+            csum_start += 4;
+            &mut buf[start - 4..end]
+        }
+        None => &mut buf[start..end],
+    };
+    let tcp_gso = matches!(
+        gso_type & 0x7f,
+        VIRTIO_NET_HDR_GSO_TCPV4 | VIRTIO_NET_HDR_GSO_TCPV6
+    );
+    if tcp_gso && gso_size > 0 {
+        f(
+            frame,
+            Some(Gso {
+                size: gso_size as u16,
+            }),
+        );
+        return;
+    }
+    if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM != 0 {
+        switch::frame::complete_partial_checksum(frame, csum_start, csum_offset);
+    }
+    if gso_type == 0 {
+        f(frame, None);
+    } else {
+        tracing::debug!(
+            gso_type,
+            len = end - start,
+            "unsupported GSO type; frame dropped"
+        );
+    }
+}
+
+const PACKET_RX_RING: i32 = 5;
+const PACKET_COPY_THRESH: i32 = 7;
+const PACKET_VERSION: i32 = 10;
+const TPACKET_V2: i32 = 1;
+const TP_STATUS_KERNEL: u32 = 0;
+const TP_STATUS_USER: u32 = 1;
+const TP_STATUS_COPY: u32 = 1 << 1;
+const TP_STATUS_VLAN_VALID: u32 = 1 << 4;
+const TP_STATUS_VLAN_TPID_VALID: u32 = 1 << 6;
+/// Bytes per receive ring slot: a full 1514-byte frame plus a VLAN tag, the slot header,
+/// the address and the virtio-net header fit; bigger frames (jumbo, GRO super-frames) take
+/// the copy path (`TP_STATUS_COPY`: the kernel queues the whole frame on the socket).
+const RX_FRAME_SIZE: usize = 2048;
+/// Bytes per ring block (one allocation in the kernel).
+const RX_BLOCK_SIZE: usize = 1 << 16;
+/// Blocks per receive ring (64 of 64 KiB: 2048 slots, 4 MiB).
+const RX_BLOCKS: usize = 64;
+
+/// A TPACKET_V2 receive ring mapped from a packet socket: the kernel writes each frame into
+/// a slot of shared memory in its softirq and the switch reads it there, with no system
+/// call and no copy per frame. Frames too big for a slot come whole through the socket's
+/// queue ([`RecvBatch`]).
+pub struct RxRing {
+    base: *mut u8,
+    len: usize,
+    slots: usize,
+    head: usize,
+    copy: RecvBatch,
+}
+
+// SAFETY: the mapping is owned by the ring and only touched through `&mut self`.
+unsafe impl Send for RxRing {}
+
+impl RxRing {
+    /// Sets up the ring on a packet socket that has PACKET_VNET_HDR on and no ring yet
+    /// (TPACKET_V2, copy threshold on) and maps it.
+    pub fn new(fd: RawFd) -> io::Result<RxRing> {
+        setsockopt_int(fd, libc::SOL_PACKET, PACKET_VERSION, TPACKET_V2)?;
+        setsockopt_int(fd, libc::SOL_PACKET, PACKET_COPY_THRESH, 1)?;
+        let slots = RX_BLOCK_SIZE / RX_FRAME_SIZE * RX_BLOCKS;
+        let req: [u32; 4] = [
+            RX_BLOCK_SIZE as u32,
+            RX_BLOCKS as u32,
+            RX_FRAME_SIZE as u32,
+            slots as u32,
+        ];
+        // SAFETY: passes a struct tpacket_req (four u32) and its size.
+        cvt(unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_PACKET,
+                PACKET_RX_RING,
+                req.as_ptr() as *const libc::c_void,
+                std::mem::size_of_val(&req) as libc::socklen_t,
+            )
+        })?;
+        let len = RX_BLOCK_SIZE * RX_BLOCKS;
+        // SAFETY: maps the ring the kernel just allocated for this socket; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(RxRing {
+            base: base as *mut u8,
+            len,
+            slots,
+            head: 0,
+            copy: RecvBatch::new(1, 65536 + 64),
+        })
+    }
+
+    fn status(&self, slot: usize) -> &std::sync::atomic::AtomicU32 {
+        // SAFETY: every slot starts with the u32 tp_status, 4-byte aligned inside the
+        // mapping; the kernel and we hand it over with acquire/release ordering.
+        unsafe { &*(self.base.add(slot * RX_FRAME_SIZE) as *const std::sync::atomic::AtomicU32) }
+    }
+
+    /// Hands up to `max` waiting frames to `f` (as [`RecvBatch::recv`] does); returns how
+    /// many slots were consumed.
+    pub fn recv(&mut self, fd: RawFd, max: usize, f: &mut dyn FnMut(&[u8], Option<Gso>)) -> usize {
+        use std::sync::atomic::Ordering;
+        let mut n = 0;
+        while n < max {
+            let st = self.status(self.head).load(Ordering::Acquire);
+            if st & TP_STATUS_USER == 0 {
+                break;
+            }
+            if st & TP_STATUS_COPY != 0 {
+                // the whole frame waits in the socket queue, in order
+                let _ = self.copy.recv(fd, f);
+            } else {
+                // SAFETY: the slot belongs to us until its status is given back; it lies
+                // inside the mapping.
+                let slot = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        self.base.add(self.head * RX_FRAME_SIZE),
+                        RX_FRAME_SIZE,
+                    )
+                };
+                // struct tpacket2_hdr: status, len, snaplen (u32), mac, net (u16), sec,
+                // nsec (u32), vlan_tci, vlan_tpid (u16)
+                let len = u32::from_ne_bytes([slot[4], slot[5], slot[6], slot[7]]) as usize;
+                let snaplen = u32::from_ne_bytes([slot[8], slot[9], slot[10], slot[11]]) as usize;
+                let mac = u16::from_ne_bytes([slot[12], slot[13]]) as usize;
+                let tci = u16::from_ne_bytes([slot[24], slot[25]]);
+                let tpid = u16::from_ne_bytes([slot[26], slot[27]]);
+                let tag = (st & TP_STATUS_VLAN_VALID != 0).then(|| {
+                    let tpid = if st & TP_STATUS_VLAN_TPID_VALID != 0 && tpid != 0 {
+                        tpid
+                    } else {
+                        0x8100
+                    };
+                    (tpid, tci)
+                });
+                // a truncated frame without a copy (socket queue full) is lost
+                if snaplen == len && mac >= VNET_HDR_LEN && mac + snaplen <= RX_FRAME_SIZE {
+                    let mut v = [0u8; VNET_HDR_LEN];
+                    v.copy_from_slice(&slot[mac - VNET_HDR_LEN..mac]);
+                    deliver(slot, mac, mac + snaplen, v, tag, f);
+                }
+            }
+            self.status(self.head)
+                .store(TP_STATUS_KERNEL, Ordering::Release);
+            self.head = (self.head + 1) % self.slots;
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Drop for RxRing {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Reusable `sendmmsg` arrays (no allocation per flush).
+#[derive(Default)]
+pub struct SendBatch {
+    iovs: Vec<[libc::iovec; 2]>,
+    hdrs: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the raw pointers are rewritten before every use and never dereferenced between
+// calls.
+unsafe impl Send for SendBatch {}
+
 /// Sends frames from a flat buffer with `sendmmsg` on a PACKET_VNET_HDR socket, each behind
 /// its virtio-net header (`hdrs[i]`); returns how many were sent.
 pub fn sendmmsg(
     fd: RawFd,
+    batch: &mut SendBatch,
     buf: &[u8],
     lens: &[usize],
     hdrs: &[[u8; VNET_HDR_LEN]],
 ) -> io::Result<usize> {
-    let mut iovs: Vec<[libc::iovec; 2]> = Vec::with_capacity(lens.len());
+    batch.iovs.clear();
     let mut off = 0;
     for (&l, h) in lens.iter().zip(hdrs) {
-        iovs.push([
+        batch.iovs.push([
             libc::iovec {
                 iov_base: h.as_ptr() as *mut libc::c_void,
                 iov_len: VNET_HDR_LEN,
@@ -413,18 +592,21 @@ pub fn sendmmsg(
         off += l;
     }
     // SAFETY: mmsghdr is plain data.
-    let mut mh: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; iovs.len()];
-    for (h, iov) in mh.iter_mut().zip(iovs.iter_mut()) {
+    batch
+        .hdrs
+        .resize(batch.iovs.len(), unsafe { std::mem::zeroed() });
+    for (h, iov) in batch.hdrs.iter_mut().zip(batch.iovs.iter_mut()) {
         h.msg_hdr.msg_iov = iov.as_mut_ptr();
         h.msg_hdr.msg_iovlen = 2;
+        h.msg_len = 0;
     }
     // SAFETY: headers point at iovecs over `buf` and `hdrs`, all alive for the call; the
     // kernel only reads through them.
     let r = unsafe {
         libc::sendmmsg(
             fd,
-            mh.as_mut_ptr(),
-            mh.len() as libc::c_uint,
+            batch.hdrs.as_mut_ptr(),
+            batch.iovs.len() as libc::c_uint,
             libc::MSG_DONTWAIT,
         )
     };
