@@ -550,10 +550,7 @@ pub struct CaptureStats {
 /// grain changed since the last cut, possibly several times for the same grain (the last
 /// call holds the data at the cut, which is the instant the final pass held every disk's
 /// I/O lock). On failure, call [`ChangeTracker::abort`] on every tracker.
-pub fn capture(
-    disks: &[TrackedDisk],
-    out: &mut CaptureSink<'_>,
-) -> TrackingResult<CaptureStats> {
+pub fn capture(disks: &[TrackedDisk], out: &mut CaptureSink<'_>) -> TrackingResult<CaptureStats> {
     if disks.is_empty() {
         return Err(TrackingError::InvalidInput("no disks to capture".into()));
     }
