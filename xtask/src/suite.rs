@@ -35,7 +35,7 @@ pub struct SuiteArgs {
     #[arg(long, default_value_t = 2)]
     test_threads: usize,
     /// A binary still running after this many seconds is killed (with its processes) and fails.
-    #[arg(long, default_value_t = 900)]
+    #[arg(long, default_value_t = 1800)]
     timeout_secs: u64,
     /// Run only binaries whose name contains this text.
     #[arg(long)]
