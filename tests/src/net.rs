@@ -81,31 +81,84 @@ impl Drop for NetNs {
     }
 }
 
-/// Kills the `vireo-switch` processes under a state directory (test cleanup).
-pub fn kill_switches(state_dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(state_dir.join("switches")) {
+/// Pids of the `vireo-switch` processes started for `state_dir`: every process whose command
+/// line names the `vireo-switch` binary and a run directory under `state_dir/switches/`.
+/// Found through /proc rather than pid files, so a switch respawned by vireod, or one whose
+/// pid file is gone with the temporary directory, is found too.
+pub fn switch_pids(state_dir: &Path) -> Vec<i32> {
+    let needle = state_dir.join("switches");
+    let needle = needle.to_string_lossy();
+    let mut pids = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
-            if let Some(pid) = std::fs::read_to_string(e.path().join("switch.pid"))
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains("vireo-switch") {
-                    // SAFETY: kill has no memory-safety preconditions.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                continue;
+            };
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let is_switch = args
+                .first()
+                .is_some_and(|a| a.rsplit('/').next() == Some("vireo-switch"));
+            if is_switch && args.iter().any(|a| a.contains(needle.as_ref())) {
+                pids.push(pid);
             }
         }
     }
+    pids
 }
 
-/// Kills the switches of a host when dropped. Declare it before the `Host` so that it drops
-/// after it: a live vireod would respawn the switches.
-pub struct SwitchGuard(pub std::path::PathBuf);
+/// Kills (SIGKILL, by pid) the `vireo-switch` processes of a state directory and waits up to
+/// 5 s for them to be gone (their TAP interfaces go with them).
+pub fn kill_switches(state_dir: &Path) {
+    let pids = switch_pids(state_dir);
+    for &pid in &pids {
+        // SAFETY: kill has no memory-safety preconditions.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while pids
+        .iter()
+        .any(|p| Path::new(&format!("/proc/{p}/cmdline")).exists())
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
 
-impl Drop for SwitchGuard {
+/// A [`Host`] that also cleans up the switches its vireod started, pass or fail. On drop it
+/// kills vireod first (a live vireod respawns switches), then every `vireo-switch` process
+/// of its state directory, and only then drops the `Host` (VMs, temporary directory).
+pub struct SwitchHost(pub Host);
+
+impl SwitchHost {
+    /// Starts a vireod.
+    pub fn start() -> SwitchHost {
+        SwitchHost(Host::start())
+    }
+}
+
+impl std::ops::Deref for SwitchHost {
+    type Target = Host;
+    fn deref(&self) -> &Host {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SwitchHost {
+    fn deref_mut(&mut self) -> &mut Host {
+        &mut self.0
+    }
+}
+
+impl Drop for SwitchHost {
     fn drop(&mut self) {
-        kill_switches(&self.0);
+        self.0.kill_daemon();
+        kill_switches(&self.0.state_dir());
     }
 }
 
@@ -149,6 +202,26 @@ pub fn drops(h: &Host, switch: &str, port: &str, reason: &str) -> u64 {
     port_counters(h, switch, port)["drops"][reason]
         .as_u64()
         .unwrap_or(0)
+}
+
+/// The MAC table of a switch, read from the switch process's own control socket
+/// (`GET /v1/fdb`: rows of `vlan`, `mac`, `port`, `is_static`, `age_secs`).
+pub fn switch_fdb(h: &Host, switch: &str) -> serde_json::Value {
+    let sock = h
+        .state_dir()
+        .join("switches")
+        .join(switch)
+        .join("control.sock");
+    let out = run(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "5",
+        "--unix-socket",
+        sock.to_str().expect("utf-8 path"),
+        "http://switch/v1/fdb",
+    ]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("switch fdb is not JSON ({e}): {out}"))
 }
 
 /// Receiver throughput in bit/s of an `iperf3 -J` client run.
