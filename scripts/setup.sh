@@ -19,7 +19,7 @@ PACKAGES=(
     grub-efi-amd64-bin grub-pc-bin grub-common shim-signed grub-efi-amd64-signed
     sbsigntool efitools
     # NBD peers, load generators, cluster store, networking
-    libnbd-bin python3-libnbd fio iperf3 etcd-server dnsmasq-base iproute2 tcpdump
+    libnbd-bin python3-libnbd fio iperf3 etcd-server dnsmasq-base iproute2 tcpdump curl
     # real qemu-ga on the host: the agent crate checks protocol compatibility against it
     qemu-guest-agent
     # static build of the guest agent (crt-static links against glibc's libc.a)
