@@ -293,10 +293,18 @@ fn job_row(j: &VmJob) -> Vec<String> {
         j.vm.clone(),
         j.job.kind.clone(),
         j.job.state.clone(),
-        format!(
-            "{pct}% ({}/{} blocks, disk {})",
-            j.job.done, j.job.total, j.job.disk
-        ),
+        // A removal that only drops a record (the base layer stays) copies nothing.
+        if j.job.total == 0 {
+            match j.job.state.as_str() {
+                "done" => "nothing to copy".to_string(),
+                _ => format!("preparing (disk {})", j.job.disk),
+            }
+        } else {
+            format!(
+                "{pct}% ({}/{} blocks, disk {})",
+                j.job.done, j.job.total, j.job.disk
+            )
+        },
         j.job.error.clone().unwrap_or_default(),
     ]
 }
