@@ -46,6 +46,9 @@ cleanup() {
     VIREO_SOCKET=$s "$BIN/vireo" switch delete demo-net >/dev/null 2>&1 || true
   done
   kill "$A_PID" "$B_PID" 2>/dev/null || true
+  # Switch processes outlive vireod by design (a daemon restart keeps the network up);
+  # the demo's are stopped here.
+  pkill -f "vireo-switch --config $DEMO/" 2>/dev/null || true
 }
 trap cleanup EXIT
 for _ in $(seq 100); do [ -S "$A" ] && [ -S "$B" ] && break; sleep 0.1; done
