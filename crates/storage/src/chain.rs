@@ -347,21 +347,7 @@ impl DiskChain {
     /// and from now on receives every write too. Returns (leaf, parent, blocks to copy).
     pub fn begin_merge(&self) -> Result<(PathBuf, PathBuf, u64)> {
         let mut g = self.write();
-        if g.mirror.is_some() || g.absorb.is_some() {
-            return Err(StorageError::Busy(
-                "a merge is already running on this disk".into(),
-            ));
-        }
-        crate::mirror::refuse_while_mirroring(&g)?;
-        let leaf = match g.top.take() {
-            Some(Image::Vhdx(v)) => v,
-            Some(raw @ Image::Raw { .. }) => {
-                let path = raw.path().to_path_buf();
-                g.top = Some(raw);
-                return Err(StorageError::RawDisk { path });
-            }
-            None => return Err(StorageError::Busy("the disk has no active chain".into())),
-        };
+        let leaf = take_vhdx_top_for_merge(&mut g)?;
         let leaf_path = leaf.path().to_path_buf();
         let Some(parent_path) = leaf.parent().map(|p| p.path().to_path_buf()) else {
             g.top = Some(Image::Vhdx(leaf));
@@ -510,21 +496,7 @@ impl DiskChain {
     /// when `child`'s parent is no longer `parent` (an earlier run finished re-pointing it).
     pub fn begin_absorb(&self, child: &Path, parent: &Path) -> Result<bool> {
         let mut g = self.write();
-        if g.mirror.is_some() || g.absorb.is_some() {
-            return Err(StorageError::Busy(
-                "a merge is already running on this disk".into(),
-            ));
-        }
-        crate::mirror::refuse_while_mirroring(&g)?;
-        let top = match g.top.take() {
-            Some(Image::Vhdx(v)) => v,
-            Some(raw @ Image::Raw { .. }) => {
-                let path = raw.path().to_path_buf();
-                g.top = Some(raw);
-                return Err(StorageError::RawDisk { path });
-            }
-            None => return Err(StorageError::Busy("the disk has no active chain".into())),
-        };
+        let top = take_vhdx_top_for_merge(&mut g)?;
         let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
         let (want, want_parent) = (canon(child), canon(parent));
         let mut found = None;
@@ -988,5 +960,26 @@ impl Export for DiskChain {
             .as_ref()
             .ok_or_else(gone)?
             .block_status(off, len)
+    }
+}
+
+/// Takes the chain's VHDX top image out for a merge or an inner-layer removal, refusing
+/// (and leaving the chain as it was) while another merge or a mirror runs, or when the
+/// top is a raw disk.
+fn take_vhdx_top_for_merge(g: &mut Layers) -> Result<Arc<Vhdx>> {
+    if g.mirror.is_some() || g.absorb.is_some() {
+        return Err(StorageError::Busy(
+            "a merge is already running on this disk".into(),
+        ));
+    }
+    crate::mirror::refuse_while_mirroring(g)?;
+    match g.top.take() {
+        Some(Image::Vhdx(v)) => Ok(v),
+        Some(raw @ Image::Raw { .. }) => {
+            let path = raw.path().to_path_buf();
+            g.top = Some(raw);
+            Err(StorageError::RawDisk { path })
+        }
+        None => Err(StorageError::Busy("the disk has no active chain".into())),
     }
 }
