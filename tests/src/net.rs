@@ -61,6 +61,23 @@ impl NetNs {
         run(&v)
     }
 
+    /// Whether the namespace gets echo replies from `ip` (`busybox ping`, up to `count`
+    /// requests within `secs` seconds). The host may have no `ping` of its own (Debian's
+    /// minimal image has none): a missing busybox fails the test instead of reading as
+    /// "unreachable".
+    pub fn ping(&self, ip: &str, count: u32, secs: u32) -> bool {
+        let have = Command::new("busybox")
+            .arg("true")
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(
+            have,
+            "busybox is missing: run `sudo scripts/setup.sh` (busybox-static)"
+        );
+        let (c, w) = (count.to_string(), secs.to_string());
+        self.try_exec(&["busybox", "ping", "-c", &c, "-w", &w, "-W", "2", ip])
+    }
+
     /// Runs a command inside the namespace; returns whether it succeeded.
     pub fn try_exec(&self, cmd: &[&str]) -> bool {
         Command::new("ip")

@@ -213,7 +213,7 @@ fn switch_vlans_uplink_qos_monitoring() {
     ns.exec(&["ip", "addr", "add", "10.1.0.100/24", "dev", &ns.peer]);
     ns.exec(&["ip", "addr", "add", "10.10.0.100/24", "dev", &ns.peer]);
     assert!(
-        ns.try_exec(&["ping", "-c", "3", "-w", "10", "10.1.0.3"]),
+        ns.ping("10.1.0.3", 3, 10),
         "the host namespace could not reach c (native VLAN 1) over the uplink; switch:\n{}",
         switch_dump(&h, SW)
     );
@@ -241,7 +241,7 @@ fn switch_vlans_uplink_qos_monitoring() {
         "c -> host namespace over the uplink: received data differs"
     );
     assert!(
-        !ns.try_exec(&["ping", "-c", "2", "-w", "3", "10.10.0.1"]),
+        !ns.ping("10.10.0.1", 2, 3),
         "the host namespace reached a VM on VLAN 10 untagged"
     );
     h.ok(&["vm", "nic", "set", "b", "nic0", "--vlan", "10"]);

@@ -9,8 +9,10 @@
 //!   `server=off,reconnect=N`); a new connection replaces the old one.
 //! - `Tap`: a TAP interface (IFF_TAP | IFF_NO_PI) the switch creates; one read/write per frame.
 //! - `Packet`: an AF_PACKET socket on a host interface, promiscuous, receiving from a
-//!   TPACKET_V2 ring (recvmmsg where the kernel refuses one), sending with sendmmsg
-//!   batches, VLAN tags restored from PACKET_AUXDATA.
+//!   TPACKET_V2 ring (recvmmsg where the kernel refuses one), VLAN tags restored from the
+//!   ring's `tp_vlan_tci` (PACKET_AUXDATA on the recvmmsg path); sending through a
+//!   TPACKET_V2 transmit ring on a second, send-only socket (one `send` per batch, qdisc
+//!   bypassed), with `sendmmsg` for frames bigger than a slot and where there is no ring.
 //!
 //! Stream framing (checked against QEMU 7.2): every frame is preceded by its length as a
 //! 4-byte big-endian integer; no padding, no FCS.
@@ -34,6 +36,9 @@ const STREAM_WBUF_LIMIT: usize = 512 << 10;
 const FRAME_QUEUE_LIMIT: usize = 2048;
 /// Frames read from one port per loop iteration (fairness between ports).
 pub const READ_BATCH: usize = 64;
+/// Environment variable: when set, packet ports send with `sendmmsg` only (no transmit
+/// ring), for comparison in benchmarks.
+pub const NO_TX_RING_ENV: &str = "VIREO_SWITCH_NO_TX_RING";
 
 /// A port's I/O state.
 pub enum PortIo {
@@ -73,6 +78,9 @@ pub struct FramePort {
     qlens: Vec<usize>,
     qhdrs: Vec<[u8; VNET_HDR_LEN]>,
     send: sys::SendBatch,
+    /// A packet port's transmit ring (frames up to [`sys::TX_RING_MAX_FRAME`]); `None` on
+    /// TAP ports and where the kernel refuses one (then everything goes by `sendmmsg`).
+    tx: Option<sys::TxRing>,
 }
 
 /// What happened to a port's link while polling.
@@ -115,7 +123,16 @@ impl PortIo {
                         PacketRx::Batch(sys::RecvBatch::new(READ_BATCH, 65536 + 64))
                     }
                 };
-                PortIo::Packet(FramePort::new(fd), Box::new(rx))
+                let mut port = FramePort::new(fd);
+                if std::env::var_os(NO_TX_RING_ENV).is_none() {
+                    match sys::TxRing::new(ifname) {
+                        Ok(r) => port.tx = Some(r),
+                        Err(e) => {
+                            tracing::info!(iface = %ifname, error = %e, "no transmit ring; using sendmmsg")
+                        }
+                    }
+                }
+                PortIo::Packet(port, Box::new(rx))
             }
         })
     }
@@ -144,7 +161,7 @@ impl PortIo {
             },
             PortIo::Tap(p) | PortIo::Packet(p, _) => {
                 let mut ev = libc::POLLIN;
-                if !p.qlens.is_empty() {
+                if !p.qlens.is_empty() || p.tx.as_ref().is_some_and(sys::TxRing::has_pending) {
                     ev |= libc::POLLOUT;
                 }
                 Some((p.fd.as_raw_fd(), ev))
@@ -300,7 +317,9 @@ impl PortIo {
     pub fn has_output(&self) -> bool {
         match self {
             PortIo::Stream(s) => s.wstart < s.wbuf.len(),
-            PortIo::Tap(p) | PortIo::Packet(p, _) => !p.qlens.is_empty(),
+            PortIo::Tap(p) | PortIo::Packet(p, _) => {
+                !p.qlens.is_empty() || p.tx.as_ref().is_some_and(sys::TxRing::has_pending)
+            }
         }
     }
 
@@ -324,6 +343,10 @@ impl PortIo {
                     sent += 1;
                 }
                 p.consume(sent, off);
+                LinkEvent::None
+            }
+            PortIo::Packet(p, _) if p.tx.is_some() => {
+                p.flush_ring();
                 LinkEvent::None
             }
             PortIo::Packet(p, _) => {
@@ -369,7 +392,48 @@ impl FramePort {
             qlens: Vec::new(),
             qhdrs: Vec::new(),
             send: sys::SendBatch::default(),
+            tx: None,
         }
+    }
+
+    /// Sends the queue through the transmit ring: every frame that fits goes into a slot
+    /// and one `send` has the kernel transmit them; a frame too big for a slot first has
+    /// the ring kicked (order is kept) and then goes by `sendmmsg`. Frames stay queued while
+    /// the ring is full.
+    fn flush_ring(&mut self) {
+        let Some(ring) = self.tx.as_mut() else {
+            return;
+        };
+        let fd = self.fd.as_raw_fd();
+        let mut off = 0;
+        let mut sent = 0;
+        while sent < self.qlens.len() {
+            let l = self.qlens[sent];
+            let frame = &self.qbuf[off..off + l];
+            if l <= sys::TX_RING_MAX_FRAME {
+                if !ring.put(frame, &self.qhdrs[sent]) {
+                    break; // full: the kernel still holds the slot
+                }
+            } else {
+                if let Err(e) = ring.kick() {
+                    tracing::trace!(error = %e, "transmit ring kick");
+                    break;
+                }
+                match sys::sendmmsg(fd, &mut self.send, frame, &[l], &self.qhdrs[sent..=sent]) {
+                    Ok(0) => break,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => tracing::debug!(error = %e, "packet send; dropping frame"),
+                }
+            }
+            off += l;
+            sent += 1;
+        }
+        if let Err(e) = ring.kick() {
+            // ENOBUFS/EAGAIN: the requested slots stay requested and are sent next time
+            tracing::trace!(error = %e, "transmit ring kick");
+        }
+        self.consume(sent, off);
     }
 
     fn push(&mut self, frame: &[u8], hdr: [u8; VNET_HDR_LEN]) -> bool {

@@ -330,6 +330,12 @@ impl StreamPeer {
         c.write_all(&b).unwrap();
     }
 
+    /// Writes bytes as they are (already length-prefixed frames).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        let c = self.conn.as_mut().expect("connected");
+        c.write_all(bytes).unwrap();
+    }
+
     /// True once the switch closed the connection (a read returns EOF).
     pub fn is_closed(&mut self) -> bool {
         let c = self.conn.as_mut().expect("connected");
