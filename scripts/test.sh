@@ -18,4 +18,4 @@ done
 echo "== tests"
 # Every test binary, in parallel lanes (one end-to-end lane beside the crate tests),
 # one line per binary with its wall time; failures print their whole output.
-"$TARGET"/debug/xtask test-suite --jobs 2 --e2e-jobs 1 --test-threads 2
+"$TARGET"/debug/xtask test-suite --jobs 2 --e2e-jobs 2 --test-threads 2

@@ -171,14 +171,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// The next binary this lane may start: the longest waiting one, skipping end-to-end
-/// binaries while `e2e_max` of them run; waits when only those remain.
+/// binaries while `e2e_max` of them run; waits when only those remain. While one
+/// end-to-end binary runs, a second starts only when no other kind is waiting: the
+/// crate tests go first, then the lane they leave idle helps with the guests.
 fn next(queue: &Mutex<Queue>, wake: &Condvar, e2e_max: usize) -> Option<TestBin> {
     let mut q = lock(queue);
     loop {
         if q.waiting.is_empty() {
             return None;
         }
-        let allowed = q.e2e_running < e2e_max;
+        let others_waiting = q.waiting.iter().any(|b| !b.e2e);
+        let allowed = q.e2e_running == 0 || (q.e2e_running < e2e_max && !others_waiting);
         if let Some(i) = q.waiting.iter().position(|b| allowed || !b.e2e) {
             let bin = q.waiting.remove(i)?;
             if bin.e2e {
