@@ -209,6 +209,7 @@ fn build(root: &Path) -> Result<Vec<TestBin>> {
         .spawn()
         .context("running cargo test --no-run")?;
     let out = child.stdout.take().context("cargo's stdout")?;
+    let names = package_names(root)?;
     let mut bins = Vec::new();
     for line in BufReader::new(out).lines() {
         let line = line.context("reading cargo's output")?;
@@ -226,7 +227,10 @@ fn build(root: &Path) -> Result<Vec<TestBin>> {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| root.to_path_buf());
-        let package = package_name(&manifest_dir)?;
+        let package = names
+            .get(Path::new(manifest))
+            .cloned()
+            .with_context(|| format!("{manifest} is not a workspace package"))?;
         let target = v["target"]["name"].as_str().unwrap_or("?");
         let kind = v["target"]["kind"][0].as_str().unwrap_or("?");
         let name = match kind {
@@ -248,23 +252,27 @@ fn build(root: &Path) -> Result<Vec<TestBin>> {
     Ok(bins)
 }
 
-/// The `name` of the package whose Cargo.toml is in `dir`.
-fn package_name(dir: &Path) -> Result<String> {
-    let toml = std::fs::read_to_string(dir.join("Cargo.toml"))
-        .with_context(|| format!("reading {}/Cargo.toml", dir.display()))?;
-    let mut in_package = false;
-    for line in toml.lines() {
-        let l = line.trim();
-        if l.starts_with('[') {
-            in_package = l == "[package]";
-        } else if in_package {
-            if let Some(v) = l.strip_prefix("name") {
-                let v = v.trim_start().trim_start_matches('=').trim();
-                return Ok(v.trim_matches('"').to_string());
-            }
+/// Package names of the workspace by manifest path, from `cargo metadata` (cargo's
+/// own reading of each Cargo.toml, so workspace inheritance and odd layouts are right).
+fn package_names(root: &Path) -> Result<BTreeMap<PathBuf, String>> {
+    let out = Command::new("cargo")
+        .args(["metadata", "--no-deps", "--format-version", "1"])
+        .current_dir(root)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed");
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parsing cargo metadata's output")?;
+    let mut names = BTreeMap::new();
+    for p in v["packages"].as_array().into_iter().flatten() {
+        if let (Some(name), Some(manifest)) = (p["name"].as_str(), p["manifest_path"].as_str()) {
+            names.insert(PathBuf::from(manifest), name.to_string());
         }
     }
-    bail!("no package name in {}/Cargo.toml", dir.display())
+    Ok(names)
 }
 
 /// Runs one binary the way `cargo test` does (cwd = its package, CARGO_* set), in its
