@@ -5,10 +5,14 @@
 //!
 //! 1. **Budget.** VMs together may hold at most what they hold now plus what the host can
 //!    spare now (`free_for_vms - reserve`, negative when the host itself ate into the
-//!    reserve), and never more than `total - reserve`.
+//!    reserve), and never more than `total - reserve`. What a VM holds is what it *has*
+//!    (`assigned`, read from QEMU), never what it was told to have: a guest that has not
+//!    given memory back yet (a balloon inflating slowly, or a guest that cannot give it
+//!    because it needs it) still holds it, and growth already requested but not yet reached
+//!    is held too ([`VmDemand::committed`]).
 //! 2. **Fixed VMs.** A static VM keeps its startup RAM. A dynamic VM whose demand report is
 //!    older than [`BalanceConfig::stale_after_ms`] (or that never reported) keeps its current
-//!    assignment ([`Reason::StaleDemand`]): no blind shrinking of a guest we cannot see.
+//!    commitment ([`Reason::StaleDemand`]): no blind shrinking of a guest we cannot see.
 //! 3. **Wanted.** Every other VM wants `demand × (1 + buffer)`, clamped to `[minimum, maximum]`.
 //! 4. **Sharing.** If all wanted fit in the budget, each VM gets what it wants. Otherwise every
 //!    VM gets its minimum and the rest is shared by weight (weighted water-filling: a VM's
@@ -16,16 +20,23 @@
 //!    a capped VM leaves is shared again). Weight 0 VMs only get what the others leave.
 //! 5. **Hysteresis.** Moves smaller than `max(2 % of assigned, 8 MiB)` are skipped, unless
 //!    the guest's demand is above what it has (decreases only while the budget still holds).
-//! 6. **Growth limit.** The sum of all increases is limited to what the host can spare *now*
-//!    (memory a shrinking VM gives back counts from the next round, once the balloon has
-//!    actually taken it). Minimums are served first, then the rest by weight. This is what
-//!    stops a VM with a huge maximum from grabbing the host: it only grows into free memory,
-//!    and as soon as another VM needs memory the sharing step takes it back.
+//! 6. **Growth limit.** Every increase is measured from the VM's commitment, and their sum is
+//!    limited to what is *actually free now*: `free_for_vms - reserve` minus growth already
+//!    in flight, and never more than `total - reserve` minus every VM's commitment. Memory a
+//!    shrinking VM gives back counts only from the round after the guest has really released
+//!    it, so a guest that cannot give memory back never lets the others grow into it.
+//!    Minimums are served first, then the rest by weight. This is also what stops a VM with a
+//!    huge maximum from grabbing the host: it only grows into free memory, and as soon as
+//!    another VM needs memory the sharing step takes it back.
 //! 7. **Split.** The target below startup is reached with the balloon, the part above startup
 //!    with virtio-mem in whole blocks ([`BalanceConfig::block_size`]).
 //!
 //! The function is deterministic and keeps no state: the same input gives the same output,
 //! and a converged state (every target applied) gives `target == assigned` for every VM.
+//!
+//! **Invariant** (proptested): `Σ max(0, target - committed) <= spare_now`, so if the guests
+//! only ever move towards their targets, the VMs together never hold more than they held
+//! plus what was free above the reserve.
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +52,13 @@ pub struct VmDemand {
     /// Memory the guest has now, bytes: balloon `actual` (QMP `query-balloon`) plus the
     /// virtio-mem device's plugged `size`.
     pub assigned: u64,
+    /// What the VM's devices are asked to give the guest now (the last target applied:
+    /// balloon target plus virtio-mem `requested-size`), bytes; `None`: unknown or nothing
+    /// pending (taken as `assigned`). Above `assigned`, growth is in flight: the guest may take
+    /// that memory at any moment, so it counts as held ([`VmDemand::committed`]). Below
+    /// `assigned`, the guest is giving memory back, which is not free until it has.
+    #[serde(default)]
+    pub requested: Option<u64>,
     /// Bytes the guest needs ([`crate::guest_demand`]); ignored when the report is stale.
     pub demand: u64,
     /// When `demand` was reported (milliseconds on the caller's monotonic clock); `None`: the
@@ -48,13 +66,21 @@ pub struct VmDemand {
     pub reported_at: Option<u64>,
 }
 
+impl VmDemand {
+    /// Memory the VM holds or may take without asking again: `max(assigned, requested)`.
+    /// The balancer hands other VMs only memory outside every VM's commitment.
+    pub fn committed(&self) -> u64 {
+        self.assigned.max(self.requested.unwrap_or(0))
+    }
+}
+
 /// The host's memory, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostMemory {
     /// Physical memory of the host (`MemTotal`).
     pub total: u64,
-    /// Memory free on the host right now (`MemAvailable`), not counting what VMs already hold;
-    /// the balancer subtracts the reserve itself.
+    /// Memory free on the host right now (`MemAvailable`), not counting what VMs already hold
+    /// (`assigned`); the balancer subtracts the reserve and growth in flight itself.
     pub free_for_vms: u64,
     /// Memory never handed to VMs (host kernel, vireod, workers, QEMU overhead).
     pub reserve: u64,
@@ -73,9 +99,24 @@ impl HostMemory {
         self.total.saturating_sub(self.reserve)
     }
 
-    /// What VMs may grow into now: `free_for_vms - reserve`.
+    /// What VMs may grow into now, before growth in flight: `free_for_vms - reserve`.
     pub fn spare(&self) -> u64 {
         self.free_for_vms.saturating_sub(self.reserve)
+    }
+
+    /// What VMs may grow into now beyond their commitments ([`VmDemand::committed`]): the
+    /// host's spare minus growth already requested but not reached, and never more than
+    /// `total - reserve` minus every commitment.
+    pub fn spare_for(&self, vms: &[VmDemand]) -> u64 {
+        let committed = vms
+            .iter()
+            .fold(0u64, |a, v| a.saturating_add(v.committed()));
+        let in_flight = vms.iter().fold(0u64, |a, v| {
+            a.saturating_add(v.committed().saturating_sub(v.assigned))
+        });
+        self.spare()
+            .saturating_sub(in_flight)
+            .min(self.vm_limit().saturating_sub(committed))
     }
 }
 
@@ -184,8 +225,8 @@ pub struct Decision {
     pub wanted: u64,
     /// demand / assigned, in percent (over 100: the guest needs more than it has).
     pub pressure_percent: u32,
-    /// The target differs from `assigned` (rounded down to 2 MiB / whole blocks): the worker
-    /// has something to apply.
+    /// The target differs from `assigned` or from what the devices are asked now
+    /// (`requested`), rounded down to 2 MiB / whole blocks: the worker has something to apply.
     pub changed: bool,
 }
 
@@ -209,6 +250,8 @@ struct Slot {
     active: bool,
     /// `assigned` rounded down like targets are (the state a target is compared with).
     current: u64,
+    /// [`VmDemand::committed`] rounded down like targets are (growth is measured from it).
+    committed: u64,
 }
 
 /// One balancer round with explicit tunables. See the module documentation for the rules.
@@ -219,7 +262,7 @@ pub fn balance_with(
     cfg: &BalanceConfig,
 ) -> Vec<Decision> {
     let block = cfg.block_size.max(ALIGN);
-    let spare = host.spare();
+    let spare = host.spare_for(vms);
     let held = vms.iter().fold(0u64, |a, v| a.saturating_add(v.assigned));
     // When the host's own use ate into the reserve, the budget is below what VMs hold: they
     // give memory back.
@@ -233,6 +276,7 @@ pub fn balance_with(
         .map(|v| {
             let s = &v.settings;
             let current = align_down(v.assigned, s.startup, block);
+            let committed = align_down(v.committed(), s.startup, block);
             let floor = s.floor();
             let ceiling = align_down(s.ceiling(), s.startup, block).max(floor);
             let fresh = v
@@ -250,13 +294,14 @@ pub fn balance_with(
                 reason: None,
                 active: false,
                 current,
+                committed,
             };
             if !s.dynamic {
                 slot.target = s.startup;
                 slot.wanted = s.startup;
                 slot.reason = Some(Reason::Static);
             } else if !fresh {
-                slot.target = current.clamp(floor, ceiling);
+                slot.target = committed.clamp(floor, ceiling);
                 slot.reason = Some(Reason::StaleDemand);
             } else {
                 slot.active = true;
@@ -291,7 +336,9 @@ pub fn balance_with(
                 demand: v.demand,
                 wanted: s.wanted,
                 pressure_percent: pressure(v.demand, v.assigned),
-                changed: s.target != s.current,
+                changed: s.target != s.current
+                    || v.requested
+                        .is_some_and(|r| align_down(r, startup, block) != s.target),
             }
         })
         .collect()
@@ -357,12 +404,13 @@ fn share(slots: &mut [Slot], budget: u64, block: u64, vms: &[VmDemand]) {
     }
 }
 
-/// Step 6: the sum of increases stays within what the host can spare now; minimums first.
+/// Step 6: the sum of increases over the VMs' commitments stays within what is free now
+/// (`spare`, from [`HostMemory::spare_for`]); minimums first.
 fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
     let growth: Vec<u64> = slots
         .iter()
         .zip(vms)
-        .map(|(s, _)| s.target.saturating_sub(s.current))
+        .map(|(s, _)| s.target.saturating_sub(s.committed))
         .collect();
     if growth.iter().sum::<u64>() <= spare {
         return;
@@ -370,7 +418,7 @@ fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
     let deficit: Vec<u64> = slots
         .iter()
         .zip(vms)
-        .map(|(s, _)| s.floor.min(s.target).saturating_sub(s.current))
+        .map(|(s, _)| s.floor.min(s.target).saturating_sub(s.committed))
         .collect();
     // Minimums are guarantees: shared equally, whatever the weights.
     let first = water_fill(&deficit, &vec![1; deficit.len()], spare);
@@ -383,7 +431,7 @@ fn limit_growth(slots: &mut [Slot], vms: &[VmDemand], spare: u64, block: u64) {
         if granted >= growth[i] {
             continue;
         }
-        let t = align_down(s.current + granted, v.settings.startup, block).max(s.current);
+        let t = align_down(s.committed + granted, v.settings.startup, block).max(s.committed);
         s.target = t.min(s.target);
         s.reason = Some(Reason::GrowthLimited);
     }

@@ -24,6 +24,7 @@
 //!     id: "web".into(),
 //!     settings,
 //!     assigned: 512 * MIB,
+//!     requested: None,
 //!     demand: 900 * MIB,
 //!     reported_at: Some(10_000),
 //! };

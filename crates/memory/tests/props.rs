@@ -12,16 +12,17 @@ const NOW: u64 = 1_000_000;
 /// one in ten is static and one in ten has a stale report.
 fn vm() -> impl Strategy<Value = VmDemand> {
     (
-        64u64..2048,   // startup, 2 MiB units
-        0u64..=100,    // minimum, percent of startup
-        0u64..4096,    // maximum above startup, 2 MiB units
-        0u32..=200,    // buffer
-        0u32..=10_000, // weight
-        0u64..=1000,   // demand, per mille of 2 x maximum
-        0u64..=1000,   // assigned, per mille of [floor, ceiling]
-        0u8..10,       // kind: 0 static, 1 stale, else fresh
+        64u64..2048,                   // startup, 2 MiB units
+        0u64..=100,                    // minimum, percent of startup
+        0u64..4096,                    // maximum above startup, 2 MiB units
+        0u32..=200,                    // buffer
+        0u32..=10_000,                 // weight
+        0u64..=1000,                   // demand, per mille of 2 x maximum
+        0u64..=1000,                   // assigned, per mille of [floor, ceiling]
+        0u8..10,                       // kind: 0 static, 1 stale, else fresh
+        prop::option::of(0u64..=1000), // requested, per mille of [floor, ceiling]
     )
-        .prop_map(|(st, minp, extra, buffer, weight, dem, asg, kind)| {
+        .prop_map(|(st, minp, extra, buffer, weight, dem, asg, kind, req)| {
             let startup = st * 2 * MIB;
             let minimum = ((startup * minp / 100) / (2 * MIB) * 2 * MIB).max(32 * MIB);
             let settings = MemorySettings {
@@ -37,6 +38,7 @@ fn vm() -> impl Strategy<Value = VmDemand> {
                 id: String::new(),
                 settings,
                 assigned: floor + (ceiling - floor) / 1000 * asg,
+                requested: req.map(|r| floor + (ceiling - floor) / 1000 * r),
                 demand: settings.maximum * 2 / 1000 * dem,
                 reported_at: if kind == 1 {
                     Some(NOW - 60_000)
@@ -95,7 +97,7 @@ proptest! {
         let held: u64 = vms.iter().map(|v| v.assigned).sum();
         let d = balance(&vms, &h, NOW);
         let sum: u64 = d.iter().map(|d| d.target).sum();
-        let growth: u64 = vms.iter().zip(&d).map(|(v, d)| d.target.saturating_sub(v.assigned)).sum();
+        let growth: u64 = vms.iter().zip(&d).map(|(v, d)| d.target.saturating_sub(v.committed())).sum();
         prop_assert!(growth <= h.spare(), "growth {growth} > spare {}", h.spare());
         let budget = h.vm_limit().min((held + h.free_for_vms).saturating_sub(reserve));
         if floors <= budget {
@@ -106,17 +108,38 @@ proptest! {
         }
     }
 
+    /// Growth is measured from what each VM holds or was promised, and never exceeds what is
+    /// actually free: the host's spare minus growth in flight, within `total - reserve` minus
+    /// every commitment. Memory a VM was asked to give back but still holds is not free.
+    #[test]
+    fn growth_only_from_free_memory((total, reserve, other, vms) in host_and_vms()) {
+        let h = host(total, reserve, other, &vms);
+        let d = balance(&vms, &h, NOW);
+        let growth: u64 = vms.iter().zip(&d).map(|(v, d)| d.target.saturating_sub(v.committed())).sum();
+        let committed: u64 = vms.iter().map(|v| v.committed()).sum();
+        let in_flight: u64 = vms.iter().map(|v| v.committed() - v.assigned).sum();
+        prop_assert_eq!(h.spare_for(&vms), h.spare().saturating_sub(in_flight).min(h.vm_limit().saturating_sub(committed)));
+        prop_assert!(growth <= h.spare_for(&vms), "growth {growth} > free {}", h.spare_for(&vms));
+        // Applied, with every guest giving back nothing: still within what was held plus free.
+        let after: u64 = vms.iter().zip(&d).map(|(v, d)| d.target.max(v.committed())).sum();
+        prop_assert!(after <= committed + h.spare_for(&vms));
+        if committed <= h.vm_limit() {
+            prop_assert!(after <= h.vm_limit(), "{after} > limit {}", h.vm_limit());
+        }
+    }
+
     /// A VM with a stale report keeps its memory unless the minimums of the others need it.
     #[test]
     fn stale_vms_keep_memory((total, reserve, other, vms) in host_and_vms()) {
         let h = host(total, reserve, other, &vms);
         for (v, d) in vms.iter().zip(balance(&vms, &h, NOW)) {
             if v.settings.dynamic && v.reported_at == Some(NOW - 60_000) {
-                prop_assert!(
-                    (d.reason == Reason::StaleDemand && !d.changed)
-                        || d.reason == Reason::HostShortage,
-                    "{v:?} {d:?}"
-                );
+                // Keeps what it holds or was promised (2 MiB rounding), within its limits.
+                let keep = v.committed().clamp(v.settings.floor(), v.settings.ceiling());
+                let kept = d.reason == Reason::StaleDemand
+                    && d.target <= keep
+                    && d.target + 2 * MIB > keep;
+                prop_assert!(kept || d.reason == Reason::HostShortage, "{v:?} {d:?}");
             }
         }
     }
@@ -146,9 +169,8 @@ proptest! {
         let mut rounds = 0;
         let d = loop {
             w.report_all_except(&[]);
-            let before: Vec<u64> = w.vms.iter().map(|v| v.assigned).collect();
             let d = w.round();
-            if d.iter().zip(&before).all(|(d, &a)| d.target == a) {
+            if d.iter().all(|d| !d.changed) {
                 break d;
             }
             rounds += 1;

@@ -364,6 +364,7 @@ fn virtio_mem_block_size() {
         id: "a".into(),
         settings: dynamic(),
         assigned: GIB,
+        requested: None,
         demand: 1500 * MIB,
         reported_at: Some(5),
     };
@@ -381,4 +382,93 @@ fn virtio_mem_block_size() {
     );
     let d = &balance(&[vm], &host, 5)[0];
     assert_eq!(d.target, 1800 * MIB);
+}
+
+/// What VMs hold (or were promised and may take any moment) never exceeds what the host can
+/// give them, checked after every round.
+fn assert_within_host(w: &World, round: usize, d: &[memory::Decision]) {
+    assert!(
+        w.committed() <= w.limit(),
+        "round {round}: VMs hold or were promised {} MiB, the host limit is {} MiB: {d:?}\n{:?}",
+        w.committed() / MIB,
+        w.limit() / MIB,
+        w.vms
+    );
+}
+
+/// A guest that cannot give memory back (balloon inflation fails: it needs the memory) keeps
+/// it, and the other VMs never grow into it: the sum of what VMs hold stays within the host
+/// limit in every round, while the target still says what the VM should have (weighted).
+#[test]
+fn guest_that_cannot_give_back_is_not_counted_as_free() {
+    let mut w = World::new(10 * GIB, 2 * GIB, GIB);
+    // `stuck` holds 5 GiB and its guest will not go below 4.5 GiB whatever it is asked.
+    let stuck = w.add(dynamic(), 5 * GIB, 4 * GIB);
+    w.guests[stuck].keeps = 4608 * MIB;
+    let other = w.add(dynamic(), GIB, 200 * MIB);
+    w.round();
+    // Both now want about 5 GiB; 7 GiB for VMs: equal weights give each 3.5 GiB.
+    w.report(other, 4 * GIB);
+    for r in 0..10 {
+        w.report_all_except(&[]);
+        let d = w.round();
+        assert_within_host(&w, r, &d);
+        assert!(d[stuck].target < w.vms[stuck].assigned, "{d:?}");
+    }
+    assert_eq!(w.vms[stuck].assigned, 4608 * MIB);
+    // `other` got exactly what `stuck` really gave back, no more.
+    assert_eq!(w.vms[other].assigned, w.limit() - 4608 * MIB);
+    let d = w.round();
+    assert_eq!(d[other].reason, Reason::GrowthLimited, "{d:?}");
+}
+
+/// Growth in flight (a guest plugging virtio-mem memory slowly) is held memory: the next
+/// round does not hand the part not yet plugged to another VM.
+#[test]
+fn growth_in_flight_is_not_granted_twice() {
+    let mut w = World::new(10 * GIB, 2 * GIB, GIB);
+    let slow = w.add(dynamic(), GIB, 5 * GIB);
+    w.guests[slow].step = 256 * MIB;
+    let fast = w.add(dynamic(), GIB, 500 * MIB);
+    let d = w.round();
+    assert_within_host(&w, 0, &d);
+    // `slow` was promised 5 GiB + 20 %; it holds only 256 MiB more so far.
+    assert_eq!(w.vms[slow].requested, Some(6 * GIB));
+    assert_eq!(w.vms[slow].assigned, GIB + 256 * MIB);
+    // `fast` now needs 3 GiB: it gets what `slow` has not taken only through the weights
+    // (lowering `slow`'s request first), never on top of `slow`'s promise.
+    w.report(fast, 3 * GIB);
+    for r in 1..20 {
+        w.report_all_except(&[]);
+        let d = w.round();
+        assert_within_host(&w, r, &d);
+    }
+    let (s, f) = (w.vms[slow].assigned, w.vms[fast].assigned);
+    assert_eq!(s + f, w.limit(), "{:?}", w.vms);
+    // Equal weights: 7 GiB shared equally, as both want more than half.
+    assert_eq!((s, f), (3584 * MIB, 3584 * MIB));
+}
+
+/// A guest that stops reporting while its growth is in flight keeps the promise (counted as
+/// held), and keeps it stable: the decision does not flip-flop between the two.
+#[test]
+fn stale_vm_keeps_growth_in_flight() {
+    let mut w = World::new(10 * GIB, 2 * GIB, GIB);
+    let a = w.add(dynamic(), GIB, 3 * GIB);
+    w.guests[a].step = 512 * MIB;
+    let b = w.add(dynamic(), GIB, 500 * MIB);
+    w.round();
+    let promised = w.vms[a].requested.unwrap();
+    assert!(promised > w.vms[a].assigned);
+    // `a` goes silent; `b` wants everything.
+    w.now_ms += 11_000;
+    w.report(b, 16 * GIB);
+    for r in 0..10 {
+        w.report_all_except(&[a]);
+        let d = w.round();
+        assert_within_host(&w, r, &d);
+        assert_eq!((d[a].target, d[a].reason), (promised, Reason::StaleDemand));
+    }
+    assert_eq!(w.vms[a].assigned, promised);
+    assert_eq!(w.vms[b].assigned, w.limit() - promised);
 }

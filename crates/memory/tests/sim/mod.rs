@@ -1,6 +1,7 @@
 //! A discrete-time host model for the balancer (shared by the tests and the `memory-sim`
 //! example): one round is one second; guests' demand changes, the balancer runs, targets are
-//! applied at once (balloon and virtio-mem act within a second on a real guest).
+//! applied at once (balloon and virtio-mem act within a second on a real guest), unless a
+//! VM's [`Guest`] model says it moves slowly or cannot give memory back.
 #![allow(dead_code)]
 
 use memory::{admit, balance, Decision, HostMemory, MemorySettings, VmDemand, GIB, MIB};
@@ -17,6 +18,26 @@ pub struct World {
     pub vms: Vec<VmDemand>,
     /// Clock, milliseconds.
     pub now_ms: u64,
+    /// How each VM's guest follows its target (same order as `vms`).
+    pub guests: Vec<Guest>,
+}
+
+/// How a guest follows its target.
+#[derive(Debug, Clone, Copy)]
+pub struct Guest {
+    /// At most this many bytes move per round (growth and shrink alike).
+    pub step: u64,
+    /// The guest never gives memory back below this (it needs it: balloon inflation fails).
+    pub keeps: u64,
+}
+
+impl Default for Guest {
+    fn default() -> Self {
+        Guest {
+            step: u64::MAX,
+            keeps: 0,
+        }
+    }
 }
 
 impl World {
@@ -28,6 +49,7 @@ impl World {
             other,
             vms: Vec::new(),
             now_ms: 1_000_000,
+            guests: Vec::new(),
         }
     }
 
@@ -37,15 +59,27 @@ impl World {
             id: format!("vm{}", self.vms.len()),
             settings,
             assigned,
+            requested: None,
             demand,
             reported_at: Some(self.now_ms),
         });
+        self.guests.push(Guest::default());
         self.vms.len() - 1
     }
 
     /// Sum of the VMs' assigned memory.
     pub fn held(&self) -> u64 {
         self.vms.iter().map(|v| v.assigned).sum()
+    }
+
+    /// Sum of the VMs' commitments (held, or requested when growth is in flight).
+    pub fn committed(&self) -> u64 {
+        self.vms.iter().map(|v| v.committed()).sum()
+    }
+
+    /// What VMs may hold at most without crossing the reserve: `total - reserve - other`.
+    pub fn limit(&self) -> u64 {
+        self.total.saturating_sub(self.reserve + self.other)
     }
 
     /// What the host reports.
@@ -72,11 +106,22 @@ impl World {
         }
     }
 
-    /// One balancer round: decide, apply every target, advance the clock by a second.
+    /// One balancer round: decide, apply the targets that changed (as vireod does; the
+    /// guests follow their last request as their [`Guest`] model allows), advance the clock by
+    /// a second.
     pub fn round(&mut self) -> Vec<Decision> {
         let d = balance(&self.vms, &self.host(), self.now_ms);
-        for (v, d) in self.vms.iter_mut().zip(&d) {
-            v.assigned = d.target;
+        for ((v, d), g) in self.vms.iter_mut().zip(&d).zip(&self.guests) {
+            if d.changed {
+                v.requested = Some(d.target);
+            }
+            let goal = v.requested.unwrap_or(v.assigned);
+            v.assigned = if goal >= v.assigned {
+                v.assigned.saturating_add(g.step).min(goal)
+            } else {
+                let goal = goal.max(g.keeps).min(v.assigned);
+                v.assigned.saturating_sub(g.step).max(goal)
+            };
         }
         self.now_ms += 1000;
         d
