@@ -182,6 +182,11 @@ pub struct WorkerMemory {
     pub balloon_actual: u64,
     /// virtio-mem plugged size.
     pub plugged: u64,
+    /// What the VM's devices are asked to give the guest now (the last target applied:
+    /// balloon target plus virtio-mem `requested-size`); `None` before the first target of
+    /// this boot. Above `assigned`: growth in flight; below: memory not given back yet.
+    #[serde(default)]
+    pub requested: Option<u64>,
     /// virtio-mem region size (0: no virtio-mem device).
     pub region: u64,
     /// Guest demand, when reported.

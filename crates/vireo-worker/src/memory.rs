@@ -60,6 +60,8 @@ struct Sample {
     agent_at: Option<Instant>,
     agent: Option<memory::AgentMemory>,
     balloon: Option<memory::BalloonStats>,
+    /// The last target applied (balloon + virtio-mem), reported as `requested`.
+    requested: Option<u64>,
 }
 
 struct MemState {
@@ -155,6 +157,8 @@ async fn after_reset(vm: &Vm, st: &MemState) {
         let mut s = lock(&st.sample);
         let report = std::mem::take(&mut s.report);
         *s = Sample::default();
+        // Until the reset commands below are done, the old request still stands.
+        s.requested = report.requested;
         // Keep what the VM had until the next sample reads it again, but no demand.
         s.report = WorkerMemory {
             demand: None,
@@ -173,10 +177,15 @@ async fn after_reset(vm: &Vm, st: &MemState) {
         // The balloon value is relative to boot RAM plus what is plugged: asking for all of
         // it deflates the balloon completely.
         Ok(m) => match vm.qmp.balloon(m.base + m.plugged).await {
-            Ok(()) => tracing::info!(
-                startup = m.base,
-                "guest reset: balloon deflated, the VM has its startup RAM until the guest reports again"
-            ),
+            Ok(()) => {
+                let mut s = lock(&st.sample);
+                s.requested = Some(m.base);
+                s.report.requested = Some(m.base);
+                tracing::info!(
+                    startup = m.base,
+                    "guest reset: balloon deflated, the VM has its startup RAM until the guest reports again"
+                )
+            }
             Err(e) => tracing::warn!("guest reset: deflating the balloon failed: {e}"),
         },
         Err(e) => tracing::warn!("guest reset: reading the VM's memory size failed: {e}"),
@@ -259,6 +268,7 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         assigned: balloon_actual,
         balloon_actual,
         plugged,
+        requested: s.requested,
         region: st.region,
         demand: demand.filter(|_| reported_at.is_some()),
         // demand_reported_at works on ages here: the smaller clock value is the age itself.
@@ -397,6 +407,8 @@ async fn set(
         virtio_mem = req.virtio_mem_requested,
         "memory target applied"
     );
-    let r = lock(&st.sample).report.clone();
-    Ok(Json(r))
+    let mut s = lock(&st.sample);
+    s.requested = Some(target);
+    s.report.requested = Some(target);
+    Ok(Json(s.report.clone()))
 }

@@ -57,20 +57,23 @@ pub async fn round(m: &Arc<Manager>, epoch: Instant) {
         .enumerate()
         .map(|(i, v)| {
             let rep = m.memory_report(&v.uuid);
-            let (assigned, demand, reported_at) = match (&rep, fresh[i]) {
+            let (assigned, requested, demand, reported_at) = match (&rep, fresh[i]) {
                 (Some((r, _)), true) => (
                     r.assigned,
+                    r.requested,
                     r.demand.unwrap_or(0),
                     r.demand.and(r.age_ms).map(|a| now_ms.saturating_sub(a)),
                 ),
-                // No answer this round: counted with what it last had, never fresh.
-                (Some((r, _)), false) => (r.assigned, 0, None),
-                (None, _) => (v.settings.startup, 0, None),
+                // No answer this round: counted with what it last had or was promised, never
+                // fresh.
+                (Some((r, _)), false) => (r.assigned, r.requested, 0, None),
+                (None, _) => (v.settings.startup, None, 0, None),
             };
             VmDemand {
                 id: v.uuid.to_string(),
                 settings: v.settings,
                 assigned,
+                requested,
                 demand,
                 reported_at,
             }
@@ -86,8 +89,12 @@ pub async fn round(m: &Arc<Manager>, epoch: Instant) {
                 balloon_target: d.balloon_target,
                 virtio_mem_requested: d.virtio_mem_requested,
             };
-            if let Err(e) = v.client.post::<_, WorkerMemory>("/memory", &req).await {
-                tracing::warn!(vm = %v.name, "applying memory target {} failed: {e}", d.target);
+            match v.client.post::<_, WorkerMemory>("/memory", &req).await {
+                // The answer carries the new `requested`: the next round counts it as held.
+                Ok(rep) => m.record_memory_report(&v.uuid, rep),
+                Err(e) => {
+                    tracing::warn!(vm = %v.name, "applying memory target {} failed: {e}", d.target)
+                }
             }
         }
         let reason = d.reason;

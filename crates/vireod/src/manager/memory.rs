@@ -88,6 +88,35 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 const MIB: u64 = 1 << 20;
 
+/// Why a VM holds clearly more than its target, if it does: either the guest is giving memory
+/// back (the balloon is inflating, virtio-mem unplugging), or it cannot, because it needs the
+/// memory (the balloon driver gets no pages; `deflate-on-oom` keeps the guest out of OOM). In
+/// both cases the balancer counts what the VM holds, not its target, so nobody else is given
+/// that memory.
+fn holding_over(assigned: u64, demand: Option<u64>, d: &Decision) -> Option<String> {
+    let over = assigned.saturating_sub(d.target);
+    if over <= (assigned / 50).max(8 * MIB) {
+        return None;
+    }
+    let needs = demand.filter(|&n| n.saturating_add(::memory::DEFAULT_MIN_FREE) > d.target);
+    Some(match needs {
+        Some(n) => format!(
+            "holds {} MiB, {} MiB above its target of {} MiB ({}): the guest needs {} MiB and keeps it rather than run out of memory (the balloon cannot take memory in use); the host does not hand it to other VMs",
+            assigned / MIB,
+            over / MIB,
+            d.target / MIB,
+            d.reason,
+            n / MIB
+        ),
+        None => format!(
+            "giving memory back: holds {} MiB, target {} MiB ({}); counted as held until the guest has released it",
+            assigned / MIB,
+            d.target / MIB,
+            d.reason
+        ),
+    })
+}
+
 /// A running VM as the balancer handles it.
 pub struct RunningVm {
     /// Id.
@@ -385,6 +414,8 @@ impl Manager {
                     "the balloon driver stopped reporting"
                 }
             ))
+        } else if let Some(msg) = decision.and_then(|(d, _)| holding_over(assigned, demand, d)) {
+            Some(msg)
         } else {
             report.and_then(|(r, _)| r.error.clone())
         };
