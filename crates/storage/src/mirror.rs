@@ -31,7 +31,7 @@ use crate::chain::{DiskChain, Layers};
 use crate::error::StorageError;
 use crate::image::{open_image, Image};
 use serde::{Deserialize, Serialize};
-use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -43,7 +43,9 @@ pub const DIRTY_GRAIN: u64 = 64 << 10;
 /// Largest range copied at once, and unit of the verification checksums.
 pub const COPY_CHUNK: u64 = 1 << 20;
 /// Buffer for copying frozen layer files.
-const FILE_CHUNK: usize = 4 << 20;
+const FILE_CHUNK: usize = 16 << 20;
+/// Longest run of dirty grains the active-layer copy takes at once.
+const RUN_BYTES: u64 = 8 << 20;
 /// errno of a full file system.
 const ENOSPC: i32 = 28;
 
@@ -297,6 +299,18 @@ pub trait MirrorSink: Send {
     fn begin(&mut self, plan: &ChainPlan) -> MirrorResult<()>;
     /// Bytes of frozen layer `layer` at file offset `off` (sequential).
     fn file_data(&mut self, layer: usize, off: u64, data: &[u8]) -> MirrorResult<()>;
+    /// Copies `len` bytes of frozen layer `layer` at file offset `off` straight from `src`
+    /// (the same offset), in the kernel (`copy_file_range`) when the sink is a local file.
+    /// `Ok(false)`: the sink cannot, the caller sends the bytes with `file_data`.
+    fn file_copy(
+        &mut self,
+        _layer: usize,
+        _src: &std::fs::File,
+        _off: u64,
+        _len: u64,
+    ) -> MirrorResult<bool> {
+        Ok(false)
+    }
     /// Frozen layer `layer` is complete: `len` bytes whose CRC32C is `crc`.
     fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()>;
     /// Creates the active layer (its parent is complete).
@@ -435,7 +449,7 @@ impl Dirty {
             .sum()
     }
 
-    /// Next run of dirty grains at or after `from` (at most `COPY_CHUNK` long), cleared.
+    /// Next run of dirty grains at or after `from` (at most `RUN_BYTES` long), cleared.
     fn take_run(&self, from: u64) -> Option<(u64, u64)> {
         let mut g = from;
         while g < self.grains {
@@ -450,7 +464,7 @@ impl Dirty {
         if g >= self.grains {
             return None;
         }
-        let max = COPY_CHUNK / DIRTY_GRAIN;
+        let max = RUN_BYTES / DIRTY_GRAIN;
         let start = g;
         while g < self.grains && g - start < max && self.is_set(g) {
             self.clear(g);
@@ -1058,7 +1072,12 @@ fn mark_allocated(top: &Image, size: u64, dirty: &Dirty) -> MirrorResult<()> {
 
 fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResult<()> {
     // Frozen layers: file by file.
-    let mut buf = vec![0u8; FILE_CHUNK];
+    // Under a bandwidth limit, small chunks keep the rate (and the progress) smooth.
+    let chunk = match s.opts.max_bytes_per_sec {
+        Some(l) => (l / 8).clamp(256 << 10, FILE_CHUNK as u64) as usize,
+        None => FILE_CHUNK,
+    };
+    let mut buf = vec![0u8; chunk];
     for (i, p) in frozen.iter().enumerate() {
         let io = |op| {
             move |e| MirrorError::Io {
@@ -1067,17 +1086,21 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
                 source: e,
             }
         };
-        let mut f = std::fs::File::open(p).map_err(io("opening"))?;
+        let f = std::fs::File::open(p).map_err(io("opening"))?;
         let mut off = 0u64;
         let mut crc = 0u32;
         loop {
             s.checkpoint()?;
-            let n = f.read(&mut buf).map_err(io("reading"))?;
+            let n = f.read_at(&mut buf, off).map_err(io("reading"))?;
             if n == 0 {
                 break;
             }
             crc = crc32c::crc32c_append(crc, &buf[..n]);
-            sink.file_data(i, off, &buf[..n])?;
+            // A local sink copies in the kernel (the CRC comes from this read of the
+            // source, the sink re-reads its copy at `file_end`); a stream gets the bytes.
+            if !sink.file_copy(i, &f, off, n as u64)? {
+                sink.file_data(i, off, &buf[..n])?;
+            }
             off += n as u64;
             s.copied.fetch_add(n as u64, Ordering::Relaxed);
             let _ = s
@@ -1211,13 +1234,13 @@ mod tests {
 
     #[test]
     fn dirty_runs_are_bounded_and_cleared() {
-        let d = Dirty::new(10 << 20);
+        let d = Dirty::new(40 << 20);
         d.mark(0, 1);
-        d.mark(3 << 20, 3 << 20);
+        d.mark(3 << 20, 2 * RUN_BYTES + (1 << 20));
         assert_eq!(d.take_run(0), Some((0, 1)));
         let (a, b) = d.take_run(1).unwrap();
         assert_eq!(a, (3 << 20) / DIRTY_GRAIN);
-        assert_eq!(b - a, COPY_CHUNK / DIRTY_GRAIN);
+        assert_eq!(b - a, RUN_BYTES / DIRTY_GRAIN);
         let mut n = 1;
         let mut from = b;
         while let Some((_, b)) = d.take_run(from) {
@@ -1226,7 +1249,7 @@ mod tests {
         }
         assert_eq!(n, 3);
         assert_eq!(d.count(), 0);
-        d.mark((10 << 20) - 1, 100);
+        d.mark((40 << 20) - 1, 100);
         assert_eq!(d.count(), 1);
     }
 

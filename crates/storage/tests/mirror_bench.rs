@@ -1,6 +1,9 @@
 //! Benchmark (ignored by default): storage migration of a served two-layer chain
 //! (512 MiB base + 128 MiB checkpoint leaf) into another directory on the same file
-//! system, side by side with `cp` of the same files (+ `sync`), alternating, in one run.
+//! system, side by side with `cp` of the same files (+ `sync`), in one run: paired rounds
+//! whose order alternates (cp first, then the move first), caches dropped before every
+//! measurement (`MIRROR_BENCH_DROP_CACHES=0` keeps them), the median of the per-round
+//! ratios reported (`MIRROR_BENCH_ROUNDS`, default 5).
 //!
 //! `cargo test --release -p storage --test mirror_bench -- --ignored --nocapture`
 //! (set `MIRROR_BENCH_DIR` to choose the file system; default the system temp dir).
@@ -84,57 +87,98 @@ fn storage_migration_vs_cp() {
         std::fs::read_dir(&src).unwrap().count(),
         bytes / MIB
     );
+    let rounds: usize = std::env::var("MIRROR_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    // Caches are dropped before every measurement (both sides cold), unless
+    // MIRROR_BENCH_DROP_CACHES=0 (both sides then start with whatever is cached).
+    let drop_caches = std::env::var("MIRROR_BENCH_DROP_CACHES").map_or(true, |v| v != "0");
+    let settle = || {
+        assert!(Command::new("sync").status().unwrap().success());
+        if drop_caches {
+            std::fs::write("/proc/sys/vm/drop_caches", "3\n")
+                .expect("dropping caches needs root (or MIRROR_BENCH_DROP_CACHES=0)");
+        }
+    };
     let mut cp_s = Vec::new();
     let mut mv_s = Vec::new();
+    let mut ratios = Vec::new();
     let mut here = src.clone();
-    for round in 0..3 {
-        // cp of the current files (+ sync), then removed.
-        let d = tmp.path().join(format!("cp{round}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let t = Instant::now();
-        let mut cmd = Command::new("cp");
-        cmd.arg("--sparse=auto");
-        for e in std::fs::read_dir(&here).unwrap() {
-            cmd.arg(e.unwrap().path());
+    let mb = bytes as f64 / MIB as f64;
+    for round in 0..rounds {
+        // Interleaved: even rounds cp first, odd rounds the move first.
+        let mut cp_t = 0.0;
+        let mut mv_t = 0.0;
+        let mut held = 0;
+        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        for which in order {
+            settle();
+            if which == 0 {
+                // cp of the current files (+ sync), then removed.
+                let d = tmp.path().join(format!("cp{round}"));
+                std::fs::create_dir_all(&d).unwrap();
+                let t = Instant::now();
+                let mut cmd = Command::new("cp");
+                cmd.arg("--sparse=auto");
+                for e in std::fs::read_dir(&here).unwrap() {
+                    cmd.arg(e.unwrap().path());
+                }
+                assert!(cmd.arg(&d).status().unwrap().success());
+                assert!(Command::new("sync")
+                    .arg("-f")
+                    .arg(&d)
+                    .status()
+                    .unwrap()
+                    .success());
+                cp_t = t.elapsed().as_secs_f64();
+                std::fs::remove_dir_all(&d).unwrap();
+            } else {
+                // Storage migration of the served chain (it then runs from the new files).
+                let d = tmp.path().join(format!("mv{round}"));
+                let t = Instant::now();
+                let m = svc
+                    .mirror_disk(0, Box::new(DirSink::new(&d)), MirrorOptions::default())
+                    .unwrap();
+                let _ = m.wait_converged(std::time::Duration::from_secs(600));
+                let out = svc.complete_move(0, m).unwrap();
+                for f in &out.source_files {
+                    std::fs::remove_file(f).unwrap();
+                }
+                mv_t = t.elapsed().as_secs_f64();
+                held = out.io_pause.as_millis();
+                here = d;
+            }
         }
-        assert!(cmd.arg(&d).status().unwrap().success());
-        assert!(Command::new("sync")
-            .arg("-f")
-            .arg(&d)
-            .status()
-            .unwrap()
-            .success());
-        cp_s.push(t.elapsed().as_secs_f64());
-        std::fs::remove_dir_all(&d).unwrap();
-        // Storage migration of the served chain.
-        let d = tmp.path().join(format!("mv{round}"));
-        let t = Instant::now();
-        let m = svc
-            .mirror_disk(0, Box::new(DirSink::new(&d)), MirrorOptions::default())
-            .unwrap();
-        let _ = m.wait_converged(std::time::Duration::from_secs(600));
-        let out = svc.complete_move(0, m).unwrap();
-        for f in &out.source_files {
-            std::fs::remove_file(f).unwrap();
-        }
-        mv_s.push(t.elapsed().as_secs_f64());
+        cp_s.push(cp_t);
+        mv_s.push(mv_t);
+        ratios.push(cp_t / mv_t);
         println!(
-            "round {round}: cp {:.2} s ({:.0} MiB/s), move-storage {:.2} s ({:.0} MiB/s), I/O held {} ms",
-            cp_s[round],
-            bytes as f64 / MIB as f64 / cp_s[round],
-            mv_s[round],
-            bytes as f64 / MIB as f64 / mv_s[round],
-            out.io_pause.as_millis()
+            "round {round}: cp {cp_t:.2} s ({:.0} MiB/s), move-storage {mv_t:.2} s ({:.0} MiB/s), ratio {:.2}, I/O held {held} ms",
+            mb / cp_t,
+            mb / mv_t,
+            cp_t / mv_t
         );
-        here = d;
     }
-    let cp: f64 = cp_s.iter().sum();
-    let mv: f64 = mv_s.iter().sum();
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        }
+    };
+    let (lo, hi) = ratios
+        .iter()
+        .fold((f64::MAX, 0.0f64), |(a, b), &r| (a.min(r), b.max(r)));
     println!(
-        "storage migration throughput / cp throughput = {:.2} (cp {:.0} MiB/s, move {:.0} MiB/s)",
-        cp / mv,
-        3.0 * bytes as f64 / MIB as f64 / cp,
-        3.0 * bytes as f64 / MIB as f64 / mv
+        "storage migration throughput / cp throughput: median of {rounds} paired rounds {:.2} (range {lo:.2}-{hi:.2}); medians cp {:.0} MiB/s, move {:.0} MiB/s; caches {}; load {}",
+        median(ratios.clone()),
+        mb / median(cp_s.clone()),
+        mb / median(mv_s.clone()),
+        if drop_caches { "dropped before each" } else { "kept" },
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().trim()
     );
     svc.close().unwrap();
 }

@@ -4,6 +4,7 @@
 use super::{image_checksums, ChainPlan, LayerFormat, MirrorError, MirrorResult, MirrorSink};
 use crate::image::Image;
 use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -129,6 +130,39 @@ impl MirrorSink for DirSink {
         f.write_all_at(data, off)
             .map_err(|e| self.io("writing", &p, e))?;
         Ok(())
+    }
+
+    fn file_copy(&mut self, layer: usize, src: &File, off: u64, len: u64) -> MirrorResult<bool> {
+        let p = self.dir.join(
+            &self
+                .plan()?
+                .frozen
+                .get(layer)
+                .ok_or_else(|| MirrorError::Protocol(format!("no layer {layer}")))?
+                .name,
+        );
+        let f = self
+            .files
+            .get(layer)
+            .and_then(|f| f.as_ref())
+            .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
+        // std's io::copy between files is copy_file_range on Linux (with its own fallback
+        // to read/write); clones of the descriptors keep the offsets apart from the caller's.
+        let copy = || -> std::io::Result<u64> {
+            let mut from = src.try_clone()?;
+            from.seek(SeekFrom::Start(off))?;
+            let mut to = f.try_clone()?;
+            to.seek(SeekFrom::Start(off))?;
+            std::io::copy(&mut from.take(len), &mut to)
+        };
+        let n = copy().map_err(|e| self.io("copying into", &p, e))?;
+        if n != len {
+            return Err(MirrorError::Protocol(format!(
+                "{} ended while being copied ({n} of {len} bytes at {off})",
+                p.display()
+            )));
+        }
+        Ok(true)
     }
 
     fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()> {
