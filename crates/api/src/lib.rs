@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod client;
 pub mod memory;
 pub mod migration;
+pub mod replica;
 pub mod storage_move;
 pub mod switch;
 pub mod types;

@@ -39,6 +39,10 @@ pub struct CycleHeader {
     pub cut_unix_ms: u64,
     /// Size of each disk in bytes (index = disk index).
     pub disk_sizes: Vec<u64>,
+    /// A partial cycle (initial replication in chunks): no common cut, applied in place
+    /// into the base, not a recovery point.
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// One changed range.
@@ -285,6 +289,7 @@ mod tests {
             seq: 3,
             cut_unix_ms: 1,
             disk_sizes: vec![1 << 20, 2 << 20],
+            partial: false,
         };
         let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
         w.add(0, 0, &[7u8; 65536]).unwrap();

@@ -5,6 +5,8 @@
 //!   at one instant, LZ4-compressed, checksummed end to end) and its strict reader;
 //! - [`store`]: the replica side, recovery points as a chain of differencing VHDX layers,
 //!   a cycle applied wholly or not at all, retention of the newest points;
+//! - [`primary`]: cutting a cycle (partial while the initial copy runs, then
+//!   crash-consistent) from the disk service's trackers into a file, commit and abort;
 //! - [`transport`]: a cycle over a byte stream (the mutual-TLS host channel) and the
 //!   replica's answer, which is what lets the primary commit its change tracker.
 //!
@@ -14,9 +16,14 @@
 #![warn(missing_docs)]
 
 pub mod cycle;
+pub mod primary;
 pub mod store;
 pub mod transport;
 
 pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
-pub use store::{ErrorKind, Point, ReplicaStore, StoreError};
-pub use transport::{receive_cycle, send_cycle, TransportError};
+pub use primary::{cut_to_file, CutError, CutStats};
+pub use store::{points_to_drop, ErrorKind, Point, ReplicaStore, StoreError};
+pub use transport::{
+    answer_cycle, error_chain, read_json, read_shipped, receive_cycle, send_cycle, write_json,
+    TransportError,
+};

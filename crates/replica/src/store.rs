@@ -15,16 +15,19 @@
 //! `replica.json` listing point `n - 1` only, and [`ReplicaStore::open`] removes every
 //! directory it does not list: a cycle is applied wholly or not at all.
 //!
-//! Retention: at most `max_points` points are kept; the oldest is dropped by merging the
-//! whole chain below the next point into that point's layers (`vhdx::merge_into_child`,
-//! which keeps the layer's identity so the points above stay linked). That copies the
-//! base's data once per dropped point: correct, but costly for large disks.
+//! Initial replication: until the first complete cycle, partial cycles (no common cut)
+//! are written in place into the base, which is never a recovery point ([`ReplicaStore::points`]
+//! excludes it).
+//!
+//! Retention ([`points_to_drop`]): the latest point, plus the newest point of each of the
+//! newest `max_points` buckets (an hour in production), plus pinned points. A dropped
+//! point's layers are absorbed by the next point's layers, which are re-pointed below it
+//! (`vhdx::absorb_parent`): the cost is the dropped layer's own data, never the base's.
 
 use crate::cycle::{read_cycle, CycleError};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 
 /// Version of `replica.json`; another version is refused.
 pub const FORMAT_VERSION: u32 = 1;
@@ -50,6 +53,15 @@ struct State {
     disk_sizes: Vec<u64>,
     max_points: usize,
     points: Vec<Point>,
+    /// Initial replication is running: the base holds partial cycles, no recovery point yet.
+    #[serde(default)]
+    initializing: bool,
+    /// Retention bucket in milliseconds (one point kept per bucket; 0: every point its own).
+    #[serde(default)]
+    bucket_ms: u64,
+    /// Points retention must keep (a VM or a test copy runs on them).
+    #[serde(default)]
+    pinned: Vec<u64>,
 }
 
 /// What went wrong in the store.
@@ -194,6 +206,9 @@ impl ReplicaStore {
                     dir: "base".into(),
                     files,
                 }],
+                initializing: true,
+                bucket_ms: 0,
+                pinned: Vec::new(),
             },
         };
         s.save()?;
@@ -255,9 +270,42 @@ impl ReplicaStore {
         &self.st.vm
     }
 
-    /// Recovery points, oldest first.
+    /// Recovery points, oldest first (the base, which holds the initial copy, is not one).
     pub fn points(&self) -> &[Point] {
-        &self.st.points
+        &self.st.points[1..]
+    }
+
+    /// Initial replication has not completed yet: there is no recovery point.
+    pub fn initializing(&self) -> bool {
+        self.st.initializing
+    }
+
+    /// Disk sizes.
+    pub fn disk_sizes(&self) -> &[u64] {
+        &self.st.disk_sizes
+    }
+
+    /// Store directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sets the retention: keep the newest point of each of the newest `points` buckets of
+    /// `bucket_ms` milliseconds (the latest point is always kept; `bucket_ms` 0 keeps the
+    /// newest `points` points). Takes effect at the next cycle.
+    pub fn set_retention(&mut self, points: usize, bucket_ms: u64) -> Result<()> {
+        self.st.max_points = points.max(1);
+        self.st.bucket_ms = bucket_ms;
+        self.save()
+    }
+
+    /// Keeps point `seq` from being pruned (a VM runs on it) or releases it.
+    pub fn pin(&mut self, seq: u64, pinned: bool) -> Result<()> {
+        self.st.pinned.retain(|&s| s != seq);
+        if pinned {
+            self.st.pinned.push(seq);
+        }
+        self.save()
     }
 
     /// The newest point.
@@ -291,25 +339,11 @@ impl ReplicaStore {
 
     fn apply_inner(&mut self, r: impl Read, fault: Option<usize>) -> Result<Point> {
         let (h, blocks) = read_cycle(r)?;
-        if h.vm != self.st.vm {
-            return Err(StoreError::Mismatch(format!(
-                "the cycle is for VM {:?}, this replica holds {:?}",
-                h.vm, self.st.vm
-            )));
+        if h.partial {
+            return self.apply_partial(&h, &blocks, fault);
         }
-        if h.disk_sizes != self.st.disk_sizes {
-            return Err(StoreError::Mismatch(format!(
-                "the cycle's disks {:?} differ from the replica's {:?}",
-                h.disk_sizes, self.st.disk_sizes
-            )));
-        }
+        self.check_header(&h)?;
         let latest = self.latest().clone();
-        if h.seq != latest.seq + 1 {
-            return Err(StoreError::Mismatch(format!(
-                "cycle {} does not follow the latest point {} (a resync is needed)",
-                h.seq, latest.seq
-            )));
-        }
         let parents = self.point_paths(latest.seq).unwrap_or_default();
         let inc_name = format!("incoming-{}", h.seq);
         let inc = self.dir.join(&inc_name);
@@ -367,8 +401,11 @@ impl ReplicaStore {
             files,
         };
         self.st.points.push(point.clone());
+        let was_initializing = self.st.initializing;
+        self.st.initializing = false;
         if let Err(e) = self.save() {
             self.st.points.pop();
+            self.st.initializing = was_initializing;
             return Err(e);
         }
         tracing::info!(vm = %self.st.vm, seq = h.seq, blocks = blocks.len(), "applied a replication cycle");
@@ -376,16 +413,99 @@ impl ReplicaStore {
         Ok(point)
     }
 
-    /// Drops the oldest points beyond `max_points` (see the module doc).
-    fn prune(&mut self) -> Result<()> {
-        while self.st.points.len() > self.st.max_points {
-            let next = self.st.points[1].clone();
-            for f in &next.files {
-                let p = self.dir.join(&next.dir).join(f);
-                vhdx::merge_into_child(&p, &|_, _| {}, &AtomicBool::new(false))
-                    .map_err(img("merging the oldest point into", &p))?;
+    fn check_header(&self, h: &crate::cycle::CycleHeader) -> Result<()> {
+        if h.vm != self.st.vm {
+            return Err(StoreError::Mismatch(format!(
+                "the cycle is for VM {:?}, this replica holds {:?}",
+                h.vm, self.st.vm
+            )));
+        }
+        if h.disk_sizes != self.st.disk_sizes {
+            return Err(StoreError::Mismatch(format!(
+                "the cycle's disks {:?} differ from the replica's {:?}",
+                h.disk_sizes, self.st.disk_sizes
+            )));
+        }
+        if h.seq != self.latest().seq + 1 {
+            return Err(StoreError::Mismatch(format!(
+                "cycle {} does not follow the latest point {} (a resync is needed)",
+                h.seq,
+                self.latest().seq
+            )));
+        }
+        Ok(())
+    }
+
+    /// A partial cycle of the initial replication: written in place into the base (it is
+    /// not a recovery point, so atomicity does not matter; the writes are idempotent and
+    /// the primary resends what was not acknowledged).
+    fn apply_partial(
+        &mut self,
+        h: &crate::cycle::CycleHeader,
+        blocks: &[crate::cycle::Block],
+        fault: Option<usize>,
+    ) -> Result<Point> {
+        self.check_header(h)?;
+        if !self.st.initializing || self.st.points.len() != 1 {
+            return Err(StoreError::Mismatch(
+                "a partial (initial replication) cycle, but initial replication is complete".into(),
+            ));
+        }
+        let paths = self.point_paths(self.latest().seq).unwrap_or_default();
+        let mut layers = Vec::new();
+        for p in &paths {
+            let v = vhdx::Vhdx::open(p, vhdx::OpenOptions { read_only: false })
+                .map_err(img("opening", p))?;
+            layers.push(v);
+        }
+        for (n, b) in blocks.iter().enumerate() {
+            if fault == Some(n) {
+                return Err(StoreError::Fault(n));
             }
-            let old = self.st.points.remove(0);
+            let (v, p) = (&layers[b.disk as usize], &paths[b.disk as usize]);
+            match &b.data {
+                Some(d) => v.write_at(d, b.off).map_err(img("writing", p))?,
+                None => v
+                    .write_zeroes(b.off, u64::from(b.len))
+                    .map_err(img("zeroing", p))?,
+            }
+        }
+        for (v, p) in layers.into_iter().zip(&paths) {
+            v.flush().map_err(img("flushing", p))?;
+            v.close().map_err(img("closing", p))?;
+        }
+        self.st.points[0].seq = h.seq;
+        self.st.points[0].cut_unix_ms = h.cut_unix_ms;
+        self.save()?;
+        tracing::info!(vm = %self.st.vm, seq = h.seq, blocks = blocks.len(), "applied a partial (initial replication) cycle");
+        Ok(self.st.points[0].clone())
+    }
+
+    /// Drops the points retention does not keep (see [`ReplicaStore::set_retention`]): a
+    /// dropped point's layers are absorbed by the next point's layers, which are then
+    /// re-pointed below it (`vhdx::absorb_parent`): the cost is the dropped layer's data,
+    /// never the base's. The base and the latest point stay.
+    fn prune(&mut self) -> Result<()> {
+        let drop = points_to_drop(
+            &self.st.points[1..],
+            self.st.max_points,
+            self.st.bucket_ms,
+            &self.st.pinned,
+        );
+        for seq in drop {
+            let Some(i) = self.st.points.iter().position(|p| p.seq == seq) else {
+                continue;
+            };
+            if i == 0 || i + 1 >= self.st.points.len() {
+                continue;
+            }
+            let (old, next) = (self.st.points[i].clone(), self.st.points[i + 1].clone());
+            for (f, of) in next.files.iter().zip(&old.files) {
+                let child = self.dir.join(&next.dir).join(f);
+                let parent = self.dir.join(&old.dir).join(of);
+                absorb(&child, &parent).map_err(img("absorbing the dropped point into", &child))?;
+            }
+            self.st.points.remove(i);
             self.save()?;
             let od = self.dir.join(&old.dir);
             if let Err(e) = std::fs::remove_dir_all(&od) {
@@ -394,4 +514,65 @@ impl ReplicaStore {
         }
         Ok(())
     }
+}
+
+/// `child` takes over what its parent `expected_parent` holds and is re-pointed at the
+/// grandparent (opened by its canonical path, so the recorded relative locator does not
+/// pass through the dropped point's directory). `Ok(false)`: already done.
+fn absorb(child: &Path, expected_parent: &Path) -> vhdx::Result<bool> {
+    let v = vhdx::Vhdx::open(child, vhdx::OpenOptions { read_only: false })?;
+    let canon = |p: &Path| p.canonicalize().unwrap_or_else(|_| p.to_path_buf());
+    let Some(parent) = v.parent().cloned() else {
+        return Err(vhdx::Error::Unsupported(format!(
+            "{} has no parent",
+            child.display()
+        )));
+    };
+    if canon(parent.path()) != canon(expected_parent) {
+        return Ok(false);
+    }
+    let Some(grand) = parent.parent().cloned() else {
+        return Err(vhdx::Error::Unsupported(format!(
+            "{} has no parent",
+            parent.path().display()
+        )));
+    };
+    let size = v.size();
+    let mut off = 0;
+    while off < size {
+        let n = (4u64 << 20).min(size - off);
+        v.pull_from_parent(off, n)?;
+        off += n;
+    }
+    let g = vhdx::Vhdx::open(canon(grand.path()), vhdx::OpenOptions { read_only: true })?;
+    v.set_parent(&g)?;
+    v.close()?;
+    Ok(true)
+}
+
+/// Retention policy (pure): the sequence numbers of `points` (oldest first) to drop when
+/// the newest point of each of the newest `keep` buckets of `bucket_ms` is kept (bucket 0:
+/// each point is its own bucket), plus the latest point and the `pinned` ones.
+pub fn points_to_drop(points: &[Point], keep: usize, bucket_ms: u64, pinned: &[u64]) -> Vec<u64> {
+    let mut kept_buckets: Vec<u64> = Vec::new();
+    let mut drop = Vec::new();
+    for (n, p) in points.iter().rev().enumerate() {
+        let bucket = p.cut_unix_ms.checked_div(bucket_ms).unwrap_or(p.seq);
+        let keep_it = if n == 0 {
+            kept_buckets.push(bucket);
+            true
+        } else if kept_buckets.contains(&bucket) {
+            false
+        } else if kept_buckets.len() < keep.max(1) {
+            kept_buckets.push(bucket);
+            true
+        } else {
+            false
+        };
+        if !keep_it && !pinned.contains(&p.seq) {
+            drop.push(p.seq);
+        }
+    }
+    drop.reverse();
+    drop
 }

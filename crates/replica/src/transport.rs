@@ -121,3 +121,75 @@ fn full_message(e: &dyn std::error::Error) -> String {
     }
     msg
 }
+
+/// Replica side, first half of [`receive_cycle`]: reads one shipped cycle (at most
+/// `max_len` bytes) without applying it (the daemon applies it off the async runtime and
+/// then calls [`answer_cycle`]).
+pub async fn read_shipped<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    max_len: u64,
+) -> Result<Vec<u8>, TransportError> {
+    let mut m = [0u8; 8];
+    s.read_exact(&mut m).await.map_err(TransportError::Io)?;
+    if &m != MAGIC {
+        return Err(TransportError::Protocol(
+            "not a replication stream (bad magic)".into(),
+        ));
+    }
+    let len = s.read_u64_le().await.map_err(TransportError::Io)?;
+    if len > max_len {
+        let msg = format!("a cycle of {len} bytes exceeds the limit of {max_len}");
+        answer(s, &Answer::Error(msg.clone())).await?;
+        return Err(TransportError::Protocol(msg));
+    }
+    let mut buf = vec![0u8; len as usize];
+    s.read_exact(&mut buf).await.map_err(TransportError::Io)?;
+    Ok(buf)
+}
+
+/// Replica side, second half: the outcome of applying a cycle read with [`read_shipped`].
+pub async fn answer_cycle<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    outcome: Result<u64, String>,
+) -> Result<(), TransportError> {
+    let a = match outcome {
+        Ok(seq) => Answer::Applied(seq),
+        Err(e) => Answer::Error(e),
+    };
+    answer(s, &a).await
+}
+
+/// Writes one JSON line (control messages of the replica channels).
+pub async fn write_json<S: AsyncWrite + Unpin, T: Serialize>(
+    s: &mut S,
+    v: &T,
+) -> Result<(), TransportError> {
+    let mut line = serde_json::to_vec(v).map_err(|e| TransportError::Protocol(e.to_string()))?;
+    line.push(b'\n');
+    s.write_all(&line).await.map_err(TransportError::Io)?;
+    s.flush().await.map_err(TransportError::Io)
+}
+
+/// Reads one JSON line of at most `max` bytes.
+pub async fn read_json<S: AsyncRead + Unpin, T: serde::de::DeserializeOwned>(
+    s: &mut S,
+    max: usize,
+) -> Result<T, TransportError> {
+    let mut line = Vec::new();
+    loop {
+        let b = s.read_u8().await.map_err(TransportError::Io)?;
+        if b == b'\n' {
+            break;
+        }
+        line.push(b);
+        if line.len() > max {
+            return Err(TransportError::Protocol("control line too long".into()));
+        }
+    }
+    serde_json::from_slice(&line).map_err(|e| TransportError::Protocol(format!("bad message: {e}")))
+}
+
+/// The message of an error and its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    full_message(e)
+}

@@ -82,6 +82,7 @@ fn tracked_disks_replicate_consistently() {
             seq,
             cut_unix_ms: seq,
             disk_sizes: vec![SIZE, SIZE],
+            partial: false,
         };
         let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
         for ((i, off), data) in &blocks {
@@ -160,6 +161,7 @@ fn tracked_disks_replicate_consistently() {
         seq: 6,
         cut_unix_ms: 6,
         disk_sizes: vec![SIZE, SIZE],
+        partial: false,
     };
     let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
     for (i, off, data) in &blocks {

@@ -451,6 +451,43 @@ impl ChangeTracker {
         Ok(())
     }
 
+    /// Marks every grain changed (initial replication, or a full resync): the whole disk
+    /// goes in the next cycles. Persisted before returning.
+    pub fn mark_all(&self) -> TrackingResult<()> {
+        let mut all = vec![u64::MAX; words(self.grains)];
+        let tail = self.grains % 64;
+        if let (true, Some(last)) = (tail != 0, all.last_mut()) {
+            *last = (1u64 << tail) - 1;
+        }
+        let mut g = lock(&self.inner);
+        let file = write_file(&self.path, self.disk_size, g.generation, g.flags, &all)?;
+        g.file = file;
+        for (a, x) in g.active.iter_mut().zip(&all) {
+            *a |= *x;
+        }
+        g.persisted = all;
+        Ok(())
+    }
+
+    /// Moves at most `n` grains (lowest first) of the active set into the cut.
+    fn swap_some(&self, n: usize) -> Vec<u64> {
+        let mut g = lock(&self.inner);
+        let mut out = Vec::new();
+        let Inner { active, cut, .. } = &mut *g;
+        for (i, (a, c)) in active.iter_mut().zip(cut.iter_mut()).enumerate() {
+            while *a != 0 && out.len() < n {
+                let b = a.trailing_zeros();
+                *a &= !(1u64 << b);
+                *c |= 1u64 << b;
+                out.push(i as u64 * 64 + u64::from(b));
+            }
+            if out.len() >= n {
+                break;
+            }
+        }
+        out
+    }
+
     /// The cycle was not applied: its grains count as changed again.
     pub fn abort(&self) {
         let mut g = lock(&self.inner);
@@ -642,6 +679,55 @@ pub fn capture(disks: &[TrackedDisk], out: &mut CaptureSink<'_>) -> TrackingResu
     Ok(stats)
 }
 
+/// Grains changed and not yet cut, over all `disks`.
+pub fn dirty_total(disks: &[TrackedDisk]) -> u64 {
+    disks.iter().map(|d| d.tracker.dirty_grains()).sum()
+}
+
+/// Captures at most `max_grains` changed grains (lowest first, disk by disk) without a
+/// common cut: a partial cycle, for initial replication and resync, never a recovery
+/// point. Grains rewritten meanwhile stay marked and go again. On failure, call
+/// [`ChangeTracker::abort`] on every tracker.
+pub fn capture_partial(
+    disks: &[TrackedDisk],
+    max_grains: u64,
+    out: &mut CaptureSink<'_>,
+) -> TrackingResult<CaptureStats> {
+    let mut stats = CaptureStats::default();
+    let mut left = max_grains as usize;
+    let mut buf = vec![0u8; GRAIN as usize];
+    for (i, d) in disks.iter().enumerate() {
+        if left == 0 {
+            break;
+        }
+        let grains = {
+            let _quiet = d
+                .chain
+                .layers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            d.tracker.swap_some(left)
+        };
+        left -= grains.len();
+        for g in grains {
+            let off = g * GRAIN;
+            let len = GRAIN.min(d.tracker.disk_size - off) as usize;
+            nbd::Export::read_at(d.chain.as_ref(), &mut buf[..len], off).map_err(|source| {
+                TrackingError::Read {
+                    disk: i,
+                    off,
+                    source,
+                }
+            })?;
+            out(i, off, &buf[..len]).map_err(TrackingError::Sink)?;
+            stats.reads += 1;
+            stats.grains += 1;
+        }
+    }
+    stats.passes = 1;
+    Ok(stats)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -723,6 +809,45 @@ mod tests {
             }
         );
         assert_eq!(t.swap(), vec![99]);
+    }
+
+    /// mark_all marks every grain (persisted); chunks take the lowest grains first, a
+    /// commit keeps the rest in the file, and the last chunk is a full (consistent) capture.
+    #[test]
+    fn mark_all_and_chunks() {
+        let d = tempfile::tempdir().unwrap();
+        let size = 10 * GRAIN + 512;
+        let c = disk(d.path(), "a.vhdx", size);
+        let (t, _) = ChangeTracker::open(&d.path().join("a.cbt"), size).unwrap();
+        attach(&c, t.clone()).unwrap();
+        t.mark_all().unwrap();
+        assert_eq!(t.dirty_grains(), 11);
+        let disks = [TrackedDisk {
+            chain: c.clone(),
+            tracker: t.clone(),
+        }];
+        let mut got = Vec::new();
+        let s = capture_partial(&disks, 4, &mut |_, off, _| {
+            got.push(off);
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(s.grains, 4);
+        assert_eq!(got, vec![0, GRAIN, 2 * GRAIN, 3 * GRAIN]);
+        t.commit(1, false).unwrap();
+        drop(t);
+        let (t, r) = ChangeTracker::open(&d.path().join("a.cbt"), size).unwrap();
+        assert!(matches!(r, Resume::Resumed { dirty_grains: 7, .. }), "{r:?}");
+        attach(&c, t.clone()).unwrap();
+        let disks = [TrackedDisk {
+            chain: c.clone(),
+            tracker: t.clone(),
+        }];
+        assert_eq!(dirty_total(&disks), 7);
+        let s = capture(&disks, &mut |_, _, _| Ok(())).unwrap();
+        assert_eq!(s.grains, 7);
+        assert_eq!(dirty_total(&disks), 0);
+        detach(&c);
     }
 
     fn disk(dir: &Path, name: &str, size: u64) -> Arc<DiskChain> {

@@ -65,6 +65,7 @@ pub fn router(vm: Arc<Vm>) -> Router {
         .merge(crate::migration::routes())
         .merge(crate::nics::routes())
         .merge(crate::storage_move::routes())
+        .merge(crate::replica::routes())
         .merge(crate::memory::routes())
         .with_state(vm)
 }

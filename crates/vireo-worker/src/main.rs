@@ -11,6 +11,7 @@ mod launch;
 mod memory;
 mod migration;
 mod nics;
+mod replica;
 mod storage_move;
 mod vm;
 
@@ -77,6 +78,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(inc) if !args.attach => migration::serve_placeholders(&launch, inc)?,
         _ => disks::start(&launch)?,
     }
+    replica::resume();
     let (qemu_pid, started_at) = if args.attach {
         let pid = std::fs::read_to_string(run_dir.join("qemu.pid"))
             .ok()

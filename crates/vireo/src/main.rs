@@ -48,6 +48,9 @@ enum Command {
     /// Dynamic memory: the balancer's view of the host and its VMs.
     #[command(subcommand)]
     Memory(cmd::memory::MemoryCommand),
+    /// Replica: replication to another host, recovery points, failover.
+    #[command(subcommand)]
+    Replica(cmd::replica::ReplicaCommand),
 }
 
 fn main() {
@@ -99,6 +102,7 @@ fn run_remote(socket: &std::path::Path, command: Command) -> anyhow::Result<i32>
             Command::Job(c) => cmd::checkpoint::run_job(&client, c).await.map(|_| 0),
             Command::Switch(c) => cmd::switch::run(&client, c).await.map(|_| 0),
             Command::Memory(c) => cmd::memory::run(&client, c).await.map(|_| 0),
+            Command::Replica(c) => cmd::replica::run(&client, c).await.map(|_| 0),
             Command::Disk(_) => unreachable!("handled locally"),
         }
     })

@@ -11,6 +11,7 @@ mod memory_routes;
 mod migration_routes;
 mod peers;
 mod process;
+mod replica_routes;
 mod routes;
 mod storage_move_routes;
 mod store;
@@ -139,6 +140,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     tokio::spawn(balancer::run(manager.clone()));
     tokio::spawn(manager.clone().migration_watchdog());
+    tokio::spawn(manager.clone().replica_scheduler());
     if let Some(addr) = &args.listen {
         tls::serve(addr, manager.clone(), peers).await?;
     }

@@ -17,6 +17,7 @@ mod disks;
 mod memory;
 mod migration;
 mod nics;
+mod replica;
 mod storage_move;
 
 use crate::error::{ApiError, ApiResult};

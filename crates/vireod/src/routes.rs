@@ -37,6 +37,7 @@ pub fn router(manager: Arc<Manager>) -> Router {
         .merge(crate::memory_routes::routes())
         .merge(crate::switch_routes::routes())
         .merge(crate::storage_move_routes::routes())
+        .merge(crate::replica_routes::routes())
         .fallback(|| async { ApiError::not_found("no such API route") })
         .with_state(manager)
 }

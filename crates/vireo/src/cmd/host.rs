@@ -25,6 +25,12 @@ pub enum HostCommand {
         /// Live migrations (in and out) this host runs at the same time (1-16).
         #[arg(long)]
         max_migrations: Option<u32>,
+        /// Hosts allowed to replicate VMs to this host (trusted hosts' names or addresses, `*`: any).
+        #[arg(long, num_args = 1..)]
+        allow_replica_from: Option<Vec<String>>,
+        /// Directory for the replicas this host keeps.
+        #[arg(long)]
+        replica_path: Option<std::path::PathBuf>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -60,8 +66,17 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
             memory_reserve,
             memory_budget,
             max_migrations,
+            allow_replica_from,
+            replica_path,
             json,
         } => {
+            if allow_replica_from.is_some() || replica_path.is_some() {
+                super::replica::host_set(client, allow_replica_from, replica_path, json).await?;
+                if memory_reserve.is_none() && memory_budget.is_none() && max_migrations.is_none()
+                {
+                    return Ok(());
+                }
+            }
             if let Some(n) = max_migrations {
                 super::migrate::set(client, n, json).await?;
                 if memory_reserve.is_none() && memory_budget.is_none() {

@@ -10,6 +10,7 @@ pub mod migrate;
 pub mod move_storage;
 pub mod nic;
 pub mod output;
+pub mod replica;
 pub mod serve;
 pub mod switch;
 pub mod vm;

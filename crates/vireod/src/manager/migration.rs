@@ -1367,6 +1367,9 @@ impl Manager {
             let _ = tls.write_all(refuse("(untrusted host)").as_bytes()).await;
             return;
         }
+        if h.channel.starts_with("replica-") {
+            return self.replica_stream(tls, h, who).await;
+        }
         let inc = match self.incoming_get(&h.migration, &who.fingerprint) {
             Ok(i) => i,
             Err(e) => {

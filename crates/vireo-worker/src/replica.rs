@@ -1,0 +1,183 @@
+//! Replica on the worker: change tracking on the VM's disks (one `storage::tracking`
+//! tracker per disk, files in `<vm dir>/replica/`) and the cut of a cycle into a file that
+//! vireod ships. A restarted worker re-attaches the trackers when `<vm dir>/replica/tracking`
+//! exists, so tracking survives worker and host crashes (the tracker files are write-ahead).
+
+use crate::vm::Vm;
+use api::replica::{CutRequest, TrackRequest, TrackStatus};
+use api::{ErrorBody, ErrorKind};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use replica::CutStats;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use storage::tracking::{self, ChangeTracker, TrackedDisk};
+
+static TRACKED: Mutex<Vec<TrackedDisk>> = Mutex::new(Vec::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// An error answered to vireod.
+pub struct ReplicaError(ErrorKind, String);
+
+impl IntoResponse for ReplicaError {
+    fn into_response(self) -> Response {
+        let status = match self.0 {
+            ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::WrongState => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        (
+            status,
+            Json(ErrorBody {
+                kind: self.0,
+                error: self.1,
+            }),
+        )
+            .into_response()
+    }
+}
+
+fn failed(e: &dyn std::error::Error) -> ReplicaError {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg.push_str(&format!(": {s}"));
+        src = s.source();
+    }
+    ReplicaError(ErrorKind::Failed, msg)
+}
+
+/// Routes merged into the control router.
+pub fn routes() -> Router<Arc<Vm>> {
+    Router::new()
+        .route("/replica", get(status))
+        .route("/replica/track", post(track))
+        .route("/replica/untrack", post(untrack))
+        .route("/replica/cut", post(cut))
+        .route("/replica/commit", post(commit))
+        .route("/replica/abort", post(abort))
+}
+
+fn dir(vm_dir: &Path) -> PathBuf {
+    vm_dir.join("replica")
+}
+
+fn marker(vm_dir: &Path) -> PathBuf {
+    dir(vm_dir).join("tracking")
+}
+
+fn attach(mark_all: bool) -> Result<TrackStatus, ReplicaError> {
+    let (svc, vm_dir) = crate::disks::service().ok_or_else(|| {
+        ReplicaError(
+            ErrorKind::WrongState,
+            "the disk service is not running".into(),
+        )
+    })?;
+    let d = dir(&vm_dir);
+    std::fs::create_dir_all(&d).map_err(|e| failed(&e))?;
+    let mut disks = Vec::new();
+    let mut resumed = Vec::new();
+    for i in 0..svc.disks() {
+        let Some(chain) = svc.chain(i) else { continue };
+        let size = nbd::Export::size(chain.as_ref());
+        let (t, r) =
+            ChangeTracker::open(&d.join(format!("disk{i}.cbt")), size).map_err(|e| failed(&e))?;
+        if mark_all {
+            t.mark_all().map_err(|e| failed(&e))?;
+        }
+        tracking::attach(&chain, t.clone()).map_err(|e| failed(&e))?;
+        resumed.push(format!("{r:?}"));
+        disks.push(TrackedDisk { chain, tracker: t });
+    }
+    std::fs::write(marker(&vm_dir), b"1").map_err(|e| failed(&e))?;
+    *lock(&TRACKED) = disks;
+    tracing::info!(?resumed, mark_all, "replica change tracking attached");
+    Ok(status_now())
+}
+
+fn status_now() -> TrackStatus {
+    let t = lock(&TRACKED);
+    TrackStatus {
+        tracking: !t.is_empty(),
+        dirty_grains: tracking::dirty_total(&t),
+        resync_required: t.iter().any(|d| d.tracker.resync_required()),
+        generation: t.first().map(|d| d.tracker.generation()).unwrap_or(0),
+        disk_sizes: t.iter().map(|d| d.tracker.disk_size()).collect(),
+    }
+}
+
+/// Re-attaches the trackers of a replicated VM (worker start; after `disks::start`).
+pub fn resume() {
+    let Some((_, vm_dir)) = crate::disks::service() else {
+        return;
+    };
+    if marker(&vm_dir).exists() {
+        if let Err(e) = attach(false) {
+            tracing::warn!("re-attaching replica change tracking: {}", e.1);
+        }
+    }
+}
+
+async fn status() -> Json<TrackStatus> {
+    Json(status_now())
+}
+
+async fn track(Json(req): Json<TrackRequest>) -> Result<Json<TrackStatus>, ReplicaError> {
+    tokio::task::spawn_blocking(move || attach(req.mark_all))
+        .await
+        .map_err(|e| failed(&e))?
+        .map(Json)
+}
+
+async fn untrack() -> Result<Json<TrackStatus>, ReplicaError> {
+    let disks = std::mem::take(&mut *lock(&TRACKED));
+    for d in &disks {
+        tracking::detach(&d.chain);
+        let _ = std::fs::remove_file(d.tracker.path());
+    }
+    if let Some((_, vm_dir)) = crate::disks::service() {
+        let _ = std::fs::remove_file(marker(&vm_dir));
+    }
+    Ok(Json(status_now()))
+}
+
+fn tracked() -> Result<Vec<TrackedDisk>, ReplicaError> {
+    let t = lock(&TRACKED).clone();
+    if t.is_empty() {
+        return Err(ReplicaError(
+            ErrorKind::WrongState,
+            "change tracking is not attached to this VM's disks".into(),
+        ));
+    }
+    Ok(t)
+}
+
+async fn cut(Json(req): Json<CutRequest>) -> Result<Json<CutStats>, ReplicaError> {
+    let disks = tracked()?;
+    tokio::task::spawn_blocking(move || {
+        replica::cut_to_file(&disks, &req.vm, req.seq, req.max_grains, &req.path)
+    })
+    .await
+    .map_err(|e| failed(&e))?
+    .map(Json)
+    .map_err(|e| failed(&e))
+}
+
+async fn commit(Json(seq): Json<u64>) -> Result<Json<TrackStatus>, ReplicaError> {
+    let disks = tracked()?;
+    tokio::task::spawn_blocking(move || replica::primary::commit(&disks, seq))
+        .await
+        .map_err(|e| failed(&e))?
+        .map_err(|e| failed(&e))?;
+    Ok(Json(status_now()))
+}
+
+async fn abort() -> Result<Json<TrackStatus>, ReplicaError> {
+    replica::primary::abort(&tracked()?);
+    Ok(Json(status_now()))
+}

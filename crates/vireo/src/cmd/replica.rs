@@ -1,0 +1,322 @@
+//! `vireo replica ...`: asynchronous replication of a VM to another host, recovery points
+//! and failover (planned, unplanned, test). See docs/replica.md.
+
+use super::output;
+use api::replica::{
+    interval_name, parse_interval, EnableReplica, FailoverReport, FailoverRequest,
+    ReplicaHostSettings, ReplicaStatus,
+};
+use api::units::format_size;
+use api::Client;
+use clap::Subcommand;
+use std::path::PathBuf;
+
+/// Replica commands.
+#[derive(Subcommand)]
+pub enum ReplicaCommand {
+    /// Replicate a VM to another (trusted) host.
+    Enable {
+        /// The VM.
+        vm: String,
+        /// Replica host: a trusted host's name or address.
+        #[arg(long)]
+        to: String,
+        /// 30s, 5m, 15m or continuous.
+        #[arg(long, default_value = "5m", value_parser = parse_interval)]
+        interval: u64,
+        /// Hourly recovery points kept besides the latest (1-24).
+        #[arg(long, default_value_t = 4)]
+        recovery_points: usize,
+        /// Initial replication: network (over the host channel, resumable).
+        #[arg(long, default_value = "network")]
+        initial: String,
+        /// Initial replication bandwidth limit, bytes per second (K, M, G suffixes).
+        #[arg(long, value_parser = api::units::parse_size)]
+        bandwidth: Option<u64>,
+        /// Start the initial replication now (else `vireo replica start VM`).
+        #[arg(long)]
+        start: bool,
+    },
+    /// Start the initial replication.
+    Start {
+        /// The VM.
+        vm: String,
+    },
+    /// Pause replication (changes keep being tracked).
+    Pause {
+        /// The VM.
+        vm: String,
+    },
+    /// Resume a paused replication (ships what changed meanwhile).
+    Resume {
+        /// The VM.
+        vm: String,
+    },
+    /// Stop replicating a VM (the replica keeps its recovery points).
+    Disable {
+        /// The VM.
+        vm: String,
+    },
+    /// Replication state, last cycle, lag and bytes shipped, both roles.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Fail over: with --planned on the primary (zero loss); on the replica when the
+    /// primary is lost (revisable with --point until `commit`).
+    Failover {
+        /// The VM.
+        vm: String,
+        /// Planned failover, run on the primary.
+        #[arg(long)]
+        planned: bool,
+        /// Recovery point id (replica; default the latest).
+        #[arg(long)]
+        point: Option<u64>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a failover final (the other recovery points are no longer offered).
+    Commit {
+        /// The VM.
+        vm: String,
+    },
+    /// Undo a failover that is not committed (the VM started on the replica goes).
+    CancelFailover {
+        /// The VM.
+        vm: String,
+    },
+    /// Start an isolated copy (`VM-test`, no network) from a point; replication continues.
+    TestFailover {
+        /// The VM.
+        vm: String,
+        /// Recovery point id (default the latest).
+        #[arg(long)]
+        point: Option<u64>,
+    },
+    /// Remove the test copy.
+    TestStop {
+        /// The VM.
+        vm: String,
+    },
+}
+
+fn path_part(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn print_report(r: &FailoverReport) {
+    for s in &r.steps {
+        println!("{s}");
+    }
+}
+
+async fn action(
+    client: &Client,
+    vm: &str,
+    what: &str,
+    req: &FailoverRequest,
+) -> anyhow::Result<FailoverReport> {
+    Ok(client
+        .post(&format!("/v1/replica/{}/{what}", path_part(vm)), req)
+        .await?)
+}
+
+/// Runs a replica command.
+pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
+    match cmd {
+        ReplicaCommand::Enable {
+            vm,
+            to,
+            interval,
+            recovery_points,
+            initial,
+            bandwidth,
+            start,
+        } => {
+            let req = EnableReplica {
+                to,
+                interval_secs: interval,
+                recovery_points,
+                initial,
+                bandwidth: bandwidth.unwrap_or(0),
+            };
+            let s: ReplicaStatus = client
+                .post(&format!("/v1/replica/{}/enable", path_part(&vm)), &req)
+                .await?;
+            println!(
+                "replication of {vm} to {} enabled (interval {}, {} recovery points)",
+                s.peer,
+                interval_name(interval),
+                recovery_points
+            );
+            if start {
+                let _: ReplicaStatus = client
+                    .post(&format!("/v1/replica/{}/start", path_part(&vm)), &())
+                    .await?;
+                println!("initial replication started (`vireo replica status` follows it)");
+            } else {
+                println!("start the initial replication with `vireo replica start {vm}`");
+            }
+            Ok(())
+        }
+        ReplicaCommand::Start { vm } => state(client, &vm, "start").await,
+        ReplicaCommand::Pause { vm } => state(client, &vm, "pause").await,
+        ReplicaCommand::Resume { vm } => state(client, &vm, "resume").await,
+        ReplicaCommand::Disable { vm } => {
+            let _: serde_json::Value = client
+                .post(&format!("/v1/replica/{}/disable", path_part(&vm)), &())
+                .await?;
+            println!("replication of {vm} disabled (the replica host keeps its recovery points)");
+            Ok(())
+        }
+        ReplicaCommand::Status { json } => {
+            let list: Vec<ReplicaStatus> = client.get("/v1/replica").await?;
+            if json {
+                return output::json(&list);
+            }
+            let rows: Vec<Vec<String>> = list
+                .iter()
+                .map(|s| {
+                    vec![
+                        s.vm.clone(),
+                        format!("{:?}", s.role).to_lowercase(),
+                        s.peer.clone(),
+                        serde_json::to_value(s.state)
+                            .ok()
+                            .and_then(|v| v.as_str().map(str::to_string))
+                            .unwrap_or_default(),
+                        interval_name(s.interval_secs),
+                        s.last_seq.to_string(),
+                        s.lag_secs
+                            .map(|l| format!("{l:.0}s"))
+                            .unwrap_or_else(|| "-".into()),
+                        format_size(s.bytes_shipped),
+                        match (s.initial_progress, s.points.is_empty()) {
+                            (Some(p), _) if p < 1.0 => format!("initial {:.0}%", p * 100.0),
+                            (_, false) => format!(
+                                "points {}",
+                                s.points
+                                    .iter()
+                                    .map(|p| p.id.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            ),
+                            _ => "-".into(),
+                        },
+                        s.failover
+                            .clone()
+                            .or_else(|| s.warning.clone())
+                            .unwrap_or_default(),
+                    ]
+                })
+                .collect();
+            output::table(
+                &[
+                    "VM", "ROLE", "PEER", "STATE", "INTERVAL", "CYCLE", "LAG", "SHIPPED", "DETAIL",
+                    "NOTE",
+                ],
+                &rows,
+            );
+            for s in &list {
+                if let Some(w) = &s.warning {
+                    eprintln!("warning: {}: {w}", s.vm);
+                }
+            }
+            Ok(())
+        }
+        ReplicaCommand::Failover {
+            vm,
+            planned,
+            point,
+            json,
+        } => {
+            let r = action(client, &vm, "failover", &FailoverRequest { planned, point }).await?;
+            if json {
+                return output::json(&r);
+            }
+            print_report(&r);
+            Ok(())
+        }
+        ReplicaCommand::Commit { vm } => {
+            print_report(&action(client, &vm, "commit", &FailoverRequest::default()).await?);
+            Ok(())
+        }
+        ReplicaCommand::CancelFailover { vm } => {
+            print_report(
+                &action(client, &vm, "cancel-failover", &FailoverRequest::default()).await?,
+            );
+            Ok(())
+        }
+        ReplicaCommand::TestFailover { vm, point } => {
+            let req = FailoverRequest {
+                planned: false,
+                point,
+            };
+            print_report(&action(client, &vm, "test-failover", &req).await?);
+            Ok(())
+        }
+        ReplicaCommand::TestStop { vm } => {
+            print_report(&action(client, &vm, "test-stop", &FailoverRequest::default()).await?);
+            Ok(())
+        }
+    }
+}
+
+async fn state(client: &Client, vm: &str, what: &str) -> anyhow::Result<()> {
+    let s: ReplicaStatus = client
+        .post(&format!("/v1/replica/{}/{what}", path_part(vm)), &())
+        .await?;
+    println!(
+        "replication of {vm}: {}",
+        serde_json::to_value(s.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// `vireo host set --allow-replica-from HOST... --replica-path DIR`.
+pub async fn host_set(
+    client: &Client,
+    allow_from: Option<Vec<String>>,
+    path: Option<PathBuf>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut s: ReplicaHostSettings = client.get("/v1/replica/host-settings").await?;
+    if let Some(a) = allow_from {
+        s.allow_from = a;
+    }
+    if let Some(p) = path {
+        s.path = Some(std::path::absolute(&p).unwrap_or(p));
+    }
+    let s: ReplicaHostSettings = client.put("/v1/replica/host-settings", &s).await?;
+    if json {
+        return output::json(&s);
+    }
+    output::fields(&[
+        (
+            "replicas from",
+            if s.allow_from.is_empty() {
+                "- (none)".into()
+            } else {
+                s.allow_from.join(", ")
+            },
+        ),
+        (
+            "replica path",
+            s.path
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+    ]);
+    Ok(())
+}

@@ -1,0 +1,1370 @@
+//! Replica in the daemon: the cycle scheduler of the primary, the replica side of the
+//! host channel, failover (planned, unplanned, test) and status.
+//!
+//! ```text
+//!  primary                                          replica
+//!  enable ─> Initial ──(partial cycles, throttled)──> base/ (in place)
+//!            │ first complete cycle                   p-<n>/ (recovery point)
+//!            v
+//!          Replicating ──(cycle every interval)─────> p-<n+1>/ ... (retention: latest + hourly)
+//!            │ pause/resume                           failover [--point] ─> VM runs on a
+//!            v                                          differencing layer over the point
+//!          FailedOver (planned failover:              commit | cancel-failover
+//!           pause, last cycle, turn off, start there) test-failover / test-stop: a copy
+//! ```
+//!
+//! Records: `<state>/replica/primary/<uuid>.json` on the primary; on the replica host
+//! `<replica path>/<vm>/replica-vm.json` next to the store (`store/`) and the layers a
+//! failed-over VM (`failover-<point>/`) or a test copy (`test-<point>/`) runs on. All are
+//! written atomically. The cycle loop survives a vireod restart: the trackers live in the
+//! worker (write-ahead files), the sequence numbers are re-read from the replica after
+//! any failure, and a cycle is either applied whole on the replica or put back.
+
+use super::Manager;
+use crate::error::{ApiError, ApiResult};
+use crate::peers::{self, PeerId};
+use crate::store::write_atomic;
+use api::replica::*;
+use api::{CreateDisk, CreateVm, VmSpec};
+use migration::tls::StreamHeader;
+use migration::PeerClient;
+use replica::{CutStats, ReplicaStore};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use uuid::Uuid;
+
+/// Grains per partial cycle of the initial replication (16 MiB).
+const INITIAL_CHUNK: u64 = 256;
+/// Largest cycle a replica accepts.
+const MAX_CYCLE: u64 = 8 << 30;
+/// Continuous mode: shortest time between cycles.
+const CONTINUOUS_TICK: Duration = Duration::from_secs(1);
+/// Continuous mode: an empty cycle at least this often (keeps the lag honest).
+const CONTINUOUS_IDLE: Duration = Duration::from_secs(30);
+const RECORD_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PrimaryRec {
+    format_version: u32,
+    vm: String,
+    uuid: Uuid,
+    to: String,
+    address: String,
+    fingerprint: String,
+    interval_secs: u64,
+    recovery_points: usize,
+    bandwidth: u64,
+    state: ReplicaState,
+    /// The replica's store exists and `seq` was read from it.
+    initialized: bool,
+    /// Every grain was marked for the initial replication.
+    marked: bool,
+    seq: u64,
+    last_cut_unix_ms: Option<u64>,
+    bytes_shipped: u64,
+    cycles: u64,
+    initial_total: u64,
+    initial_done: u64,
+    last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Running {
+    point: u64,
+    vm: String,
+    dir: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ReplicaRec {
+    format_version: u32,
+    vm: String,
+    primary_uuid: Uuid,
+    primary_fp: String,
+    primary: String,
+    spec: VmSpec,
+    interval_secs: u64,
+    bytes: u64,
+    cycles: u64,
+    failover: Option<Running>,
+    test: Option<Running>,
+    committed: bool,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct InitRequest {
+    spec: VmSpec,
+    disk_sizes: Vec<u64>,
+    recovery_points: usize,
+    interval_secs: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Answer<T> {
+    Ok(T),
+    Error(String),
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct InitAnswer {
+    latest_seq: u64,
+    initializing: bool,
+}
+
+#[derive(Default)]
+struct Sched {
+    busy: BTreeSet<Uuid>,
+    last: BTreeMap<Uuid, Instant>,
+}
+
+static SCHED: Mutex<Sched> = Mutex::new(Sched {
+    busy: BTreeSet::new(),
+    last: BTreeMap::new(),
+});
+/// Serializes the replica side per VM name.
+static REPLICA_LOCKS: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> =
+    Mutex::new(BTreeMap::new());
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn replica_lock(vm: &str) -> Arc<tokio::sync::Mutex<()>> {
+    lock(&REPLICA_LOCKS)
+        .entry(vm.to_string())
+        .or_default()
+        .clone()
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    replica::error_chain(e)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Option<T> {
+    std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+fn save_json<T: Serialize>(p: &Path, v: &T) -> ApiResult<()> {
+    if let Some(d) = p.parent() {
+        std::fs::create_dir_all(d).map_err(ApiError::internal)?;
+    }
+    let b = serde_json::to_vec_pretty(v).map_err(ApiError::internal)?;
+    write_atomic(p, &b).map_err(ApiError::internal)
+}
+
+/// A VM name usable as a directory name.
+fn safe_name(vm: &str) -> Option<&str> {
+    let ok = !vm.is_empty()
+        && vm != "."
+        && vm != ".."
+        && vm
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    ok.then_some(vm)
+}
+
+/// Retention bucket: an hour (tests shorten it).
+fn bucket_ms() -> u64 {
+    std::env::var("VIREO_TEST_REPLICA_BUCKET_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3_600_000)
+}
+
+fn store_err(e: replica::StoreError) -> ApiError {
+    match e.kind() {
+        replica::ErrorKind::InvalidInput => ApiError::invalid(chain(&e)),
+        _ => ApiError::failed(chain(&e)),
+    }
+}
+
+impl Manager {
+    fn replica_root(&self) -> PathBuf {
+        self.host.state_dir.join("replica")
+    }
+
+    fn primary_path(&self, uuid: &Uuid) -> PathBuf {
+        self.replica_root()
+            .join("primary")
+            .join(format!("{uuid}.json"))
+    }
+
+    fn primary_recs(&self) -> Vec<PrimaryRec> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.replica_root().join("primary")) {
+            for e in rd.flatten() {
+                if e.path().extension().is_some_and(|x| x == "json") {
+                    if let Some(r) = read_json::<PrimaryRec>(&e.path()) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.vm.cmp(&b.vm));
+        out
+    }
+
+    fn primary_rec(&self, vm: &str) -> ApiResult<PrimaryRec> {
+        self.primary_recs()
+            .into_iter()
+            .find(|r| r.vm == vm)
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "VM {vm:?} is not replicated from this host (`vireo replica enable {vm} --to HOST`)"
+                ))
+            })
+    }
+
+    fn save_primary(&self, r: &PrimaryRec) -> ApiResult<()> {
+        save_json(&self.primary_path(&r.uuid), r)
+    }
+
+    /// This host's replica settings.
+    pub fn replica_settings(&self) -> ReplicaHostSettings {
+        read_json(&self.host.state_dir.join("replica-host.json")).unwrap_or_default()
+    }
+
+    /// Changes this host's replica settings.
+    pub fn set_replica_settings(&self, s: ReplicaHostSettings) -> ApiResult<ReplicaHostSettings> {
+        if let Some(p) = &s.path {
+            if !p.is_absolute() {
+                return Err(ApiError::invalid(format!(
+                    "--replica-path {}: give an absolute directory",
+                    p.display()
+                )));
+            }
+            std::fs::create_dir_all(p)
+                .map_err(|e| ApiError::invalid(format!("--replica-path {}: {e}", p.display())))?;
+        }
+        save_json(&self.host.state_dir.join("replica-host.json"), &s)?;
+        Ok(s)
+    }
+
+    fn replica_dir(&self, vm: &str) -> ApiResult<PathBuf> {
+        let base = self.replica_settings().path.ok_or_else(|| {
+            ApiError::wrong_state(
+                "this host keeps no replicas (`vireo host set --replica-path DIR`)",
+            )
+        })?;
+        let name = safe_name(vm)
+            .ok_or_else(|| ApiError::invalid(format!("VM name {vm:?} cannot name a replica")))?;
+        Ok(base.join(name))
+    }
+
+    fn replica_recs(&self) -> Vec<(PathBuf, ReplicaRec)> {
+        let mut out = Vec::new();
+        if let Some(base) = self.replica_settings().path {
+            if let Ok(rd) = std::fs::read_dir(base) {
+                for e in rd.flatten() {
+                    if let Some(r) = read_json::<ReplicaRec>(&e.path().join("replica-vm.json")) {
+                        out.push((e.path(), r));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.1.vm.cmp(&b.1.vm));
+        out
+    }
+
+    fn replica_rec(&self, vm: &str) -> ApiResult<(PathBuf, ReplicaRec)> {
+        let dir = self.replica_dir(vm)?;
+        read_json::<ReplicaRec>(&dir.join("replica-vm.json"))
+            .map(|r| (dir, r))
+            .ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "VM {vm:?} is not replicated to this host (see `vireo replica status`)"
+                ))
+            })
+    }
+
+    // ---------------------------------------------------------------- primary
+
+    /// `vireo replica enable VM --to HOST`.
+    pub async fn replica_enable(&self, vm: &str, req: EnableReplica) -> ApiResult<ReplicaStatus> {
+        let (uuid, _) = self.find(vm)?;
+        if self.primary_recs().iter().any(|r| r.uuid == uuid) {
+            return Err(ApiError::conflict(format!(
+                "VM {vm:?} is already replicated (`vireo replica status`)"
+            )));
+        }
+        if req.initial != "network" {
+            return Err(ApiError::invalid(format!(
+                "initial replication {:?}: only `network` is available",
+                req.initial
+            )));
+        }
+        if ![0, 30, 300, 900].contains(&req.interval_secs) {
+            return Err(ApiError::invalid(
+                "interval: use 30s, 5m, 15m or continuous",
+            ));
+        }
+        if req.recovery_points == 0 || req.recovery_points > 24 {
+            return Err(ApiError::invalid("--recovery-points: 1 to 24"));
+        }
+        let p = peers::get()?;
+        let peer = p.trust.find(&req.to).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "host {:?} is not trusted (`vireo host trust ADDR:PORT` on both hosts first)",
+                req.to
+            ))
+        })?;
+        let rec = PrimaryRec {
+            format_version: RECORD_VERSION,
+            vm: vm.to_string(),
+            uuid,
+            to: peer.name.clone(),
+            address: peer.address.clone(),
+            fingerprint: peer.fingerprint.clone(),
+            interval_secs: req.interval_secs,
+            recovery_points: req.recovery_points,
+            bandwidth: req.bandwidth,
+            state: ReplicaState::Enabled,
+            initialized: false,
+            marked: false,
+            seq: 0,
+            last_cut_unix_ms: None,
+            bytes_shipped: 0,
+            cycles: 0,
+            initial_total: 0,
+            initial_done: 0,
+            last_error: None,
+        };
+        // Ask the replica now, so a refusal (not allowed, untrusted) is reported here.
+        let spec = self.spec(&uuid)?;
+        let client = self.peer_client(&rec)?;
+        let mut s = client
+            .open_stream(&StreamHeader {
+                migration: vm.to_string(),
+                channel: "replica-probe".into(),
+            })
+            .await
+            .map_err(|e| ApiError::failed(format!("replica host {}: {e}", rec.to)))?;
+        let _ = replica::write_json(&mut s, &spec.uuid).await;
+        let a: Answer<()> = replica::read_json(&mut s, 64 << 10)
+            .await
+            .map_err(|e| ApiError::failed(format!("replica host {}: {}", rec.to, chain(&e))))?;
+        if let Answer::Error(e) = a {
+            return Err(ApiError::invalid(format!("replica host {}: {e}", rec.to)));
+        }
+        self.save_primary(&rec)?;
+        tracing::info!(vm, to = %rec.to, "replication enabled");
+        Ok(self.primary_status(&rec))
+    }
+
+    /// `vireo replica start|pause|resume VM`.
+    pub fn replica_set_state(&self, vm: &str, action: &str) -> ApiResult<ReplicaStatus> {
+        let mut r = self.primary_rec(vm)?;
+        r.state = match (action, r.state) {
+            ("start", ReplicaState::Enabled) => ReplicaState::Initial,
+            ("start", s) => {
+                return Err(ApiError::wrong_state(format!(
+                    "replication of {vm} is already started ({s:?})"
+                )))
+            }
+            ("pause", ReplicaState::Initial | ReplicaState::Replicating) => ReplicaState::Paused,
+            ("pause", s) => {
+                return Err(ApiError::wrong_state(format!(
+                    "replication of {vm} is not running ({s:?})"
+                )))
+            }
+            ("resume", ReplicaState::Paused) => {
+                if r.last_cut_unix_ms.is_some() {
+                    ReplicaState::Replicating
+                } else {
+                    ReplicaState::Initial
+                }
+            }
+            ("resume", s) => {
+                return Err(ApiError::wrong_state(format!(
+                    "replication of {vm} is not paused ({s:?})"
+                )))
+            }
+            _ => return Err(ApiError::invalid(format!("unknown action {action}"))),
+        };
+        self.save_primary(&r)?;
+        Ok(self.primary_status(&r))
+    }
+
+    /// `vireo replica disable VM` (on the primary): stops replicating; the replica keeps
+    /// its recovery points.
+    pub async fn replica_disable(&self, vm: &str) -> ApiResult<()> {
+        let r = self.primary_rec(vm)?;
+        self.wait_idle(&r.uuid).await;
+        std::fs::remove_file(self.primary_path(&r.uuid)).map_err(ApiError::internal)?;
+        if self.worker_pid(&r.uuid).is_some() {
+            let _: Result<TrackStatus, _> = self
+                .worker_client(&r.uuid)
+                .post("/replica/untrack", &())
+                .await;
+        }
+        Ok(())
+    }
+
+    async fn wait_idle(&self, uuid: &Uuid) {
+        for _ in 0..600 {
+            if !lock(&SCHED).busy.contains(uuid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn peer_client(&self, r: &PrimaryRec) -> ApiResult<PeerClient> {
+        let p = peers::get()?;
+        Ok(
+            PeerClient::new(p.identity.clone(), &r.address, Some(&r.fingerprint))
+                .with_timeout(Duration::from_secs(120)),
+        )
+    }
+
+    fn primary_status(&self, r: &PrimaryRec) -> ReplicaStatus {
+        let lag = r
+            .last_cut_unix_ms
+            .map(|c| now_ms().saturating_sub(c) as f64 / 1000.0);
+        let limit = 2.0 * (r.interval_secs.max(5) as f64);
+        let warning = match (r.state, lag) {
+            (ReplicaState::Replicating, Some(l)) if l > limit => Some(format!(
+                "lag {l:.0}s is over twice the interval ({})",
+                interval_name(r.interval_secs)
+            )),
+            _ => r
+                .last_error
+                .as_ref()
+                .map(|e| format!("last attempt failed: {e}")),
+        };
+        ReplicaStatus {
+            vm: r.vm.clone(),
+            role: ReplicaRole::Primary,
+            peer: r.to.clone(),
+            state: r.state,
+            interval_secs: r.interval_secs,
+            last_seq: r.seq,
+            last_cut_unix_ms: r.last_cut_unix_ms,
+            lag_secs: lag,
+            bytes_shipped: r.bytes_shipped,
+            cycles: r.cycles,
+            initial_progress: (r.initial_total > 0)
+                .then(|| (r.initial_done as f64 / r.initial_total as f64).min(1.0)),
+            pending_grains: 0,
+            warning,
+            last_error: r.last_error.clone(),
+            points: Vec::new(),
+            failover: None,
+        }
+    }
+
+    /// `vireo replica status`: both roles.
+    pub fn replica_status(&self) -> Vec<ReplicaStatus> {
+        let mut out: Vec<ReplicaStatus> = self
+            .primary_recs()
+            .iter()
+            .map(|r| self.primary_status(r))
+            .collect();
+        for (dir, r) in self.replica_recs() {
+            let store = ReplicaStore::open(&dir.join("store")).ok();
+            let points: Vec<RecoveryPoint> = store
+                .as_ref()
+                .map(|s| {
+                    s.points()
+                        .iter()
+                        .map(|p| RecoveryPoint {
+                            id: p.seq,
+                            cut_unix_ms: p.cut_unix_ms,
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let last = points.last().map(|p| p.cut_unix_ms);
+            let state = if r.failover.is_some() {
+                ReplicaState::FailedOver
+            } else if store.as_ref().is_some_and(|s| s.initializing()) {
+                ReplicaState::Initial
+            } else {
+                ReplicaState::Replicating
+            };
+            let lag = last.map(|c| now_ms().saturating_sub(c) as f64 / 1000.0);
+            let limit = 2.0 * (r.interval_secs.max(5) as f64);
+            out.push(ReplicaStatus {
+                vm: r.vm.clone(),
+                role: ReplicaRole::Replica,
+                peer: r.primary.clone(),
+                state,
+                interval_secs: r.interval_secs,
+                last_seq: store.as_ref().map(|s| s.latest().seq).unwrap_or(0),
+                last_cut_unix_ms: last,
+                lag_secs: lag,
+                bytes_shipped: r.bytes,
+                cycles: r.cycles,
+                initial_progress: None,
+                pending_grains: 0,
+                warning: match lag {
+                    Some(l) if state == ReplicaState::Replicating && l > limit => Some(format!(
+                        "lag {l:.0}s is over twice the interval ({})",
+                        interval_name(r.interval_secs)
+                    )),
+                    _ => None,
+                },
+                last_error: None,
+                points,
+                failover: r
+                    .failover
+                    .as_ref()
+                    .map(|f| {
+                        format!(
+                            "{} on point {}{}",
+                            f.vm,
+                            f.point,
+                            if r.committed { " (committed)" } else { "" }
+                        )
+                    })
+                    .or_else(|| {
+                        r.test
+                            .as_ref()
+                            .map(|t| format!("test copy {} on point {}", t.vm, t.point))
+                    }),
+            });
+        }
+        out
+    }
+
+    /// The replica scheduler: runs each replicated VM's cycles (spawned at start).
+    pub async fn replica_scheduler(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            for r in self.primary_recs() {
+                if !matches!(r.state, ReplicaState::Initial | ReplicaState::Replicating) {
+                    continue;
+                }
+                if self.qemu_pid(&r.uuid).is_none() {
+                    continue;
+                }
+                let due = {
+                    let mut s = lock(&SCHED);
+                    let period = if r.last_error.is_some() {
+                        Duration::from_secs(2)
+                    } else if r.state == ReplicaState::Initial {
+                        Duration::ZERO
+                    } else if r.interval_secs == 0 {
+                        CONTINUOUS_TICK
+                    } else {
+                        Duration::from_secs(r.interval_secs)
+                    };
+                    let due = !s.busy.contains(&r.uuid)
+                        && s.last.get(&r.uuid).is_none_or(|t| t.elapsed() >= period);
+                    if due {
+                        s.busy.insert(r.uuid);
+                        s.last.insert(r.uuid, Instant::now());
+                    }
+                    due
+                };
+                if due {
+                    let m = self.clone();
+                    tokio::spawn(async move {
+                        let uuid = r.uuid;
+                        if let Err(e) = m.replica_cycle(uuid, false).await {
+                            tracing::warn!(vm = %r.vm, "replication cycle: {}", e.message);
+                        }
+                        lock(&SCHED).busy.remove(&uuid);
+                    });
+                }
+            }
+        }
+    }
+
+    /// One cycle of `uuid` (the caller holds its busy flag). With `final_cut`, a complete
+    /// (never partial) cycle is shipped even when nothing changed. Returns the cut.
+    async fn replica_cycle(&self, uuid: Uuid, final_cut: bool) -> ApiResult<Option<CutStats>> {
+        let path = self.primary_path(&uuid);
+        let Some(mut r) = read_json::<PrimaryRec>(&path) else {
+            return Ok(None);
+        };
+        let res = self.replica_cycle_inner(&mut r, final_cut).await;
+        // The record may have been removed (disable) meanwhile: do not bring it back.
+        if path.exists() {
+            if let Some(now) = read_json::<PrimaryRec>(&path) {
+                // Keep an administrator's state change made while the cycle ran.
+                if now.state != r.state
+                    && matches!(now.state, ReplicaState::Paused | ReplicaState::FailedOver)
+                {
+                    r.state = now.state;
+                }
+            }
+            match &res {
+                Ok(_) => r.last_error = None,
+                Err(e) => {
+                    r.last_error = Some(e.message.clone());
+                    r.initialized = false;
+                }
+            }
+            self.save_primary(&r)?;
+        }
+        res
+    }
+
+    async fn replica_cycle_inner(
+        &self,
+        r: &mut PrimaryRec,
+        final_cut: bool,
+    ) -> ApiResult<Option<CutStats>> {
+        let worker = self.worker_client(&r.uuid);
+        let mut st: TrackStatus = worker
+            .get("/replica")
+            .await
+            .map_err(|e| ApiError::failed(format!("asking the worker for change tracking: {e}")))?;
+        if !st.tracking {
+            st = worker
+                .post(
+                    "/replica/track",
+                    &TrackRequest {
+                        mark_all: !r.marked,
+                    },
+                )
+                .await
+                .map_err(|e| ApiError::failed(format!("attaching change tracking: {e}")))?;
+            if !r.marked {
+                r.marked = true;
+                r.initial_total = st.dirty_grains;
+                self.save_primary(r)?;
+            }
+        }
+        let client = self.peer_client(r)?;
+        if !r.initialized {
+            let spec = self.spec(&r.uuid)?;
+            let sizes = st.disk_sizes.clone();
+            let mut s = client
+                .open_stream(&StreamHeader {
+                    migration: r.vm.clone(),
+                    channel: "replica-init".into(),
+                })
+                .await
+                .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+            replica::write_json(
+                &mut s,
+                &InitRequest {
+                    spec,
+                    disk_sizes: sizes,
+                    recovery_points: r.recovery_points,
+                    interval_secs: r.interval_secs,
+                },
+            )
+            .await
+            .map_err(|e| ApiError::failed(chain(&e)))?;
+            match replica::read_json::<_, Answer<InitAnswer>>(&mut s, 64 << 10)
+                .await
+                .map_err(|e| ApiError::failed(chain(&e)))?
+            {
+                Answer::Ok(a) => {
+                    r.seq = a.latest_seq;
+                    r.initialized = true;
+                    if !a.initializing && r.state == ReplicaState::Initial {
+                        r.state = ReplicaState::Replicating;
+                    }
+                }
+                Answer::Error(e) => {
+                    return Err(ApiError::failed(format!("replica host {}: {e}", r.to)))
+                }
+            }
+        }
+        if !final_cut
+            && st.dirty_grains == 0
+            && r.state == ReplicaState::Replicating
+            && r.interval_secs == 0
+            && r.last_cut_unix_ms
+                .is_some_and(|c| now_ms().saturating_sub(c) < CONTINUOUS_IDLE.as_millis() as u64)
+        {
+            return Ok(None);
+        }
+        let max_grains = if r.state == ReplicaState::Initial && !final_cut {
+            INITIAL_CHUNK
+        } else {
+            u64::MAX
+        };
+        let file = self.store.vm_dir(&r.uuid).join("replica").join("out.cycle");
+        if let Some(d) = file.parent() {
+            let _ = std::fs::create_dir_all(d);
+        }
+        let cut: CutStats = worker
+            .post(
+                "/replica/cut",
+                &CutRequest {
+                    vm: r.vm.clone(),
+                    seq: r.seq + 1,
+                    max_grains,
+                    path: file.clone(),
+                },
+            )
+            .await
+            .map_err(|e| ApiError::failed(format!("cutting cycle {}: {e}", r.seq + 1)))?;
+        let shipped = async {
+            let bytes = tokio::fs::read(&file)
+                .await
+                .map_err(|e| format!("reading {}: {e}", file.display()))?;
+            let mut s = client
+                .open_stream(&StreamHeader {
+                    migration: r.vm.clone(),
+                    channel: "replica-cycle".into(),
+                })
+                .await
+                .map_err(|e| format!("replica host {}: {e}", r.to))?;
+            let seq = replica::send_cycle(&mut s, &bytes)
+                .await
+                .map_err(|e| chain(&e))?;
+            Ok::<_, String>((seq, bytes.len() as u64))
+        }
+        .await;
+        let _ = std::fs::remove_file(&file);
+        match shipped {
+            Ok((seq, len)) if seq == cut.seq => {
+                let _: TrackStatus = worker
+                    .post("/replica/commit", &seq)
+                    .await
+                    .map_err(|e| ApiError::failed(format!("committing cycle {seq}: {e}")))?;
+                r.seq = seq;
+                r.cycles += 1;
+                r.bytes_shipped += len;
+                if cut.partial {
+                    r.initial_done += cut.grains;
+                } else {
+                    r.initial_done = r.initial_total;
+                    r.last_cut_unix_ms = Some(cut.cut_unix_ms);
+                    if r.state == ReplicaState::Initial {
+                        r.state = ReplicaState::Replicating;
+                        tracing::info!(vm = %r.vm, "initial replication complete");
+                    }
+                }
+                tracing::debug!(vm = %r.vm, seq, bytes = len, partial = cut.partial, "cycle applied by the replica");
+                if cut.partial && r.bandwidth > 0 {
+                    tokio::time::sleep(replica::primary::throttle_delay(len, r.bandwidth)).await;
+                }
+                Ok(Some(cut))
+            }
+            other => {
+                let _: Result<TrackStatus, _> = worker.post("/replica/abort", &()).await;
+                let why = match other {
+                    Ok((seq, _)) => {
+                        format!("the replica applied cycle {seq}, expected {}", cut.seq)
+                    }
+                    Err(e) => e,
+                };
+                Err(ApiError::failed(why))
+            }
+        }
+    }
+
+    /// `vireo replica failover VM --planned` on the primary.
+    async fn planned_failover(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let mut r = self.primary_rec(vm)?;
+        let mut steps = Vec::new();
+        if r.state == ReplicaState::FailedOver {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} has already failed over to {}",
+                r.to
+            )));
+        }
+        if r.last_cut_unix_ms.is_none() {
+            return Err(ApiError::wrong_state(format!(
+                "initial replication of {vm} is not complete: there is nothing to fail over to yet"
+            )));
+        }
+        if self.qemu_pid(&r.uuid).is_none() {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} is not running: a planned failover ships the last changes from the running VM; start it first, or run the failover on the replica"
+            )));
+        }
+        // Keep the scheduler off this VM.
+        loop {
+            {
+                let mut s = lock(&SCHED);
+                if !s.busy.contains(&r.uuid) {
+                    s.busy.insert(r.uuid);
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let res = async {
+            let _: api::worker::WorkerStatus = self
+                .worker_client(&r.uuid)
+                .post("/pause", &())
+                .await
+                .map_err(|e| ApiError::failed(format!("pausing {vm}: {e}")))?;
+            steps.push(format!("1. paused {vm} (no more guest writes)"));
+            let cut = self
+                .replica_cycle(r.uuid, true)
+                .await?
+                .ok_or_else(|| ApiError::failed("the final cycle was not cut"))?;
+            steps.push(format!(
+                "2. shipped the last changes: cycle {} ({} grains), applied on {}",
+                cut.seq, cut.grains, r.to
+            ));
+            self.turn_off(vm).await?;
+            steps.push(format!("3. turned {vm} off here"));
+            r = self.primary_rec(vm)?;
+            r.state = ReplicaState::FailedOver;
+            self.save_primary(&r)?;
+            let client = self.peer_client(&r)?;
+            let mut s = client
+                .open_stream(&StreamHeader {
+                    migration: vm.to_string(),
+                    channel: "replica-failover".into(),
+                })
+                .await
+                .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+            replica::write_json(
+                &mut s,
+                &FailoverRequest {
+                    planned: true,
+                    point: Some(cut.seq),
+                },
+            )
+            .await
+            .map_err(|e| ApiError::failed(chain(&e)))?;
+            match replica::read_json::<_, Answer<FailoverReport>>(&mut s, 1 << 20)
+                .await
+                .map_err(|e| ApiError::failed(chain(&e)))?
+            {
+                Answer::Ok(rep) => {
+                    for st in rep.steps {
+                        steps.push(format!("   on {}: {st}", r.to));
+                    }
+                    steps.push(format!(
+                        "4. {vm} runs on {} from point {} (zero data loss)",
+                        r.to, cut.seq
+                    ));
+                    Ok(cut.seq)
+                }
+                Answer::Error(e) => Err(ApiError::failed(format!(
+                    "the replica host {} could not start {vm}: {e} (the VM is off here: `vireo replica failover {vm}` on {} retries, `vireo vm start {vm}` here goes back)",
+                    r.to, r.to
+                ))),
+            }
+        }
+        .await;
+        lock(&SCHED).busy.remove(&r.uuid);
+        let point = res?;
+        Ok(FailoverReport {
+            steps,
+            vm: vm.to_string(),
+            point: Some(point),
+        })
+    }
+
+    // ---------------------------------------------------------------- replica side
+
+    /// `vireo replica failover VM [--planned] [--point ID]`.
+    pub async fn replica_failover(
+        &self,
+        vm: &str,
+        req: FailoverRequest,
+    ) -> ApiResult<FailoverReport> {
+        if req.planned {
+            if self.primary_recs().iter().any(|r| r.vm == vm) {
+                return self.planned_failover(vm).await;
+            }
+            return Err(ApiError::not_found(format!(
+                "VM {vm:?} is not replicated from this host: run a planned failover on the primary (without --planned on the replica when the primary is lost)"
+            )));
+        }
+        if self.replica_rec(vm).is_err() && self.primary_recs().iter().any(|r| r.vm == vm) {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} is replicated from this host (the primary): use `vireo replica failover {vm} --planned` here, or run the failover on the replica host"
+            )));
+        }
+        self.failover_local(vm, req.point, false).await
+    }
+
+    /// Starts the replica of `vm` from a point (`test`: a copy named `<vm>-test` without
+    /// network adapters, replication continues).
+    async fn failover_local(
+        &self,
+        vm: &str,
+        point: Option<u64>,
+        test: bool,
+    ) -> ApiResult<FailoverReport> {
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        let (dir, mut rec) = self.replica_rec(vm)?;
+        let mut steps = Vec::new();
+        if test && rec.test.is_some() {
+            return Err(ApiError::conflict(format!(
+                "a test failover of {vm} is running: `vireo replica test-stop {vm}` first"
+            )));
+        }
+        if !test && rec.committed {
+            return Err(ApiError::wrong_state(format!(
+                "the failover of {vm} is committed: the recovery points are gone"
+            )));
+        }
+        let sdir = dir.join("store");
+        let store = tokio::task::spawn_blocking({
+            let sdir = sdir.clone();
+            move || ReplicaStore::open(&sdir)
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(store_err)?;
+        if store.initializing() || store.points().is_empty() {
+            return Err(ApiError::wrong_state(format!(
+                "initial replication of {vm} is not complete: there is no recovery point yet"
+            )));
+        }
+        let ids: Vec<u64> = store.points().iter().map(|p| p.seq).collect();
+        let pick = point.unwrap_or(store.latest().seq);
+        let Some(p) = store.points().iter().find(|p| p.seq == pick).cloned() else {
+            return Err(ApiError::invalid(format!(
+                "{vm} has no recovery point {pick} (points: {ids:?})"
+            )));
+        };
+        steps.push(format!(
+            "chose recovery point {} (cut {} ms ago)",
+            p.seq,
+            now_ms().saturating_sub(p.cut_unix_ms)
+        ));
+        if !test {
+            if let Some(old) = rec.failover.take() {
+                self.remove_copy(&dir, &old).await;
+                let mut s = ReplicaStore::open(&sdir).map_err(store_err)?;
+                s.pin(old.point, false).map_err(store_err)?;
+                steps.push(format!(
+                    "removed the VM started from point {} (choice revised)",
+                    old.point
+                ));
+                save_json(&dir.join("replica-vm.json"), &rec)?;
+            }
+        }
+        let kind = if test { "test" } else { "failover" };
+        let ldir_name = format!("{kind}-{}", p.seq);
+        let ldir = dir.join(&ldir_name);
+        let parents = store.point_paths(p.seq).unwrap_or_default();
+        {
+            let mut s = ReplicaStore::open(&sdir).map_err(store_err)?;
+            s.pin(p.seq, true).map_err(store_err)?;
+        }
+        let layers = tokio::task::spawn_blocking({
+            let ldir = ldir.clone();
+            move || -> Result<Vec<PathBuf>, String> {
+                let _ = std::fs::remove_dir_all(&ldir);
+                std::fs::create_dir_all(&ldir).map_err(|e| e.to_string())?;
+                let mut out = Vec::new();
+                for (i, parent) in parents.iter().enumerate() {
+                    let path = ldir.join(format!("disk{i}.avhdx"));
+                    let v = vhdx::Vhdx::create(
+                        &path,
+                        &vhdx::CreateOptions {
+                            disk_type: vhdx::DiskType::Differencing,
+                            parent: Some(parent.clone()),
+                            ..Default::default()
+                        },
+                    )
+                    .map_err(|e| chain(&e))?;
+                    v.close().map_err(|e| chain(&e))?;
+                    out.push(path);
+                }
+                Ok(out)
+            }
+        })
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| ApiError::failed(format!("creating the disks on point {}: {e}", p.seq)))?;
+        steps.push(format!(
+            "created differencing disks on the point in {}",
+            ldir.display()
+        ));
+        let name = if test {
+            format!("{vm}-test")
+        } else {
+            vm.to_string()
+        };
+        let spec = &rec.spec;
+        let req = CreateVm {
+            name: name.clone(),
+            generation: match spec.generation {
+                api::Generation::Gen1 => 1,
+                api::Generation::Gen2 => 2,
+            },
+            cpus: Some(spec.cpus),
+            memory: Some(spec.memory),
+            disks: layers
+                .iter()
+                .zip(&spec.disks)
+                .map(|(p, d)| CreateDisk {
+                    path: p.clone(),
+                    bus: Some(d.bus),
+                    read_only: d.read_only,
+                })
+                .collect(),
+            secure_boot: Some(spec.secure_boot),
+            secure_boot_template: Some(spec.secure_boot_template),
+            accel: Some(spec.accel),
+            boot_order: Some(spec.boot_order.clone()),
+            stop_timeout_secs: Some(spec.stop_timeout_secs),
+        };
+        let running = Running {
+            point: p.seq,
+            vm: name.clone(),
+            dir: ldir_name,
+        };
+        if let Err(e) = self.create(req) {
+            self.remove_copy(&dir, &running).await;
+            return Err(e);
+        }
+        steps.push(format!(
+            "defined VM {name} ({}; network adapters are not connected: {})",
+            if test { "test copy" } else { "replica" },
+            if test {
+                "isolated from every network"
+            } else {
+                "add them with `vireo nic add`"
+            }
+        ));
+        if test {
+            rec.test = Some(running);
+        } else {
+            rec.failover = Some(running);
+        }
+        save_json(&dir.join("replica-vm.json"), &rec)?;
+        self.start(&name).await?;
+        steps.push(format!("started VM {name}"));
+        if test {
+            steps.push(format!(
+                "replication continues; remove the copy with `vireo replica test-stop {vm}`"
+            ));
+        } else {
+            steps.push(format!(
+                "cycles from {} are refused now; next: `vireo replica commit {vm}`, or `vireo replica failover {vm} --point ID` to choose another point, or `vireo replica cancel-failover {vm}`",
+                rec.primary
+            ));
+        }
+        Ok(FailoverReport {
+            steps,
+            vm: name,
+            point: Some(p.seq),
+        })
+    }
+
+    async fn remove_copy(&self, dir: &Path, r: &Running) {
+        if self.find(&r.vm).is_ok() {
+            let _ = self.turn_off(&r.vm).await;
+            if let Err(e) = self.delete(&r.vm, true).await {
+                tracing::warn!(vm = %r.vm, "deleting the failed-over VM: {}", e.message);
+            }
+        }
+        let _ = std::fs::remove_dir_all(dir.join(&r.dir));
+    }
+
+    /// `vireo replica commit VM`.
+    pub async fn replica_commit(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        let (dir, mut rec) = self.replica_rec(vm)?;
+        let Some(f) = rec.failover.clone() else {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} has not failed over: nothing to commit (`vireo replica failover {vm}` first)"
+            )));
+        };
+        if rec.committed {
+            return Err(ApiError::wrong_state(format!(
+                "the failover of {vm} is already committed"
+            )));
+        }
+        rec.committed = true;
+        save_json(&dir.join("replica-vm.json"), &rec)?;
+        Ok(FailoverReport {
+            steps: vec![
+                format!("committed: {vm} keeps running from point {}", f.point),
+                "the other recovery points are no longer offered; replication from the old primary is over".into(),
+            ],
+            vm: f.vm,
+            point: Some(f.point),
+        })
+    }
+
+    /// `vireo replica cancel-failover VM`.
+    pub async fn replica_cancel_failover(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        let (dir, mut rec) = self.replica_rec(vm)?;
+        let Some(f) = rec.failover.clone() else {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} has not failed over: nothing to cancel"
+            )));
+        };
+        if rec.committed {
+            return Err(ApiError::wrong_state(format!(
+                "the failover of {vm} is committed and cannot be cancelled"
+            )));
+        }
+        self.remove_copy(&dir, &f).await;
+        if let Ok(mut s) = ReplicaStore::open(&dir.join("store")) {
+            let _ = s.pin(f.point, false);
+        }
+        rec.failover = None;
+        save_json(&dir.join("replica-vm.json"), &rec)?;
+        Ok(FailoverReport {
+            steps: vec![
+                format!(
+                    "turned off and removed {} (started from point {})",
+                    f.vm, f.point
+                ),
+                format!(
+                    "the recovery points are kept; cycles from {} are accepted again",
+                    rec.primary
+                ),
+            ],
+            vm: vm.to_string(),
+            point: None,
+        })
+    }
+
+    /// `vireo replica test-failover VM [--point ID]`.
+    pub async fn replica_test_failover(
+        &self,
+        vm: &str,
+        point: Option<u64>,
+    ) -> ApiResult<FailoverReport> {
+        self.failover_local(vm, point, true).await
+    }
+
+    /// `vireo replica test-stop VM`.
+    pub async fn replica_test_stop(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        let (dir, mut rec) = self.replica_rec(vm)?;
+        let Some(t) = rec.test.clone() else {
+            return Err(ApiError::wrong_state(format!(
+                "no test failover of {vm} is running"
+            )));
+        };
+        self.remove_copy(&dir, &t).await;
+        if let Ok(mut s) = ReplicaStore::open(&dir.join("store")) {
+            let _ = s.pin(t.point, false);
+        }
+        rec.test = None;
+        save_json(&dir.join("replica-vm.json"), &rec)?;
+        Ok(FailoverReport {
+            steps: vec![format!("turned off and removed the test copy {}", t.vm)],
+            vm: t.vm,
+            point: Some(t.point),
+        })
+    }
+
+    /// Whether the host `who` may replicate to this host.
+    fn replica_allowed(&self, who: &PeerId) -> Result<(String, PathBuf), String> {
+        let s = self.replica_settings();
+        let p = peers::get().map_err(|e| e.message)?;
+        let peer = p.trust.by_fingerprint(&who.fingerprint);
+        let name = peer
+            .as_ref()
+            .map(|p| p.name.clone())
+            .unwrap_or_else(|| who.addr.clone());
+        let allowed = s.allow_from.iter().any(|a| {
+            a == "*"
+                || a == &who.fingerprint
+                || peer.as_ref().is_some_and(|p| {
+                    a == &p.name
+                        || a == &p.address
+                        || p.address.rsplit_once(':').is_some_and(|(h, _)| a == h)
+                })
+        });
+        if !allowed {
+            return Err(format!(
+                "this host does not accept replicas from {name}: run `vireo host set --allow-replica-from {name}` on it"
+            ));
+        }
+        let path = s.path.ok_or_else(|| {
+            "this host keeps no replicas: run `vireo host set --replica-path DIR` on it".to_string()
+        })?;
+        Ok((name, path))
+    }
+
+    /// A `replica-*` stream from a peer (hooked into `serve_stream` after the trust check).
+    pub async fn replica_stream(
+        &self,
+        mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+        h: StreamHeader,
+        who: PeerId,
+    ) {
+        let refuse = |why: &str| format!("refused {why}\n");
+        let (primary, base) = match self.replica_allowed(&who) {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(peer = %who.addr, vm = %h.migration, "refused a replica stream: {e}");
+                let _ = tls.write_all(refuse(&e).as_bytes()).await;
+                return;
+            }
+        };
+        let Some(name) = safe_name(&h.migration) else {
+            let _ = tls.write_all(refuse("(bad VM name)").as_bytes()).await;
+            return;
+        };
+        let dir = base.join(name);
+        if tls.write_all(b"ok\n").await.is_err() {
+            return;
+        }
+        let _ = tls.flush().await;
+        let l = replica_lock(name);
+        match h.channel.as_str() {
+            "replica-probe" => {
+                let uuid: Result<Uuid, _> = replica::read_json(&mut tls, 1024).await;
+                let a: Answer<()> =
+                    match (uuid, read_json::<ReplicaRec>(&dir.join("replica-vm.json"))) {
+                        (Ok(u), Some(r)) if r.primary_uuid != u => Answer::Error(format!(
+                            "a replica of another VM named {name} is kept here"
+                        )),
+                        (Ok(_), Some(r)) if r.failover.is_some() => {
+                            Answer::Error(format!("the replica of {name} has failed over here"))
+                        }
+                        _ => Answer::Ok(()),
+                    };
+                let _ = replica::write_json(&mut tls, &a).await;
+            }
+            "replica-init" => {
+                let _g = l.lock().await;
+                let a = match replica::read_json::<_, InitRequest>(&mut tls, 4 << 20).await {
+                    Ok(req) => self.replica_init(&dir, name, &primary, &who, req).await,
+                    Err(e) => Answer::Error(chain(&e)),
+                };
+                let _ = replica::write_json(&mut tls, &a).await;
+            }
+            "replica-cycle" => {
+                let buf = match replica::read_shipped(&mut tls, MAX_CYCLE).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::warn!(vm = %name, "receiving a cycle: {}", chain(&e));
+                        return;
+                    }
+                };
+                let _g = l.lock().await;
+                let outcome = match read_json::<ReplicaRec>(&dir.join("replica-vm.json")) {
+                    None => Err(format!(
+                        "no replica of {name} here (it is initialized first)"
+                    )),
+                    Some(r) if r.primary_fp != who.fingerprint => {
+                        Err(format!("the replica of {name} belongs to another primary"))
+                    }
+                    Some(r) if r.failover.is_some() => Err(format!(
+                        "the replica of {name} has failed over: cycles are refused"
+                    )),
+                    Some(mut r) => {
+                        let sdir = dir.join("store");
+                        let len = buf.len() as u64;
+                        let res = tokio::task::spawn_blocking(move || {
+                            ReplicaStore::open(&sdir).and_then(|mut s| s.apply(&buf[..]))
+                        })
+                        .await;
+                        match res {
+                            Ok(Ok(p)) => {
+                                r.bytes += len;
+                                r.cycles += 1;
+                                let _ = save_json(&dir.join("replica-vm.json"), &r);
+                                Ok(p.seq)
+                            }
+                            Ok(Err(e)) => Err(chain(&e)),
+                            Err(e) => Err(e.to_string()),
+                        }
+                    }
+                };
+                if let Err(e) = &outcome {
+                    tracing::warn!(vm = %name, "refused a cycle: {e}");
+                }
+                let _ = replica::answer_cycle(&mut tls, outcome).await;
+            }
+            "replica-failover" => {
+                let a = match replica::read_json::<_, FailoverRequest>(&mut tls, 4096).await {
+                    Ok(req) => match self.failover_local(name, req.point, false).await {
+                        Ok(rep) => Answer::Ok(rep),
+                        Err(e) => Answer::Error(e.message),
+                    },
+                    Err(e) => Answer::Error(chain(&e)),
+                };
+                let _ = replica::write_json(&mut tls, &a).await;
+            }
+            other => {
+                let _ = replica::write_json(
+                    &mut tls,
+                    &Answer::<()>::Error(format!("unknown replica channel {other}")),
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn replica_init(
+        &self,
+        dir: &Path,
+        name: &str,
+        primary: &str,
+        who: &PeerId,
+        req: InitRequest,
+    ) -> Answer<InitAnswer> {
+        let rec_path = dir.join("replica-vm.json");
+        if let Some(r) = read_json::<ReplicaRec>(&rec_path) {
+            if r.primary_uuid != req.spec.uuid {
+                return Answer::Error(format!("a replica of another VM named {name} is kept here"));
+            }
+            if r.failover.is_some() {
+                return Answer::Error(format!("the replica of {name} has failed over here"));
+            }
+            return match ReplicaStore::open(&dir.join("store")) {
+                Ok(s) => Answer::Ok(InitAnswer {
+                    latest_seq: s.latest().seq,
+                    initializing: s.initializing(),
+                }),
+                Err(e) => Answer::Error(chain(&e)),
+            };
+        }
+        let sdir = dir.join("store");
+        let sizes = req.disk_sizes.clone();
+        let points = req.recovery_points;
+        let vm = name.to_string();
+        let made = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
+            let mut s = ReplicaStore::create(&sdir, &vm, &sizes, points).map_err(|e| chain(&e))?;
+            s.set_retention(points, bucket_ms())
+                .map_err(|e| chain(&e))?;
+            Ok::<_, String>(s.latest().seq)
+        })
+        .await;
+        let seq = match made {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Answer::Error(e),
+            Err(e) => return Answer::Error(e.to_string()),
+        };
+        let rec = ReplicaRec {
+            format_version: RECORD_VERSION,
+            vm: name.to_string(),
+            primary_uuid: req.spec.uuid,
+            primary_fp: who.fingerprint.clone(),
+            primary: primary.to_string(),
+            spec: req.spec,
+            interval_secs: req.interval_secs,
+            bytes: 0,
+            cycles: 0,
+            failover: None,
+            test: None,
+            committed: false,
+        };
+        if let Err(e) = save_json(&rec_path, &rec) {
+            return Answer::Error(e.message);
+        }
+        tracing::info!(vm = %name, from = %primary, "replica created");
+        Answer::Ok(InitAnswer {
+            latest_seq: seq,
+            initializing: true,
+        })
+    }
+}
