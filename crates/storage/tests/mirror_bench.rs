@@ -93,7 +93,9 @@ fn storage_migration_vs_cp() {
         .unwrap_or(5);
     // Caches are dropped before every measurement (both sides cold), unless
     // MIRROR_BENCH_DROP_CACHES=0 (both sides then start with whatever is cached).
-    let drop_caches = std::env::var("MIRROR_BENCH_DROP_CACHES").map_or(true, |v| v != "0");
+    let drop_caches = std::env::var("MIRROR_BENCH_DROP_CACHES")
+        .ok()
+        .is_none_or(|v| v != "0");
     let settle = || {
         assert!(Command::new("sync").status().unwrap().success());
         if drop_caches {
@@ -111,7 +113,11 @@ fn storage_migration_vs_cp() {
         let mut cp_t = 0.0;
         let mut mv_t = 0.0;
         let mut held = 0;
-        let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+        let order = if round.is_multiple_of(2) {
+            [0, 1]
+        } else {
+            [1, 0]
+        };
         for which in order {
             settle();
             if which == 0 {

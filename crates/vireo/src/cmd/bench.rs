@@ -32,6 +32,8 @@ pub enum BenchCommand {
     Switch(super::bench_switch::SwitchBenchArgs),
     /// Dynamic memory: guest demand step to grant time, and density (simulation).
     Memory(super::bench_memory::MemoryBenchArgs),
+    /// Shared-nothing live migration vs libvirt (`virsh migrate --live --copy-storage-all`).
+    Migration(super::bench_migration::MigrationBenchArgs),
 }
 
 /// Median and spread of a series, in milliseconds.
@@ -119,6 +121,7 @@ pub async fn run(client: &Client, cmd: BenchCommand) -> anyhow::Result<()> {
     let (image1, image2, runs, json) = match cmd {
         BenchCommand::Switch(a) => return super::bench_switch::run(a),
         BenchCommand::Memory(a) => return super::bench_memory::run(client, a).await,
+        BenchCommand::Migration(a) => return super::bench_migration::run(a),
         BenchCommand::Boot {
             image1,
             image2,

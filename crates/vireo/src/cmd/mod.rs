@@ -1,6 +1,7 @@
 //! One module per command group.
 pub mod bench;
 pub mod bench_memory;
+pub mod bench_migration;
 pub mod bench_switch;
 pub mod checkpoint;
 pub mod disk;
