@@ -289,9 +289,14 @@ fn standard_checkpoint_restores_memory_and_disk() {
     let a = write_random(&h, 0, 2);
     let t = Instant::now();
     h.ok(&["checkpoint", "new", "g1", "std1"]);
+    let (paused_ms, background) = standard_checkpoint_pause(&h);
     eprintln!(
-        "standard checkpoint took {:?} (CLI round trip, includes the RAM save)",
+        "standard checkpoint took {:?} (CLI round trip, includes the RAM save); vCPUs paused {paused_ms} ms",
         t.elapsed()
+    );
+    assert!(
+        background,
+        "the memory state was not saved in the background (QEMU background-snapshot)"
     );
     let (code, out) = h.exec("g1", "echo after > /run/marker2; echo ok");
     assert_eq!(code, 0, "{out}");
@@ -311,6 +316,32 @@ fn standard_checkpoint_restores_memory_and_disk() {
     );
     assert_eq!(read_sums(&h, 0, 2), a, "disk not at the checkpoint");
     h.ok(&["vm", "turn-off", "g1"]);
+}
+
+/// The vCPU pause of the last standard checkpoint and whether RAM was saved in the
+/// background, from the worker's log (`paused_ms=.. background=..`).
+fn standard_checkpoint_pause(h: &Host) -> (u64, bool) {
+    let mut last = None;
+    for e in std::fs::read_dir(h.state_dir().join("run")).expect("run dir") {
+        let log = e.expect("run entry").path().join("worker.log");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        for line in text
+            .lines()
+            .filter(|l| l.contains("standard checkpoint") && l.contains("total_ms="))
+        {
+            let field = |k: &str| {
+                line.split_whitespace()
+                    .find_map(|w| w.strip_prefix(k))
+                    .map(|v| v.trim_matches(|c: char| !c.is_alphanumeric()).to_string())
+            };
+            let ms = field("paused_ms=").and_then(|v| v.parse().ok());
+            let bg = field("background=").is_some_and(|v| v == "true");
+            if let Some(ms) = ms {
+                last = Some((ms, bg));
+            }
+        }
+    }
+    last.expect("the worker logged no standard checkpoint")
 }
 
 /// sha256 of each MiB of a disk image (any chain), read on the host: `vireo disk convert`

@@ -5,7 +5,10 @@
 //! Methods are synchronous and positional and take `&self`: the server calls
 //! them from a bounded set of blocking threads per connection, so several
 //! requests of one client run at once and may complete out of order. An
-//! implementation must therefore be safe to call concurrently.
+//! implementation must therefore be safe to call concurrently. Small reads
+//! and writes are first offered to [`Export::try_read_at`] /
+//! [`Export::try_write_at`] on the connection's own task (no thread hop);
+//! an export that would have to wait declines and gets the blocking path.
 
 use std::io;
 
@@ -142,6 +145,22 @@ pub trait Export: Send + Sync + 'static {
 
     /// Makes every completed write persistent.
     fn flush(&self) -> io::Result<()>;
+
+    /// Like [`Export::read_at`], but called on the connection's own task for small
+    /// requests: it must not wait for a lock or for slow work (return `None` instead and
+    /// the server runs [`Export::read_at`] on a blocking thread). Page-cache I/O is fine.
+    /// The default always declines.
+    fn try_read_at(&self, buf: &mut [u8], off: u64) -> Option<io::Result<()>> {
+        let _ = (buf, off);
+        None
+    }
+
+    /// Like [`Export::write_at`] (never with FUA), under the same rules as
+    /// [`Export::try_read_at`]. The default always declines.
+    fn try_write_at(&self, buf: &[u8], off: u64) -> Option<io::Result<()>> {
+        let _ = (buf, off);
+        None
+    }
 
     /// Discards a range (contents afterwards are unspecified). Only called
     /// when [`ExportFlags::can_trim`] is set.

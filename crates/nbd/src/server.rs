@@ -1,8 +1,12 @@
 //! The server: named exports, accept loops, and one task set per connection.
 //!
-//! Per connection, the reader task parses requests and hands each to its own
-//! task, which runs the export call on a blocking thread (at most
-//! [`ServerConfig::io_threads_per_connection`] at once) and queues the
+//! Per connection, the reader task parses requests. A small READ or WRITE
+//! (at most [`ServerConfig::inline_max`] bytes, no FUA) is first offered to
+//! the export's non-blocking path ([`Export::try_read_at`]) on the reader
+//! task itself, and its reply is written at once when the writer is idle: at
+//! queue depth 1 a request then costs no thread hop at all. Everything else
+//! (and whatever the export declines) runs on a blocking thread (at most
+//! [`ServerConfig::io_threads_per_connection`] at once), which queues the
 //! encoded reply to a single writer task, so replies go out whole, in
 //! completion order. Memory is bounded: the reader takes a slot from
 //! [`ServerConfig::max_in_flight`] and reserves the request's data bytes
@@ -45,6 +49,9 @@ pub struct ServerConfig {
     pub max_buffered: usize,
     /// Export calls of one connection running at once on blocking threads.
     pub io_threads_per_connection: usize,
+    /// Largest READ/WRITE offered to the export's non-blocking path on the
+    /// connection's own task ([`Export::try_read_at`]); 0 turns it off.
+    pub inline_max: u32,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
     /// Time a client has to finish option negotiation.
@@ -60,6 +67,7 @@ impl Default for ServerConfig {
             max_payload: 32 << 20,
             max_buffered: 64 << 20,
             io_threads_per_connection: 8,
+            inline_max: 128 << 10,
             max_connections: 256,
             handshake_timeout: Duration::from_secs(30),
             drain_timeout: Duration::from_secs(30),
@@ -411,20 +419,26 @@ struct Outgoing {
     _budget: Option<OwnedSemaphorePermit>,
 }
 
+/// The connection's write half, shared by the writer task and the reader's
+/// inline replies (whole replies are written under the lock).
+type SharedWriter<W> = Arc<tokio::sync::Mutex<BufWriter<W>>>;
+
 async fn writer_task<W: AsyncWrite + Unpin>(
-    wr: W,
+    w: SharedWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     dead: CancellationToken,
 ) -> io::Result<()> {
-    let mut w = BufWriter::with_capacity(256 << 10, wr);
     let r = async {
         while let Some(out) = rx.recv().await {
+            let mut w = w.lock().await;
             w.write_all(&out.bytes).await?;
             drop(out);
-            if rx.is_empty() {
-                w.flush().await?;
+            while let Ok(out) = rx.try_recv() {
+                w.write_all(&out.bytes).await?;
             }
+            w.flush().await?;
         }
+        let mut w = w.lock().await;
         w.flush().await?;
         w.shutdown().await
     }
@@ -495,7 +509,15 @@ where
     let mut rd = BufReader::with_capacity(64 << 10, rd);
     let (tx, rx) = mpsc::unbounded_channel::<Outgoing>();
     let dead = CancellationToken::new();
-    let writer = tokio::spawn(writer_task(wr, rx, dead.clone()));
+    let wr: SharedWriter<_> = Arc::new(tokio::sync::Mutex::new(BufWriter::with_capacity(
+        256 << 10,
+        wr,
+    )));
+    let writer = tokio::spawn(writer_task(wr.clone(), rx, dead.clone()));
+    let mut inline_run = 0u32;
+    // Inline replies not flushed yet: more requests were already buffered, so the flush
+    // waits until the reader runs dry (one write for a burst of replies).
+    let mut unflushed = false;
     let slots = Arc::new(Semaphore::new(cfg.max_in_flight));
     let budget = Arc::new(Semaphore::new(cfg.max_buffered));
     let io_slots = Arc::new(Semaphore::new(cfg.io_threads_per_connection));
@@ -503,6 +525,10 @@ where
 
     let end: Result<End, ConnectionError> = async {
         loop {
+            if unflushed && rd.buffer().is_empty() {
+                wr.lock().await.flush().await.map_err(ConnectionError::Io)?;
+                unflushed = false;
+            }
             let mut raw = [0u8; REQUEST_HEADER_LEN];
             let more = tokio::select! {
                 biased;
@@ -562,8 +588,55 @@ where
                     continue;
                 }
             };
-            let (tx, export, stats) = (tx.clone(), export.clone(), stats.clone());
             let cookie = h.cookie;
+            let inline = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                try_inline(&*export, &stats, &op, &payload, structured, cookie, cfg.inline_max)
+            }))
+            .unwrap_or_else(|_| {
+                warn!(cookie, "export call panicked");
+                Some(reply::error(structured, cookie, Errno::Io, "internal error"))
+            });
+            if let Some(bytes) = inline {
+                // Written now when the writer is idle (the common case at queue
+                // depth 1), else queued behind the replies it is writing.
+                match wr.try_lock() {
+                    Ok(mut w) => {
+                        let more_buffered = !rd.buffer().is_empty();
+                        let written = tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => None,
+                            r = async {
+                                w.write_all(&bytes).await?;
+                                if !more_buffered {
+                                    w.flush().await?;
+                                    unflushed = false;
+                                } else {
+                                    unflushed = true;
+                                }
+                                io::Result::Ok(())
+                            } => Some(r),
+                        };
+                        match written {
+                            Some(Ok(())) => {}
+                            Some(Err(e)) => return Err(ConnectionError::Io(e)),
+                            // A reply cut in the middle: the stream is unusable.
+                            None => return Err(ConnectionError::Io(io::ErrorKind::Interrupted.into())),
+                        }
+                        drop((slot, reserved));
+                    }
+                    Err(_) => {
+                        let _ = tx.send(Outgoing { bytes, _slot: slot, _budget: Some(reserved) });
+                    }
+                }
+                // Let other tasks run now and then when a client keeps the
+                // reader busy with a stream of inline requests.
+                inline_run += 1;
+                if inline_run % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                continue;
+            }
+            let (tx, export, stats) = (tx.clone(), export.clone(), stats.clone());
             // Runs on a blocking thread and queues the reply itself (the
             // channel send is synchronous), saving a task hop per request.
             let job = move |io: OwnedSemaphorePermit| {
@@ -636,6 +709,60 @@ where
     failed.map_or(Ok(()), Err)
 }
 
+/// Offers a small READ or WRITE to the export's non-blocking path; the encoded
+/// reply when the export took it.
+fn try_inline(
+    export: &dyn Export,
+    stats: &StatsCounters,
+    op: &Op,
+    payload: &[u8],
+    structured: bool,
+    cookie: u64,
+    inline_max: u32,
+) -> Option<Vec<u8>> {
+    match *op {
+        Op::Read { offset, len } if len <= inline_max => {
+            let mut buf = reply::read_buffer(structured, cookie, offset, len);
+            let hl = reply::read_header_len(structured, len);
+            match export.try_read_at(&mut buf[hl..], offset)? {
+                Ok(()) => {
+                    StatsCounters::add(&stats.reads, 1);
+                    StatsCounters::add(&stats.bytes_read, u64::from(len));
+                    Some(buf)
+                }
+                Err(e) => Some(failed(stats, structured, cookie, "read", e)),
+            }
+        }
+        Op::Write {
+            offset,
+            len,
+            fua: false,
+        } if len <= inline_max => match export.try_write_at(payload, offset)? {
+            Ok(()) => {
+                StatsCounters::add(&stats.writes, 1);
+                StatsCounters::add(&stats.bytes_written, u64::from(len));
+                Some(reply::ok(cookie))
+            }
+            Err(e) => Some(failed(stats, structured, cookie, "write", e)),
+        },
+        _ => None,
+    }
+}
+
+/// Counts a failed export call and encodes its error reply.
+fn failed(
+    stats: &StatsCounters,
+    structured: bool,
+    cookie: u64,
+    what: &str,
+    e: io::Error,
+) -> Vec<u8> {
+    StatsCounters::add(&stats.errors, 1);
+    let errno = Errno::from_io(&e);
+    debug!(cookie, %errno, error = %e, "{what} failed");
+    reply::error(structured, cookie, errno, &format!("{what} failed: {e}"))
+}
+
 /// Runs one validated request against the export and encodes its reply.
 fn execute(
     export: &dyn Export,
@@ -645,12 +772,7 @@ fn execute(
     structured: bool,
     cookie: u64,
 ) -> Vec<u8> {
-    let fail = |what: &str, e: io::Error| {
-        StatsCounters::add(&stats.errors, 1);
-        let errno = Errno::from_io(&e);
-        debug!(cookie, %errno, error = %e, "{what} failed");
-        reply::error(structured, cookie, errno, &format!("{what} failed: {e}"))
-    };
+    let fail = |what: &str, e: io::Error| failed(stats, structured, cookie, what, e);
     match op {
         Op::Read { offset, len } => {
             let mut buf = reply::read_buffer(structured, cookie, offset, len);

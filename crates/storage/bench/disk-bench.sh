@@ -15,8 +15,11 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-storage}
 for t in fio qemu-nbd qemu-img python3; do
   command -v "$t" >/dev/null || { echo "missing $t: run scripts/setup.sh" >&2; exit 1; }
 done
-cargo build --release -q -p vireo
-VIREO=$CARGO_TARGET_DIR/release/vireo
+# VIREO=path/to/vireo uses that binary instead of building one.
+if [ -z "${VIREO:-}" ]; then
+  cargo build --release -q -p vireo
+  VIREO=$CARGO_TARGET_DIR/release/vireo
+fi
 WORK=$(mktemp -d /var/tmp/disk-bench.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$WORK"; }
@@ -48,18 +51,21 @@ stop() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/
 RESULTS=$WORK/results.txt; : >"$RESULTS"
 run() { # name rw bs qd
   local name=$1 rw=$2 bs=$3 qd=$4
+  local order=(ours qemu-vhdx qemu-qcow2)
   for rep in $(seq "$REPEAT"); do
-    for server in ours qemu-vhdx qemu-qcow2; do
+    # Rotate who goes first, so drifting load hits every server alike.
+    local k=$(( (rep - 1) % 3 ))
+    for server in "${order[@]:k}" "${order[@]:0:k}"; do
       out=$WORK/$name-$server.json
       fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/$server.sock" \
         --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${SIZE_MIB}M" --time_based \
         --runtime="$RUNTIME" --output-format=json >"$out.raw" 2>"$WORK/fio.err"
       sed -n '/^{/,$p' "$out.raw" >"$out"
-      python3 - "$out" "$name" "$server" "$rw" >>"$RESULTS" <<'PY'
+      python3 - "$out" "$name" "$server" "$rw" "$rep" >>"$RESULTS" <<'PY'
 import json, sys
-path, name, server, rw = sys.argv[1:]
+path, name, server, rw, rep = sys.argv[1:]
 d = json.load(open(path))["jobs"][0]["read" if "read" in rw else "write"]
-print(name, server, f'{d["iops"]:.0f}', f'{d["bw_bytes"] / 2**20:.1f}')
+print(name, server, rep, f'{d["iops"]:.0f}', f'{d["bw_bytes"] / 2**20:.1f}')
 PY
     done
   done
@@ -73,14 +79,21 @@ done
 python3 - "$RESULTS" <<'PY'
 import sys, statistics, collections
 r = collections.defaultdict(list)
+per = collections.defaultdict(dict)
 for line in open(sys.argv[1]):
-    n, s, iops, bw = line.split(); r[(n, s)].append((float(iops), float(bw)))
+    n, s, rep, iops, bw = line.split(); r[(n, s)].append((float(iops), float(bw)))
+    per[(n, rep)][s] = float(iops)
 names = list(dict.fromkeys(n for n, _ in r))
-print("| pattern | ours (vireo disk serve, VHDX) | qemu-nbd VHDX | qemu-nbd qcow2 | ours/qemu-vhdx | ours/qemu-qcow2 |")
+# Ratios are medians of the per-repetition ratios (each from runs seconds apart), which
+# cancels most of the load drift of a shared machine; min-max shows the spread.
+print("| pattern | ours (vireo disk serve, VHDX) | qemu-nbd VHDX | qemu-nbd qcow2 | ours/qemu-vhdx (min-max) | ours/qemu-qcow2 (min-max) |")
 print("|---|---|---|---|---|---|")
 for n in names:
     m = {s: statistics.median(x[0] for x in r[(n, s)]) for s in ("ours", "qemu-vhdx", "qemu-qcow2")}
     b = {s: statistics.median(x[1] for x in r[(n, s)]) for s in ("ours", "qemu-vhdx", "qemu-qcow2")}
     f = lambda s: f'{m[s]:.0f} IOPS, {b[s]:.1f} MiB/s'
-    print(f"| {n} | {f('ours')} | {f('qemu-vhdx')} | {f('qemu-qcow2')} | {m['ours']/max(m['qemu-vhdx'],1):.2f} | {m['ours']/max(m['qemu-qcow2'],1):.2f} |")
+    def ratio(other):
+        v = [p["ours"] / max(p[other], 1) for (nn, _), p in per.items() if nn == n and "ours" in p and other in p]
+        return f"{statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+    print(f"| {n} | {f('ours')} | {f('qemu-vhdx')} | {f('qemu-qcow2')} | {ratio('qemu-vhdx')} | {ratio('qemu-qcow2')} |")
 PY

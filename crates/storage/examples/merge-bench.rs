@@ -2,7 +2,10 @@
 //! differencing leaf, then the rate of a live merge of that leaf into its parent, and the 4 KiB
 //! write latency (p50/p99) of a concurrent writer with and without a merge running.
 //!
-//! usage: cargo run --release -p storage --example merge-bench [SIZE_MIB=512] [DIR=/var/tmp]
+//! Each round uses a fresh image; the latencies of all rounds are pooled, the rates are the
+//! medians of the rounds.
+//!
+//! usage: cargo run --release -p storage --example merge-bench [SIZE_MIB=512] [ROUNDS=3] [DIR=/var/tmp]
 
 use nbd::Export;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -39,10 +42,11 @@ fn writer(
     })
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().collect();
-    let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(512);
-    let base_dir = args.get(2).cloned().unwrap_or_else(|| "/var/tmp".into());
+/// One round on a fresh base image: (sequential MiB/s, merge MiB/s, idle and busy latencies).
+fn round(
+    base_dir: &str,
+    mib: u64,
+) -> Result<(f64, f64, Vec<Duration>, Vec<Duration>), Box<dyn std::error::Error>> {
     let dir = tempfile::Builder::new()
         .prefix("merge-bench")
         .tempdir_in(base_dir)?;
@@ -59,11 +63,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (vm, run) = (dir.path().join("vm"), dir.path().join("run"));
     std::fs::create_dir_all(&vm)?;
     std::fs::create_dir_all(&run)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    let _g = rt.enter();
     let svc = DiskService::start(
         &vm,
         &run,
@@ -75,7 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let chain = svc.chain(0).ok_or("no chain")?;
     let buf = vec![0xa5u8; 1 << 20];
     svc.create_checkpoint(Some("cp".into()), CheckpointKind::Production, None)?;
-    // Sequential 1 MiB writes into the (empty) differencing leaf.
+    // Sequential 1 MiB writes into the (empty) differencing leaf, made durable.
     let t = Instant::now();
     for i in 0..mib {
         chain.write_at(&buf, i << 20, false)?;
@@ -85,9 +84,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Latency of a paced 4 KiB writer without a merge.
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(chain.clone(), size, stop.clone());
-    std::thread::sleep(Duration::from_secs(3));
+    std::thread::sleep(Duration::from_secs(2));
     stop.store(true, Ordering::SeqCst);
-    let mut idle = w.join().map_err(|_| "writer panicked")?;
+    let idle = w.join().map_err(|_| "writer panicked")?;
     // Live merge with the same writer running.
     let stop = Arc::new(AtomicBool::new(false));
     let w = writer(chain.clone(), size, stop.clone());
@@ -97,16 +96,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         match svc.state().jobs.last().map(|j| j.state.clone()) {
             Some(MergeState::Done) => break,
             Some(MergeState::Failed { reason }) => return Err(reason.into()),
-            _ => std::thread::sleep(Duration::from_millis(5)),
+            _ => std::thread::sleep(Duration::from_millis(2)),
         }
     }
     let merge_s = t.elapsed().as_secs_f64();
     stop.store(true, Ordering::SeqCst);
-    let mut busy = w.join().map_err(|_| "writer panicked")?;
-    let rate = mib as f64 / merge_s;
-    println!("sequential 1 MiB write into the leaf: {seq:.0} MiB/s");
+    let busy = w.join().map_err(|_| "writer panicked")?;
+    svc.shutdown();
+    Ok((seq, mib as f64 / merge_s, idle, busy))
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let mib: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let rounds: usize = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let base_dir = args.get(3).cloned().unwrap_or_else(|| "/var/tmp".into());
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let _g = rt.enter();
+    let (mut seqs, mut rates, mut idle, mut busy) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in 0..rounds {
+        let (seq, rate, i, b) = round(&base_dir, mib)?;
+        println!(
+            "round {r}: sequential {seq:.0} MiB/s, merge {rate:.0} MiB/s ({:.0}%), 4 KiB write p99 {:.0} us idle, {:.0} us merging",
+            100.0 * rate / seq,
+            percentile(&mut i.clone(), 0.99),
+            percentile(&mut b.clone(), 0.99)
+        );
+        seqs.push(seq);
+        rates.push(rate);
+        idle.extend(i);
+        busy.extend(b);
+    }
+    let (seq, rate) = (median(&mut seqs), median(&mut rates));
+    println!("sequential 1 MiB write into the leaf (median of {rounds}): {seq:.0} MiB/s");
     println!(
-        "live merge of {mib} MiB: {merge_s:.2} s = {rate:.0} MiB/s ({:.0}% of sequential write)",
+        "live merge of {mib} MiB (median of {rounds}): {rate:.0} MiB/s ({:.0}% of sequential write)",
         100.0 * rate / seq
     );
     let (i50, i99) = (percentile(&mut idle, 0.5), percentile(&mut idle, 0.99));
@@ -115,7 +148,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "4 KiB write latency without merge: p50 {i50:.0} us, p99 {i99:.0} us ({} writes)",
         idle.len()
     );
-    println!("4 KiB write latency during merge:  p50 {b50:.0} us, p99 {b99:.0} us ({} writes), p99 ratio {:.2}", busy.len(), b99 / i99.max(1.0));
-    svc.shutdown();
+    println!(
+        "4 KiB write latency during merge:  p50 {b50:.0} us, p99 {b99:.0} us ({} writes), p99 ratio {:.2}",
+        busy.len(),
+        b99 / i99.max(1.0)
+    );
     Ok(())
 }

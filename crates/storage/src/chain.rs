@@ -51,6 +51,11 @@ pub struct DiskChain {
     /// The absorbing image holds pulled data whose metadata is not flushed yet (guest
     /// writes are journaled meanwhile: they may land in blocks that pull allocated).
     absorb_dirty: std::sync::atomic::AtomicBool,
+    /// During a live merge: offset below which the target holds the leaf's data (chunks
+    /// copied by [`DiskChain::merge_block`]). Guest writes at or above it go to the leaf only
+    /// (the merge copies them later); writes below it go to both. `u64::MAX` (the state a
+    /// merge starts in) mirrors every write.
+    merge_frontier: AtomicU64,
 }
 
 /// A mutating request as [`DiskChain::mutate`] sees it.
@@ -98,6 +103,7 @@ impl DiskChain {
         )
         .map_err(StorageError::image("opening", top))?;
         let c = DiskChain::from_image(Image::Vhdx(Arc::new(l)), false);
+        c.merge_frontier.store(u64::MAX, Ordering::SeqCst);
         c.write().mirror = Some(t);
         Ok(c)
     }
@@ -116,11 +122,21 @@ impl DiskChain {
             unflushed_meta: AtomicU64::new(0),
             journal: OnceLock::new(),
             absorb_dirty: std::sync::atomic::AtomicBool::new(false),
+            merge_frontier: AtomicU64::new(u64::MAX),
         }
     }
 
     fn read(&self) -> RwLockReadGuard<'_, Layers> {
         self.layers.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The layers shared, or `None` while a switch or merge step holds (or waits for) them.
+    fn try_read(&self) -> Option<RwLockReadGuard<'_, Layers>> {
+        match self.layers.try_read() {
+            Ok(g) => Some(g),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
     }
 
     fn write(&self) -> RwLockWriteGuard<'_, Layers> {
@@ -394,6 +410,7 @@ impl DiskChain {
             Ok((t, l)) => {
                 let blocks = l.size().div_ceil(u64::from(l.block_size()));
                 g.top = Some(Image::Vhdx(Arc::new(l)));
+                self.merge_frontier.store(u64::MAX, Ordering::SeqCst);
                 g.mirror = Some(t);
                 Ok((leaf_path, parent_path, blocks))
             }
@@ -407,10 +424,10 @@ impl DiskChain {
         }
     }
 
-    /// Copies block `block` of the leaf into the merge target (idempotent), then flushes the
-    /// target so the copy survives a crash before the progress that records it. The copy goes
-    /// in 1 MiB chunks, each under a lock that excludes guest writes to that chunk only, so a
-    /// guest write waits at most for one chunk's copy.
+    /// Copies block `block` of the leaf into the merge target (idempotent). The copy goes in
+    /// 1 MiB chunks, each under a lock that excludes guest writes to that chunk only, so a
+    /// guest write waits at most for one chunk's copy. The copy is not durable until
+    /// [`DiskChain::merge_sync`]: record progress only after that.
     pub fn merge_block(&self, block: u64) -> Result<()> {
         let g = self.read();
         let (Some(Image::Vhdx(top)), Some(target)) = (&g.top, &g.mirror) else {
@@ -422,9 +439,13 @@ impl DiskChain {
         let start = block.saturating_mul(bs);
         let end = start.saturating_add(bs).min(top.size());
         let tp = target.path();
+        let mut wb = Writeback::open(tp);
         let mut buf = Vec::new();
         let mut off = start;
         while off < end {
+            if let Some(wb) = wb.as_mut() {
+                wb.step(MERGE_CHUNK);
+            }
             let n = MERGE_CHUNK.min(end - off);
             let _c = self.stripes[((off / MERGE_CHUNK) as usize) % STRIPES]
                 .write()
@@ -452,7 +473,35 @@ impl DiskChain {
                 }
             }
             off += n;
+            // Still under this chunk's lock: later guest writes to it go to both layers.
+            self.merge_frontier.store(off, Ordering::SeqCst);
         }
+        Ok(())
+    }
+
+    /// Sets where a (resumed) merge starts copying: the target holds the leaf's data below
+    /// `off` (copied and synced before), so only writes below it need to be mirrored. Call
+    /// before the first [`DiskChain::merge_block`], which then copies upwards from `off`.
+    pub fn set_merge_frontier(&self, off: u64) {
+        let _g = self.read();
+        self.merge_frontier.store(off, Ordering::SeqCst);
+    }
+
+    /// Makes everything [`DiskChain::merge_block`] copied so far durable in the target. The
+    /// bulk of the data is synced first through a separate descriptor, holding no lock that
+    /// guest writes need; the target's own flush (metadata commit, under its lock) then has
+    /// little left to write, so guest writes allocating in the target wait only briefly.
+    pub fn merge_sync(&self) -> Result<()> {
+        let g = self.read();
+        let Some(target) = &g.mirror else {
+            return Err(StorageError::Unsupported(
+                "no merge is running on this disk".into(),
+            ));
+        };
+        let tp = target.path();
+        std::fs::File::open(tp)
+            .and_then(|f| f.sync_data())
+            .map_err(StorageError::io("syncing", tp))?;
         target.flush().map_err(StorageError::image("flushing", tp))
     }
 
@@ -754,16 +803,48 @@ impl DiskChain {
         mirror_op: impl Fn(&Vhdx) -> vhdx::Result<()>,
     ) -> io::Result<()> {
         let g = self.read();
+        self.mutate_locked(
+            &g,
+            Req {
+                off,
+                len,
+                fua,
+                kind,
+                data,
+            },
+            op,
+            mirror_op,
+        )
+    }
+
+    /// [`DiskChain::mutate`] with the layers already held.
+    fn mutate_locked(
+        &self,
+        g: &Layers,
+        Req {
+            off,
+            len,
+            fua,
+            kind,
+            data,
+        }: Req<'_>,
+        op: impl Fn(&Image) -> io::Result<()>,
+        mirror_op: impl Fn(&Vhdx) -> vhdx::Result<()>,
+    ) -> io::Result<()> {
         let top = g.top.as_ref().ok_or_else(gone)?;
         let _s = self.stripe_guards(g.mirror.is_some() || g.absorb.is_some(), off, len);
+        // Under the chunk locks, so the merge cannot pass these chunks meanwhile: a range
+        // wholly above the frontier is copied by the merge later and goes to the leaf only.
+        let mirror = g
+            .mirror
+            .as_ref()
+            .filter(|_| off < self.merge_frontier.load(Ordering::SeqCst));
         let meta = match top {
             Image::Raw { .. } => false,
             Image::Vhdx(v) => {
                 kind != Kind::Write
                     || changes_metadata(v, off, len)
-                    || g.mirror
-                        .as_ref()
-                        .is_some_and(|m| changes_metadata(m, off, len))
+                    || mirror.is_some_and(|m| changes_metadata(m, off, len))
             }
         };
         if meta {
@@ -775,7 +856,7 @@ impl DiskChain {
             if let Some(o) = &g.observer {
                 o.changed(off, len);
             }
-            if let Some(m) = &g.mirror {
+            if let Some(m) = mirror {
                 mirror_op(m).map_err(to_io)?;
             }
             let pending = meta || self.unflushed_meta.load(Ordering::SeqCst) > 0;
@@ -792,7 +873,7 @@ impl DiskChain {
                 None => flush |= pending,
             }
             if flush {
-                self.flush_layers(&g)?;
+                self.flush_layers(g)?;
             }
             Ok(())
         })();
@@ -923,6 +1004,55 @@ impl Export for DiskChain {
         self.flush_layers(&g)
     }
 
+    /// The connection's own task reads when no switch or merge step holds the layers.
+    fn try_read_at(&self, buf: &mut [u8], off: u64) -> Option<io::Result<()>> {
+        let g = self.try_read()?;
+        Some(
+            g.top
+                .as_ref()
+                .ok_or_else(gone)
+                .and_then(|t| t.read_at(buf, off)),
+        )
+    }
+
+    /// The connection's own task writes only what needs no waiting: data overwriting
+    /// allocated data of the leaf, with no merge running, nothing to journal and no flush
+    /// pending. Everything else (allocations, journaled writes) takes the blocking path.
+    fn try_write_at(&self, buf: &[u8], off: u64) -> Option<io::Result<()>> {
+        if self.read_only {
+            return None;
+        }
+        let g = self.try_read()?;
+        if g.mirror.is_some()
+            || g.absorb.is_some()
+            || self.unflushed_meta.load(Ordering::SeqCst) > 0
+        {
+            return None;
+        }
+        if let Some(j) = self.journal.get() {
+            if !j.try_is_empty()? {
+                return None;
+            }
+        }
+        let len = buf.len() as u64;
+        match g.top.as_ref()? {
+            Image::Vhdx(v) if changes_metadata(v, off, len) => return None,
+            _ => {}
+        }
+        Some(self.mutate_locked(
+            &g,
+            Req {
+                off,
+                len,
+                fua: false,
+                kind: Kind::Write,
+                data: buf,
+            },
+            |t| t.write_at(buf, off),
+            |m| m.write_at(buf, off),
+        ))
+    }
+
     fn trim(&self, off: u64, len: u64, fua: bool) -> io::Result<()> {
         self.mutate(
             Req {
@@ -960,6 +1090,49 @@ impl Export for DiskChain {
             .as_ref()
             .ok_or_else(gone)?
             .block_status(off, len)
+    }
+}
+
+/// Unwritten merge data allowed in the page cache before the merger waits for it.
+const WRITEBACK_WINDOW: u64 = 8 << 20;
+
+/// Paces the merge's writes to the target file: writeback starts as data is copied, and
+/// the merger waits for it every [`WRITEBACK_WINDOW`], so the target never holds much dirty
+/// data. Otherwise a later sync has hundreds of MiB to write, and on ext4 its journal commit
+/// (data=ordered) stalls every writer of the file system for that long, the guest included.
+/// `sync_file_range` writes data only and commits no journal, so it stalls nobody but the
+/// merger. Best effort: without it a merge is only less smooth.
+struct Writeback {
+    file: std::fs::File,
+    since_wait: u64,
+}
+
+impl Writeback {
+    fn open(path: &Path) -> Option<Writeback> {
+        std::fs::File::open(path)
+            .map(|file| Writeback {
+                file,
+                since_wait: 0,
+            })
+            .map_err(|e| tracing::debug!("pacing merge writeback of {}: {e}", path.display()))
+            .ok()
+    }
+
+    /// Called before each chunk: starts writeback of what was copied so far, and every
+    /// window waits for it to reach the disk.
+    fn step(&mut self, copied: u64) {
+        use std::os::fd::AsRawFd;
+        self.since_wait += copied;
+        let mut flags = libc::SYNC_FILE_RANGE_WRITE;
+        if self.since_wait >= WRITEBACK_WINDOW {
+            self.since_wait = 0;
+            flags |= libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+        }
+        // SAFETY: sync_file_range on a descriptor this struct owns; it reads no memory of ours.
+        let r = unsafe { libc::sync_file_range(self.file.as_raw_fd(), 0, 0, flags) };
+        if r != 0 {
+            tracing::debug!("sync_file_range: {}", std::io::Error::last_os_error());
+        }
     }
 }
 

@@ -141,6 +141,16 @@ impl Journal {
         self.lock().len == 0
     }
 
+    /// Whether nothing was journaled since the last reset; `None` instead of waiting while
+    /// the journal is busy (being appended to or flushed).
+    pub(crate) fn try_is_empty(&self) -> Option<bool> {
+        match self.st.try_lock() {
+            Ok(st) => Some(st.len == 0),
+            Err(std::sync::TryLockError::Poisoned(p)) => Some(p.into_inner().len == 0),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        }
+    }
+
     /// Appends one request; returns the journal's size afterwards.
     pub(crate) fn append(&self, kind: Kind, off: u64, len: u64, data: &[u8]) -> io::Result<u64> {
         let mut st = self.lock();

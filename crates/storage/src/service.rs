@@ -9,6 +9,10 @@ use crate::state::{
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// How often a live merge records its progress (each time after syncing the target).
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// One disk as configured.
 #[derive(Debug, Clone)]
@@ -404,20 +408,33 @@ impl DiskService {
             }
             let bs = chain.merge_block_size().unwrap_or(1).max(1);
             let total = nbd::Export::size(chain.as_ref()).div_ceil(bs);
+            // Blocks below next_block are in the target (synced before they were recorded).
+            chain.set_merge_frontier(next_block.saturating_mul(bs));
             self.update_job(id, |j| j.total_blocks = total)?;
+            // Progress is recorded at most every PROGRESS_EVERY, each time after the
+            // target is synced: a crash resumes from the last record and copies the blocks
+            // after it again (copying is idempotent; the leaf still holds everything).
+            let mut recorded = Instant::now();
             while next_block < total {
                 if self.closing.load(Ordering::SeqCst) {
                     return Ok(());
                 }
                 if self.cancel.load(Ordering::SeqCst) {
+                    chain.merge_sync()?;
                     self.update_job(id, |j| j.state = MergeState::Cancelled { next_block })?;
                     tracing::info!(job = %id, next_block, "merge cancelled");
                     return Ok(());
                 }
                 chain.merge_block(next_block)?;
                 next_block += 1;
-                self.update_job(id, |j| j.state = MergeState::Copying { next_block })?;
+                if next_block < total && recorded.elapsed() >= PROGRESS_EVERY {
+                    chain.merge_sync()?;
+                    self.update_job(id, |j| j.state = MergeState::Copying { next_block })?;
+                    recorded = Instant::now();
+                }
             }
+            // Sync now, while guest I/O flows, so finish_merge (which holds it) is short.
+            chain.merge_sync()?;
             let cp_id = job.checkpoint.clone();
             let disk = job.disk;
             let top = chain.finish_merge(|target| {
@@ -431,6 +448,12 @@ impl DiskService {
                     .iter_mut()
                     .find(|j| j.id == id)
                     .ok_or_else(|| StorageError::NotFound(id.into()))?;
+                // Deleted right after this commit; recorded so that the next start deletes
+                // it if a crash comes in between.
+                if !j.obsolete.contains(&j.top) {
+                    let merged = j.top.clone();
+                    j.obsolete.push(merged);
+                }
                 match (next, cp) {
                     (Some(n), Some(c)) => {
                         j.disk = n;

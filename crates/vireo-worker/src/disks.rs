@@ -1,7 +1,8 @@
 //! The VM's disk service (every disk is an NBD export of `storage`) and the checkpoint and
 //! job routes of the control API. The guest is quiesced here, around the storage calls:
 //! production checkpoints freeze the guest's file systems through the agent; standard ones
-//! pause the VM, switch the disks and save memory and device state, then resume.
+//! pause the VM, switch the disks and save memory and device state with QEMU's background
+//! snapshot, so the vCPUs run again before the RAM is written (see [`crate::checkpoint`]).
 
 use crate::vm::Vm;
 use anyhow::Context;
@@ -16,10 +17,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use storage::wire::{checkpoint_info, job_info, tree};
 use storage::{CheckpointKind, DiskConfig, DiskService, StorageError};
 
@@ -169,24 +169,21 @@ async fn create(
         CheckpointType::Standard => {
             let dir = VM_DIR.get().cloned().unwrap_or_default();
             let state_file = dir.join(format!("vmstate-{}.bin", uuid_like()));
-            let t = Instant::now();
-            vm.qmp.stop().await.map_err(failed)?;
             let name = req.name.clone();
-            let s2 = s.clone();
             let sf = state_file.clone();
-            let r =
-                blocking(move || s2.create_checkpoint(name, CheckpointKind::Standard, Some(sf)))
-                    .await;
-            let r = match r {
-                Ok(c) => save_state(&vm, &state_file).await.map(|_| c),
-                Err(e) => Err(e),
-            };
-            let _ = vm.qmp.cont().await;
+            let (r, taken) = crate::checkpoint::take_standard(&vm, &state_file, move || {
+                s.create_checkpoint(name, CheckpointKind::Standard, Some(sf))
+            })
+            .await
+            .map_err(|e| failed(format!("{e:#}")))?;
             tracing::info!(
-                paused_ms = t.elapsed().as_millis() as u64,
+                paused_ms = taken.paused.as_millis() as u64,
+                total_ms = taken.total.as_millis() as u64,
+                background = taken.background,
                 "standard checkpoint"
             );
             r.map(|c| Json(checkpoint_info(&c)))
+                .map_err(DiskError::from)
         }
     }
 }
@@ -199,42 +196,6 @@ fn uuid_like() -> String {
             .map(|d| d.as_nanos())
             .unwrap_or(0)
     )
-}
-
-/// Saves memory and device state of the paused VM to `path` (QEMU migration to a file).
-async fn save_state(vm: &Vm, path: &std::path::Path) -> Result<(), DiskError> {
-    let uri = format!(
-        "exec:cat > {}",
-        crate::vm::shell_quote(&path.to_string_lossy())
-    );
-    vm.qmp
-        .execute("migrate", Some(json!({ "uri": uri })))
-        .await
-        .map_err(failed)?;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let m = vm
-            .qmp
-            .execute("query-migrate", None)
-            .await
-            .map_err(failed)?;
-        match m.get("status").and_then(|s| s.as_str()) {
-            Some("completed") => return Ok(()),
-            Some("failed") | Some("cancelled") => {
-                return Err(DiskError(
-                    ErrorKind::Failed,
-                    format!("saving memory state failed: {m}"),
-                ))
-            }
-            _ if Instant::now() > deadline => {
-                return Err(DiskError(
-                    ErrorKind::Failed,
-                    "saving memory state timed out".into(),
-                ))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
 }
 
 async fn remove(

@@ -3,6 +3,7 @@
 //! vireod's control API on `worker.sock`, relays the serial console, and runs the guest
 //! integration services. It exits when QEMU exits, leaving `exit.json` to say why.
 
+mod checkpoint;
 mod console;
 mod control;
 mod disks;

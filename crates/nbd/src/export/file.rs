@@ -121,6 +121,14 @@ impl Export for FileExport {
         self.fua(fua)
     }
 
+    fn try_read_at(&self, buf: &mut [u8], off: u64) -> Option<io::Result<()>> {
+        Some(self.read_at(buf, off))
+    }
+
+    fn try_write_at(&self, buf: &[u8], off: u64) -> Option<io::Result<()>> {
+        Some(self.write_at(buf, off, false))
+    }
+
     fn flush(&self) -> io::Result<()> {
         if self.read_only {
             return Ok(());
