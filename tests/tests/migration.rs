@@ -333,6 +333,42 @@ fn faults_leave_vm_on_source() {
     verify(a);
 }
 
+/// A small tmpfs mounted at a directory for the life of the value (a disk that fills up).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mounting a tmpfs at {}", dir.display());
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// The pid of a vireo-worker started by host `h` (its run directory is under h's state).
+fn worker_pid(h: &NsHost) -> Option<i32> {
+    let state = h.state_dir().display().to_string();
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+        let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        (cmd.contains("vireo-worker") && cmd.contains(&state)).then_some(pid)
+    })
+}
+
 /// Files in `dir` (empty when it does not exist).
 fn files_in(dir: &std::path::Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -390,12 +426,33 @@ fn shared_nothing_move_and_faults() {
     let c0 = wait_counter_above(a, 3);
     let cp = a.ok(&["checkpoint", "new", "g", "cp1", "--type", "production"]);
     assert!(cp.contains("cp1"), "{cp}");
+    // A standard checkpoint too: its memory state file must move with the disks.
+    let cp = a.ok(&["checkpoint", "new", "g", "cp2", "--type", "standard"]);
+    assert!(cp.contains("cp2"), "{cp}");
     let c0 = wait_counter_above(a, c0);
     let before = files_in(&src);
     assert!(
-        before.len() >= 4,
-        "expected two chains of two files: {before:?}"
+        before.len() >= 6,
+        "expected two chains of three files: {before:?}"
     );
+    let mem_state = |h: &NsHost| -> std::path::PathBuf {
+        let l: serde_json::Value =
+            serde_json::from_str(&h.ok(&["checkpoint", "list", "g", "--json"])).expect("json");
+        let m = l
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == "cp2"))
+            .and_then(|c| c["memory_state"].as_str())
+            .unwrap_or_else(|| panic!("cp2 has no memory state: {l:#}"));
+        std::path::PathBuf::from(m)
+    };
+    let state_a = mem_state(a);
+    let state_bytes = std::fs::read(&state_a).expect("memory state on A");
+    assert!(state_bytes.len() > 1 << 20, "memory state too small");
+    let state_name = state_a
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
 
     let dst = c.dir.path().join("b-disks");
     let out = a.ok(&[
@@ -425,11 +482,20 @@ fn shared_nothing_move_and_faults() {
     let mut after = files_in(&dst);
     after.sort();
     let mut want = before.clone();
+    want.push(state_name.clone());
     want.sort();
     assert_eq!(after, want, "the destination holds another set of files");
     assert_eq!(b.show("g")["state"], "running");
     let listed = b.ok(&["checkpoint", "list", "g"]);
     assert!(listed.contains("cp1"), "{listed}");
+    // The standard checkpoint's memory state moved, byte for byte, and A's copy is gone.
+    let state_b = mem_state(b);
+    assert_eq!(state_b, dst.join(&state_name));
+    assert!(
+        std::fs::read(&state_b).expect("memory state on B") == state_bytes,
+        "the memory state file differs on B"
+    );
+    assert!(!state_a.exists(), "A kept {}", state_a.display());
     let mut n = wait_counter_above(b, c0);
     // The data written before, during and after the copy verifies on B.
     let last = verify(b);
@@ -484,6 +550,77 @@ fn shared_nothing_move_and_faults() {
         assert!(
             Instant::now() < deadline,
             "partial copies stay on A: {:?}",
+            files_in(&back)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // The destination's disk fills up during the copy (A's directory is a 4 MiB tmpfs):
+    // the move fails naming the full disk, nothing stays on A.
+    let full = c.dir.path().join("a-full");
+    let _small = SmallFs::mount(&full, "4M");
+    let into = full.join("g");
+    let id = b
+        .ok(&[
+            "vm",
+            "move",
+            "g",
+            "--to",
+            &a.addr,
+            "--include-storage",
+            "--destination-path",
+            into.to_str().unwrap(),
+            "--no-wait",
+        ])
+        .trim()
+        .to_string();
+    let j = wait_job(b, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    let msg = j["message"].as_str().unwrap_or_default().to_lowercase();
+    assert!(msg.contains("full") || msg.contains("space"), "{j:#}");
+    n = assert_on_source_only(b, a, n);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_in(&full).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "partial copies stay on the full disk: {:?} {:?}",
+            files_in(&full),
+            files_in(&into)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+
+    // kill -9 of the destination's worker (its QEMU waiting for the memory) during the disk
+    // copy: the move fails, A removes what it received.
+    let id = b
+        .ok(&[
+            "vm",
+            "move",
+            "g",
+            "--to",
+            &a.addr,
+            "--include-storage",
+            "--destination-path",
+            back.to_str().unwrap(),
+            "--bandwidth",
+            "2M",
+            "--no-wait",
+        ])
+        .trim()
+        .to_string();
+    wait_job(b, &id, "disk copy", |j| {
+        j["phase"] == "copying_disks" && j["disk_transferred"].as_u64().unwrap_or(0) > (1 << 20)
+    });
+    let pid = worker_pid(a).unwrap_or_else(|| panic!("no incoming worker on A"));
+    // SAFETY: kill(2) of a process this test's daemon started.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let j = wait_job(b, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    n = assert_on_source_only(b, a, n);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_in(&back).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "partial copies stay on A after its worker died: {:?}",
             files_in(&back)
         );
         std::thread::sleep(Duration::from_millis(250));

@@ -358,13 +358,33 @@ fn disk_service() -> Result<Arc<storage::DiskService>, MigError> {
         .ok_or_else(|| MigError("the disk service is not running".into()))
 }
 
+/// The memory-state files of standard checkpoints: they travel with disk 0's chain in a
+/// shared-nothing move (byte copies with a CRC32C check, like the frozen layers).
+fn memory_states(svc: &storage::DiskService) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for c in svc.state().checkpoints {
+        if let Some(m) = c.memory_state {
+            if !out.contains(&m) {
+                out.push(m);
+            }
+        }
+    }
+    out
+}
+
 async fn chain_files(State(_vm): State<Arc<Vm>>) -> R<WorkerChainFiles> {
     let svc = disk_service()?;
-    Ok(Json(WorkerChainFiles {
-        disks: (0..svc.disks())
-            .map(|d| crate::storage_move::chain_files(&svc, d))
-            .collect(),
-    }))
+    let mut disks: Vec<Vec<std::path::PathBuf>> = (0..svc.disks())
+        .map(|d| crate::storage_move::chain_files(&svc, d))
+        .collect();
+    if let Some(first) = disks.first_mut() {
+        for m in memory_states(&svc) {
+            if !first.contains(&m) {
+                first.push(m);
+            }
+        }
+    }
+    Ok(Json(WorkerChainFiles { disks }))
 }
 
 /// Cancels mirrors off the async runtime (cancel joins the mirror thread).
@@ -406,6 +426,11 @@ async fn mirror_start(State(_vm): State<Arc<Vm>>, Json(req): Json<WorkerMirrorSt
                     let sink = StreamSink::new(rt.handle().clone(), stream);
                     let opts = MirrorOptions {
                         max_bytes_per_sec: limit,
+                        extra_frozen: if i == 0 {
+                            memory_states(&svc)
+                        } else {
+                            Vec::new()
+                        },
                         ..Default::default()
                     };
                     svc.mirror_disk(i, Box::new(sink), opts)

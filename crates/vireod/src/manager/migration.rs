@@ -1664,6 +1664,10 @@ fn plan_storage(
                     *img = t;
                 }
             }
+            // Standard checkpoints' memory state travels with disk 0's chain.
+            if let Some(t) = c.memory_state.as_deref().and_then(to) {
+                c.memory_state = Some(t);
+            }
         }
         for j in &mut st.jobs {
             for p in [&mut j.top, &mut j.target] {
