@@ -129,8 +129,10 @@ fn refusals(h: &Host) {
 /// Three VMs on an external switch whose uplink leads into a host namespace: VLAN reach and
 /// isolation, trunk sub-interfaces, the uplink (with a checksummed transfer), iperf3 and a
 /// bandwidth limit, mirroring, pcap capture, ACL, MAC and ARP spoofing.
+///
+/// Green 2026-11-28 at 10:49, then (after a guest boot timeout at load 27) at 11:09 and 11:22
+/// in a row: 436 s and 780 s wall at load 15-16, about 135 s of it after boot.
 #[test]
-#[ignore = "green once (2026-11-28 10:49, 648 s at load 20+, after the uplink ping fix); the next run timed out booting a guest (480 s, load 27); to be un-ignored after two green runs in a row; run with --ignored"]
 fn switch_vlans_uplink_qos_monitoring() {
     const SW: &str = "ext";
     let h = SwitchHost::start();
