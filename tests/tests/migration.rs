@@ -438,7 +438,7 @@ fn shared_nothing_move_and_faults() {
     let mem_state = |h: &NsHost| -> std::path::PathBuf {
         let l: serde_json::Value =
             serde_json::from_str(&h.ok(&["checkpoint", "list", "g", "--json"])).expect("json");
-        let m = l
+        let m = l["checkpoints"]
             .as_array()
             .and_then(|a| a.iter().find(|c| c["name"] == "cp2"))
             .and_then(|c| c["memory_state"].as_str())
