@@ -631,7 +631,7 @@ where
                 // Let other tasks run now and then when a client keeps the
                 // reader busy with a stream of inline requests.
                 inline_run += 1;
-                if inline_run % 64 == 0 {
+                if inline_run.is_multiple_of(64) {
                     tokio::task::yield_now().await;
                 }
                 continue;

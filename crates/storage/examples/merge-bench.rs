@@ -42,11 +42,11 @@ fn writer(
     })
 }
 
-/// One round on a fresh base image: (sequential MiB/s, merge MiB/s, idle and busy latencies).
-fn round(
-    base_dir: &str,
-    mib: u64,
-) -> Result<(f64, f64, Vec<Duration>, Vec<Duration>), Box<dyn std::error::Error>> {
+/// Sequential MiB/s, merge MiB/s, latencies without and during the merge.
+type Round = (f64, f64, Vec<Duration>, Vec<Duration>);
+
+/// One round on a fresh base image.
+fn round(base_dir: &str, mib: u64) -> Result<Round, Box<dyn std::error::Error>> {
     let dir = tempfile::Builder::new()
         .prefix("merge-bench")
         .tempdir_in(base_dir)?;
