@@ -53,7 +53,7 @@ async fn action(
     Path((vm, action)): Path<(String, String)>,
     body: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let req: FailoverRequest = if body.is_empty() {
+    let req: FailoverRequest = if body.is_empty() || &body[..] == b"null" {
         FailoverRequest::default()
     } else {
         serde_json::from_slice(&body)

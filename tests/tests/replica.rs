@@ -1,0 +1,328 @@
+//! Replica between two vireod hosts in network namespaces: a generation 1 guest writes
+//! checksummed 4 KiB records to its data disk while host A replicates it (continuous mode)
+//! to host B. Proves: refusals (host not allowed, VM not replicated, commit without a
+//! failover); the initial replication completes and cycles follow; a recovery point cut
+//! while the guest writes holds only whole, valid records (crash-consistent); after the
+//! writer stops, the latest point is byte-identical to the primary's disk at that cut
+//! (read host-side from the VHDX chain); unplanned failover after kill -9 of A's vireod,
+//! worker and QEMU and a cut link starts the VM on B from the latest point with every
+//! record valid and nothing older than the verified cut; commit.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+use vireo_e2e::multihost::{Cluster, NsHost};
+use vireo_e2e::*;
+
+const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
+D=$(for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 32768 ] && echo /dev/${d##*/}; done | head -1)
+i=$(cat /tmp/counter 2>/dev/null || echo 0)
+while true; do
+  i=$((i+1))
+  head -c 4000 /dev/urandom > /tmp/r
+  s=$(sha256sum /tmp/r | cut -c1-64)
+  { cat /tmp/r; printf '%s %s\n' "$i" "$s"; } > /tmp/rec
+  dd if=/tmp/rec of=$D bs=4096 seek=$((i % 64)) count=1 conv=sync,fsync 2>/dev/null
+  echo $i > /tmp/counter
+  sleep 0.05
+done
+EOS
+setsid sh /tmp/w.sh >/dev/null 2>&1 &
+echo $! > /tmp/w.pid; echo started"#;
+
+/// Record checks inside the guest (after a failover): every record's checksum and slot;
+/// prints `OK <max seq> <records>`.
+const CHECK: &str = r#"D=$(for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 32768 ] && echo /dev/${d##*/}; done | head -1)
+max=0; n=0; bad=""
+for k in $(seq 0 63); do
+  dd if=$D of=/tmp/b bs=4096 skip=$k count=1 2>/dev/null
+  t=$(dd if=/tmp/b bs=1 skip=4000 2>/dev/null | tr -d '\000')
+  [ -z "$t" ] && continue
+  seq=${t%% *}; sum=${t#* }
+  got=$(head -c 4000 /tmp/b | sha256sum | cut -c1-64)
+  [ "$got" = "$sum" ] || bad="$bad sum@$k"
+  [ $((seq % 64)) -eq $k ] || bad="$bad slot@$k"
+  [ $seq -gt $max ] && max=$seq
+  n=$((n+1))
+done
+if [ -z "$bad" ]; then echo "OK $max $n"; else echo "BAD$bad"; fi"#;
+
+fn status(h: &NsHost) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&h.ok(&["replica", "status", "--json"]))
+        .expect("status json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn wait_status(
+    h: &NsHost,
+    what: &str,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = status(h);
+        if let Some(v) = s.iter().find(|v| v["vm"] == "g" && pred(v)) {
+            return v.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "[{}] waited {secs}s for {what}: {s:#?}\nlog tail:\n{}",
+            h.ns,
+            tail(&h.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The data disk (index 1) of recovery point `id` in B's replica store, as raw bytes
+/// (read host-side through the VHDX chain with `vireo disk convert`).
+fn point_data(store: &Path, id: u64, scratch: &Path) -> Vec<u8> {
+    let src = store.join(format!("p-{id}")).join("disk1.avhdx");
+    let dst = scratch.join(format!("p{id}.raw"));
+    let _ = std::fs::remove_file(&dst);
+    let o = Command::new(bin("vireo"))
+        .args(["disk", "convert"])
+        .arg(&src)
+        .arg(&dst)
+        .args(["--format", "raw"])
+        .output()
+        .expect("vireo disk convert");
+    assert!(
+        o.status.success(),
+        "reading point {id}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let b = std::fs::read(&dst).expect("raw point");
+    let _ = std::fs::remove_file(&dst);
+    b
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    let mut c = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    {
+        use std::io::Write;
+        let mut i = c.stdin.take().expect("stdin");
+        i.write_all(b).expect("write");
+    }
+    let o = c.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)[..64].to_string()
+}
+
+/// Host-side check of the records in a raw data disk image: every non-empty record of the
+/// 64 slots holds a valid checksum in its own slot. Returns the highest sequence number.
+fn check_records(img: &[u8]) -> u64 {
+    let mut max = 0;
+    for k in 0..64usize {
+        let rec = &img[k * 4096..(k + 1) * 4096];
+        let tailb: Vec<u8> = rec[4000..].iter().copied().filter(|&b| b != 0).collect();
+        if tailb.is_empty() {
+            continue;
+        }
+        let t = String::from_utf8_lossy(&tailb).trim().to_string();
+        let (seq, sum) = t
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("slot {k}: {t:?}"));
+        let seq: u64 = seq.parse().unwrap_or_else(|_| panic!("slot {k}: {t:?}"));
+        assert_eq!(sha256_hex(&rec[..4000]), sum, "slot {k}: torn record {seq}");
+        assert_eq!(seq % 64, k as u64, "slot {k} holds record {seq}");
+        max = max.max(seq);
+    }
+    max
+}
+
+fn kill_all(h: &NsHost) {
+    h.kill9();
+    if let Ok(rd) = std::fs::read_dir(h.state_dir().join("run")) {
+        for e in rd.flatten() {
+            for f in ["worker.pid", "qemu.pid"] {
+                if let Some(pid) = std::fs::read_to_string(e.path().join(f))
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn replicate_verify_and_unplanned_failover() {
+    let t0 = Instant::now();
+    let env: &[(&str, &str)] = &[("VIREO_TEST_REPLICA_BUCKET_MS", "1")];
+    let c = Cluster::start(2, &[env, env]);
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let boot_raw = guest_disk(c.dir.path(), 1, GuestAgent::Vireo);
+    let boot = c.dir.path().join("boot.vhdx");
+    a.ok(&[
+        "disk",
+        "convert",
+        boot_raw.to_str().unwrap(),
+        boot.to_str().unwrap(),
+    ]);
+    let data = c.dir.path().join("data.vhdx");
+    a.ok(&["disk", "new", data.to_str().unwrap(), "--size", "16M"]);
+    a.ok(&[
+        "vm",
+        "new",
+        "g",
+        "--generation",
+        "1",
+        "--memory",
+        "256M",
+        "--disk",
+        boot.to_str().unwrap(),
+        "--disk",
+        data.to_str().unwrap(),
+    ]);
+
+    // Refusals: B allows no replicas yet; nothing is replicated; nothing to commit.
+    let e = a.fails(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        &b.addr,
+        "--interval",
+        "continuous",
+    ]);
+    assert!(e.contains("does not accept replicas"), "{e}");
+    let e = b.fails(&["replica", "failover", "nosuch"]);
+    assert!(
+        e.contains("no replicas") || e.contains("not replicated"),
+        "{e}"
+    );
+    let rpath = c.dir.path().join("replicas");
+    b.ok(&[
+        "host",
+        "set",
+        "--allow-replica-from",
+        "10.77.0.1",
+        "--replica-path",
+        rpath.to_str().unwrap(),
+    ]);
+    let e = b.fails(&["replica", "failover", "nosuch"]);
+    assert!(e.contains("not replicated to this host"), "{e}");
+    let e = a.fails(&["replica", "failover", "nosuch", "--planned"]);
+    assert!(e.contains("not replicated"), "{e}");
+
+    a.ok(&["vm", "start", "g"]);
+    a.wait_heartbeat("g");
+    let (code, out) = a.exec("g", WRITER);
+    assert_eq!(code, 0, "{out}");
+    let out = a.ok(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        &b.addr,
+        "--interval",
+        "continuous",
+        "--recovery-points",
+        "4",
+        "--start",
+    ]);
+    assert!(out.contains("enabled"), "{out}");
+    let e = b.fails(&["replica", "commit", "g"]);
+    assert!(
+        e.contains("not replicated") || e.contains("has not failed over"),
+        "{e}"
+    );
+
+    // Initial replication, then cycles.
+    let st = wait_status(a, "initial replication and two cycles", 180, |v| {
+        v["state"] == "replicating" && v["cycles"].as_u64().unwrap_or(0) >= 2
+    });
+    println!("primary after initial replication: {st}");
+    let e = b.fails(&["replica", "commit", "g"]);
+    assert!(e.contains("has not failed over"), "{e}");
+    let store = rpath.join("g").join("store");
+
+    // A point cut while the guest writes: only whole, valid records.
+    let rs = wait_status(b, "a recovery point", 60, |v| {
+        !v["points"].as_array().map(|p| p.is_empty()).unwrap_or(true)
+    });
+    let id = rs["points"].as_array().unwrap().last().unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let img = point_data(&store, id, c.dir.path());
+    let max_mid = check_records(&img);
+    println!("point {id} (guest writing): records up to {max_mid}, all valid");
+
+    // Stop the writer; the next cut equals the primary's disk byte for byte.
+    let (code, out) = a.exec(
+        "g",
+        "kill $(cat /tmp/w.pid); sleep 0.3; sync; cat /tmp/counter; D=$(for d in /sys/block/sd* /sys/block/vd*; do [ \"$(cat $d/size 2>/dev/null)\" = 32768 ] && echo /dev/${d##*/}; done | head -1); dd if=$D bs=1M count=16 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(code, 0, "{out}");
+    let mut lines = out.lines();
+    let stopped_at: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("counter");
+    let primary_sum = lines.next().expect("sum").trim().to_string();
+    let t_stop = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let rs = wait_status(b, "a point cut after the writer stopped", 90, |v| {
+        v["last_cut_unix_ms"].as_u64().unwrap_or(0) > t_stop + 500
+    });
+    let id = rs["points"].as_array().unwrap().last().unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let img = point_data(&store, id, c.dir.path());
+    assert_eq!(
+        sha256_hex(&img),
+        primary_sum,
+        "point {id} differs from the primary's data disk at the cut"
+    );
+    assert_eq!(check_records(&img), stopped_at);
+    println!("point {id} == primary (record {stopped_at}); status on B: {rs}");
+    let text = b.ok(&["replica", "status"]);
+    assert!(text.contains("replica") && text.contains("g"), "{text}");
+
+    // Unplanned: the writer runs again, then host A dies (daemon, worker, QEMU) and its link goes.
+    let (code, out) = a.exec("g", WRITER);
+    assert_eq!(code, 0, "{out}");
+    std::thread::sleep(Duration::from_secs(3));
+    kill_all(a);
+    a.link(false);
+    let out = b.ok(&["replica", "failover", "g"]);
+    println!("{out}");
+    assert!(out.contains("started VM g"), "{out}");
+    b.wait_heartbeat("g");
+    let (code, out) = b.exec("g", CHECK);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.starts_with("OK "), "records after failover: {out}");
+    let max: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        max >= stopped_at,
+        "the failed-over VM lost records: max {max} < verified {stopped_at}"
+    );
+    let e = b.fails(&["replica", "test-stop", "g"]);
+    assert!(e.contains("no test failover"), "{e}");
+    let out = b.ok(&["replica", "commit", "g"]);
+    assert!(out.contains("committed"), "{out}");
+    let e = b.fails(&["replica", "commit", "g"]);
+    assert!(e.contains("already committed"), "{e}");
+    let e = b.fails(&["replica", "cancel-failover", "g"]);
+    assert!(e.contains("cannot be cancelled"), "{e}");
+    b.ok(&["vm", "turn-off", "g"]);
+    println!("replica e2e wall time: {:.0}s", t0.elapsed().as_secs_f64());
+    let _ = PathBuf::new();
+}
