@@ -482,6 +482,17 @@ fn libvirt_console_start(sock: &Path, line: &str) -> anyhow::Result<()> {
         }
     }
     c.write_all(format!("setsid sh -c '{line}' >/dev/null 2>&1 </dev/null &\n").as_bytes())?;
+    // Stay connected until the ticker shows (QEMU may drop input still queued at a hang-up).
+    let until = Instant::now() + Duration::from_secs(60);
+    let mut ticks = 0;
+    while ticks < 5 {
+        if Instant::now() > until {
+            bail!("the libvirt guest's load did not start (no ticks on its serial console)");
+        }
+        if let Ok(n) = c.read(&mut buf) {
+            ticks += buf[..n].iter().filter(|&&b| b == TICK).count();
+        }
+    }
     Ok(())
 }
 
