@@ -16,6 +16,6 @@ for g in 1 2; do
   "$TARGET"/debug/xtask guest-image --generation "$g" --agent vireo --out "$TARGET/guest-gen$g.img" >/dev/null
 done
 echo "== tests"
-# Every test binary, in parallel lanes (one end-to-end lane beside the crate tests),
+# Every test binary, in parallel lanes (crate tests first beside the end-to-end lane),
 # one line per binary with its wall time; failures print their whole output.
 "$TARGET"/debug/xtask test-suite --jobs 2 --e2e-jobs 2 --test-threads 2
