@@ -837,7 +837,16 @@ mod tests {
         t.commit(1, false).unwrap();
         drop(t);
         let (t, r) = ChangeTracker::open(&d.path().join("a.cbt"), size).unwrap();
-        assert!(matches!(r, Resume::Resumed { dirty_grains: 7, .. }), "{r:?}");
+        assert!(
+            matches!(
+                r,
+                Resume::Resumed {
+                    dirty_grains: 7,
+                    ..
+                }
+            ),
+            "{r:?}"
+        );
         attach(&c, t.clone()).unwrap();
         let disks = [TrackedDisk {
             chain: c.clone(),

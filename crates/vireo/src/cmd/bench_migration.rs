@@ -280,7 +280,7 @@ impl Bench {
             lv_root: [dir.join("la"), dir.join("lb")],
         };
         run_ok(Command::new("ip").args(["-n", &ns, "link", "set", "lo", "up"]))?;
-        for i in 0..2 {
+        for (i, port) in VIREO_PORTS.iter().enumerate() {
             let d = b.vireo_state[i].clone();
             std::fs::create_dir_all(&d)?;
             let log = std::fs::File::create(d.join("vireod.log"))?;
@@ -291,7 +291,7 @@ impl Bench {
                 .arg(d.join("s"))
                 .arg("--socket")
                 .arg(d.join("vireod.sock"))
-                .args(["--listen", &format!("127.0.0.1:{}", VIREO_PORTS[i])])
+                .args(["--listen", &format!("127.0.0.1:{port}")])
                 .stdin(Stdio::null())
                 .stdout(Stdio::from(log.try_clone()?))
                 .stderr(Stdio::from(log))

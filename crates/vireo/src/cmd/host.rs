@@ -72,8 +72,7 @@ pub async fn run(client: &Client, cmd: HostCommand) -> anyhow::Result<()> {
         } => {
             if allow_replica_from.is_some() || replica_path.is_some() {
                 super::replica::host_set(client, allow_replica_from, replica_path, json).await?;
-                if memory_reserve.is_none() && memory_budget.is_none() && max_migrations.is_none()
-                {
+                if memory_reserve.is_none() && memory_budget.is_none() && max_migrations.is_none() {
                     return Ok(());
                 }
             }
