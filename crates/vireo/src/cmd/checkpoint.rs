@@ -194,18 +194,21 @@ pub async fn run(client: &Client, cmd: CheckpointCommand) -> anyhow::Result<()> 
                 .await?;
             // A restore from the memory state reports `starting` until QEMU has loaded it;
             // wait that out (bounded) so the message says where the VM ended up.
+            // The daemon's state cache lags the start by up to a supervision round, so
+            // another state is trusted only once it has lasted a few seconds.
             let mut running = false;
+            let mut other = 0;
             for _ in 0..120 {
                 match client.get::<api::VmInfo>(&format!("/v1/vms/{vm}")).await {
-                    Ok(v) if v.state == api::VmState::Starting => {
-                        tokio::time::sleep(std::time::Duration::from_millis(500)).await
-                    }
-                    Ok(v) => {
-                        running = v.state == api::VmState::Running;
+                    Ok(v) if v.state == api::VmState::Running => {
+                        running = true;
                         break;
                     }
-                    Err(_) => break,
+                    Ok(v) if v.state == api::VmState::Starting => {}
+                    Ok(_) if c.memory_state.is_some() && other < 10 => other += 1,
+                    _ => break,
                 }
+                tokio::time::sleep(std::time::Duration::from_millis(500)).await
             }
             println!(
                 "VM {vm} reverted to checkpoint {}{}",
