@@ -440,6 +440,50 @@ pub struct RxRing {
     copy: RecvBatch,
 }
 
+/// Asks the kernel for a TPACKET_V2 ring (`PACKET_RX_RING` or `PACKET_TX_RING`) of
+/// `blocks` blocks of `frame`-sized slots on `fd` and maps it. Returns the mapping, its
+/// length and the slot count.
+fn map_ring(
+    fd: RawFd,
+    opt: libc::c_int,
+    blocks: usize,
+    frame: usize,
+) -> io::Result<(*mut u8, usize, usize)> {
+    let slots = RX_BLOCK_SIZE / frame * blocks;
+    let req: [u32; 4] = [
+        RX_BLOCK_SIZE as u32,
+        blocks as u32,
+        frame as u32,
+        slots as u32,
+    ];
+    // SAFETY: passes a struct tpacket_req (four u32) and its size.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            opt,
+            req.as_ptr() as *const libc::c_void,
+            std::mem::size_of_val(&req) as libc::socklen_t,
+        )
+    })?;
+    let len = RX_BLOCK_SIZE * blocks;
+    // SAFETY: maps the ring the kernel just allocated for this socket; checked below.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            fd,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((base as *mut u8, len, slots))
+}
+
 // SAFETY: the mapping is owned by the ring and only touched through `&mut self`.
 unsafe impl Send for RxRing {}
 
@@ -449,40 +493,9 @@ impl RxRing {
     pub fn new(fd: RawFd) -> io::Result<RxRing> {
         setsockopt_int(fd, libc::SOL_PACKET, PACKET_VERSION, TPACKET_V2)?;
         setsockopt_int(fd, libc::SOL_PACKET, PACKET_COPY_THRESH, 1)?;
-        let slots = RX_BLOCK_SIZE / RX_FRAME_SIZE * RX_BLOCKS;
-        let req: [u32; 4] = [
-            RX_BLOCK_SIZE as u32,
-            RX_BLOCKS as u32,
-            RX_FRAME_SIZE as u32,
-            slots as u32,
-        ];
-        // SAFETY: passes a struct tpacket_req (four u32) and its size.
-        cvt(unsafe {
-            libc::setsockopt(
-                fd,
-                libc::SOL_PACKET,
-                PACKET_RX_RING,
-                req.as_ptr() as *const libc::c_void,
-                std::mem::size_of_val(&req) as libc::socklen_t,
-            )
-        })?;
-        let len = RX_BLOCK_SIZE * RX_BLOCKS;
-        // SAFETY: maps the ring the kernel just allocated for this socket; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (base, len, slots) = map_ring(fd, PACKET_RX_RING, RX_BLOCKS, RX_FRAME_SIZE)?;
         Ok(RxRing {
-            base: base as *mut u8,
+            base,
             len,
             slots,
             head: 0,
@@ -679,42 +692,11 @@ impl TxRing {
         // Best effort: without it frames go through the (usually empty) qdisc.
         let _ = setsockopt_int(raw, libc::SOL_PACKET, PACKET_QDISC_BYPASS, 1);
         let _ = setsockopt_int(raw, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, 8 << 20);
-        let slots = RX_BLOCK_SIZE / TX_FRAME_SIZE * TX_BLOCKS;
-        let req: [u32; 4] = [
-            RX_BLOCK_SIZE as u32,
-            TX_BLOCKS as u32,
-            TX_FRAME_SIZE as u32,
-            slots as u32,
-        ];
-        // SAFETY: passes a struct tpacket_req (four u32) and its size.
-        cvt(unsafe {
-            libc::setsockopt(
-                raw,
-                libc::SOL_PACKET,
-                PACKET_TX_RING,
-                req.as_ptr() as *const libc::c_void,
-                std::mem::size_of_val(&req) as libc::socklen_t,
-            )
-        })?;
-        let len = RX_BLOCK_SIZE * TX_BLOCKS;
-        // SAFETY: maps the ring the kernel just allocated for this socket; checked below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                raw,
-                0,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
+        let (base, len, slots) = map_ring(raw, PACKET_TX_RING, TX_BLOCKS, TX_FRAME_SIZE)?;
         set_nonblocking(raw)?;
         Ok(TxRing {
             fd,
-            base: base as *mut u8,
+            base,
             len,
             slots,
             head: 0,
