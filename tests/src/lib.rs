@@ -240,12 +240,33 @@ impl Host {
             }
             if Instant::now() > deadline {
                 panic!(
-                    "timed out after {timeout:?} waiting for {name}: {what}; last state:\n{v:#}\nconsole tail:\n{}",
-                    tail(&std::fs::read_to_string(v["console_log"].as_str().unwrap_or("")).unwrap_or_default(), 40)
+                    "timed out after {timeout:?} waiting for {name}: {what}; last state:\n{v:#}\nconsole tail:\n{}\n{}",
+                    tail(&std::fs::read_to_string(v["console_log"].as_str().unwrap_or("")).unwrap_or_default(), 40),
+                    self.vm_logs(v["uuid"].as_str().unwrap_or(""))
                 );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Tails of a VM's worker and QEMU logs and of the daemon's log, for a failure message
+    /// (CI keeps nothing else).
+    pub fn vm_logs(&self, uuid: &str) -> String {
+        let run = self.state_dir().join("run").join(uuid);
+        let mut out = String::new();
+        for (what, path, lines) in [
+            ("worker log", run.join("worker.log"), 30),
+            ("qemu log", run.join("qemu.log"), 15),
+            ("daemon log", self.dir.path().join("vireod.log"), 20),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            out.push_str(&format!(
+                "{what} tail ({}):\n{}\n",
+                path.display(),
+                tail(&text, lines)
+            ));
+        }
+        out
     }
 
     /// Waits for heartbeat `ok`.
