@@ -288,6 +288,20 @@ impl Host {
 
 impl Drop for Host {
     fn drop(&mut self) {
+        // Debugging a failure: VIREO_E2E_KEEP=1 leaves the host, its VMs and its directory
+        // as they were (clean up by hand).
+        if std::thread::panicking() && std::env::var_os("VIREO_E2E_KEEP").is_some() {
+            let dir = std::mem::replace(
+                &mut self.dir,
+                tempfile::Builder::new()
+                    .prefix("vireo-e2e-kept-")
+                    .tempdir()
+                    .expect("tempdir"),
+            );
+            eprintln!("VIREO_E2E_KEEP: left running in {}", dir.keep().display());
+            self.daemon.take();
+            return;
+        }
         // Leave no QEMU or worker behind, whatever the test did.
         let run = self.state_dir().join("run");
         if let Ok(entries) = std::fs::read_dir(&run) {
