@@ -136,7 +136,18 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
 /// Spawns QEMU (vCPUs stopped) and waits until its sockets exist. Returns its PID.
 pub async fn spawn_qemu(l: &LaunchSpec) -> anyhow::Result<u32> {
     let cfg = machine_config(l)?;
-    let args = cfg.to_args().context("building the QEMU command line")?;
+    let mut args = cfg.to_args().context("building the QEMU command line")?;
+    // VIREO_DEBUG_MONITOR=1: a second QMP monitor (`debug-qmp.sock`) for inspecting a stuck
+    // guest (registers, screen) while the worker keeps its own connection. Vireo never uses it.
+    if std::env::var_os("VIREO_DEBUG_MONITOR").is_some() {
+        let sock = l.run_dir.join("debug-qmp.sock");
+        args.extend([
+            "-chardev".into(),
+            format!("socket,id=debugmon,path={},server=on,wait=off", sock.display()).into(),
+            "-mon".into(),
+            "chardev=debugmon,mode=control".into(),
+        ]);
+    }
     let paths = cfg.paths();
     std::fs::write(
         l.run_dir.join("qemu.cmdline"),
