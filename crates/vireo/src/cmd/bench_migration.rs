@@ -20,8 +20,8 @@
 //! memory, disks, control, TLS). Rounds alternate engine and direction (A→B, B→A); the
 //! other engine's guest is paused while one is measured.
 //!
-//! Needs root, a built `vireod` next to this binary, and libvirt (`apt-get install
-//! libvirt-daemon-system`; see docs/benchmarks.md).
+//! Needs root, a built `vireod` next to this binary, and libvirt (`scripts/setup.sh
+//! --bench`; see docs/benchmarks.md).
 
 use anyhow::{bail, Context};
 use serde::Serialize;
@@ -244,7 +244,7 @@ impl Bench {
         }
         for t in ["virsh", "libvirtd", "unshare", "ip", "qemu-img"] {
             if !which(t) {
-                bail!("`{t}` is missing: the migration bench compares with libvirt; install it with `apt-get install libvirt-daemon-system qemu-utils` (see docs/benchmarks.md, section \"Live migration\")");
+                bail!("`{t}` is missing: the migration bench compares with libvirt; install it with `sudo scripts/setup.sh --bench` (or `apt-get install --no-install-recommends libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu`; see docs/benchmarks.md, section \"Live migration\")");
             }
         }
         if !a.image.is_file() {
