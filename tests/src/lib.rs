@@ -271,7 +271,9 @@ impl Host {
 
     /// Waits for heartbeat `ok`.
     pub fn wait_heartbeat(&self, name: &str) -> serde_json::Value {
-        self.wait_for(name, Duration::from_secs(120), "heartbeat ok", |v| {
+        // Generous: a generation 1 guest's BIOS reads its kernel and initramfs sector by
+        // sector, which takes minutes under TCG on a loaded 2-core CI machine.
+        self.wait_for(name, Duration::from_secs(300), "heartbeat ok", |v| {
             v["heartbeat"] == "ok"
         })
     }
