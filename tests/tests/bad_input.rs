@@ -117,7 +117,7 @@ fn wrong_state_and_missing() {
         let e = h.fails(args);
         assert!(e.contains("no VM named"), "{args:?}: {e}");
     }
-    let disk = guest_disk(h.dir.path(), 1, GuestAgent::None);
+    let disk = guest_disk_lite(h.dir.path(), 1, GuestAgent::None);
     h.ok(&[
         "vm",
         "new",

@@ -81,7 +81,7 @@ fn job_state(h: &Host) -> (String, String) {
 #[test]
 fn checkpoint_apply_remove_live_merge_kill9() {
     let h = Host::start();
-    let boot = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let boot = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     // Checkpoints need every disk in VHDX: the raw test image is converted first.
     let boot_vhdx = h.dir.path().join("boot.vhdx");
     h.ok(&[
@@ -259,7 +259,7 @@ fn checkpoint_apply_remove_live_merge_kill9() {
 #[test]
 fn standard_checkpoint_restores_memory_and_disk() {
     let h = Host::start();
-    let raw = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     let boot = h.dir.path().join("boot.vhdx");
     h.ok(&[
         "disk",
@@ -372,7 +372,7 @@ fn host_sums(h: &Host, image: &str, tag: &str) -> Vec<String> {
 #[test]
 fn remove_inner_checkpoint_while_running() {
     let h = Host::start();
-    let raw = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     let boot = h.dir.path().join("boot.vhdx");
     h.ok(&[
         "disk",

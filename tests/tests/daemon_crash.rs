@@ -15,8 +15,8 @@ fn boot_id(h: &Host, vm: &str) -> String {
 #[test]
 fn kill9_daemon_and_worker() {
     let mut h = Host::start();
-    let d1 = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
-    let d2 = guest_disk(h.dir.path(), 1, GuestAgent::None);
+    let d1 = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
+    let d2 = guest_disk_lite(h.dir.path(), 1, GuestAgent::None);
     h.ok(&[
         "vm",
         "new",

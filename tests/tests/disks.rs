@@ -20,7 +20,7 @@ fn find(sectors: u64) -> String {
 #[test]
 fn new_disks_are_vhdx_and_raw_refuses_checkpoints() {
     let h = Host::start();
-    let boot = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let boot = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     let out = h.ok(&[
         "vm",
         "new",

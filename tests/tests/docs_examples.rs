@@ -19,7 +19,7 @@ fn getting_started_walkthrough() {
         .and_then(|b| b.split("```").next())
         .expect("code block");
     let h = Host::start();
-    let disk = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let disk = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     let mut ran = 0;
     for line in block.lines() {
         let cmd = line.split('#').next().unwrap_or("").trim();

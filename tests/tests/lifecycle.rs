@@ -64,7 +64,7 @@ fn assert_counter_resumed(
 #[test]
 fn generation1_full_lifecycle() {
     let h = Host::start();
-    let disk = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let disk = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     h.ok(&[
         "vm",
         "new",
@@ -243,7 +243,7 @@ fn generation2_secure_boot_lifecycle() {
 #[test]
 fn no_agent_acpi_stop_and_timeout() {
     let h = Host::start();
-    let disk = guest_disk(h.dir.path(), 1, GuestAgent::None);
+    let disk = guest_disk_lite(h.dir.path(), 1, GuestAgent::None);
     h.ok(&[
         "vm",
         "new",

@@ -8,7 +8,7 @@ use vireo_e2e::*;
 #[test]
 fn debian_qemu_guest_agent() {
     let h = Host::start();
-    let disk = guest_disk(h.dir.path(), 1, GuestAgent::QemuGa);
+    let disk = guest_disk_lite(h.dir.path(), 1, GuestAgent::QemuGa);
     h.ok(&[
         "vm",
         "new",
