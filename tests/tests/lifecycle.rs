@@ -257,7 +257,7 @@ fn no_agent_acpi_stop_and_timeout() {
     ]);
     h.ok(&["vm", "start", "plain"]);
     let log = h.show("plain")["console_log"].as_str().unwrap().to_string();
-    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
         .contains("VIREO-GUEST-READY")

@@ -24,7 +24,7 @@ fn template_decides_boot() {
         "microsoft-windows",
     ]);
     h.ok(&["vm", "start", "sb"]);
-    let v = h.wait_for("sb", Duration::from_secs(90), "firmware refusal", |v| {
+    let v = h.wait_for("sb", Duration::from_secs(240), "firmware refusal", |v| {
         v["status_message"]
             .as_str()
             .unwrap_or("")
