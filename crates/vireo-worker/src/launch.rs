@@ -143,7 +143,11 @@ pub async fn spawn_qemu(l: &LaunchSpec) -> anyhow::Result<u32> {
         let sock = l.run_dir.join("debug-qmp.sock");
         args.extend([
             "-chardev".into(),
-            format!("socket,id=debugmon,path={},server=on,wait=off", sock.display()).into(),
+            format!(
+                "socket,id=debugmon,path={},server=on,wait=off",
+                sock.display()
+            )
+            .into(),
             "-mon".into(),
             "chardev=debugmon,mode=control".into(),
         ]);
