@@ -62,6 +62,7 @@ impl NsHost {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log));
+        cmd.env("VIREO_TEST_HOLD_FILE", self.hold_file());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -78,6 +79,22 @@ impl NsHost {
     }
 
     /// kill -9 of the daemon (its VMs keep running).
+    /// The file the daemon's migration test hook reads (`VIREO_TEST_HOLD_FILE`).
+    pub fn hold_file(&self) -> PathBuf {
+        self.dir.join("test-hold")
+    }
+
+    /// Makes this host's next outgoing migrations wait `ms` at `point` (`switchover`,
+    /// `verified` or `commit`), the guest paused, so a test can strike there.
+    pub fn hold(&self, point: &str, ms: u64) {
+        std::fs::write(self.hold_file(), format!("{point} {ms}\n")).expect("hold file");
+    }
+
+    /// Outgoing migrations no longer wait.
+    pub fn unhold(&self) {
+        let _ = std::fs::remove_file(self.hold_file());
+    }
+
     pub fn kill9(&self) {
         if let Some(mut c) = self.daemon.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _ = c.kill();
@@ -305,6 +322,70 @@ impl Cluster {
     }
 
     /// Host `i` trusts host `j` (confirming j's fingerprint).
+    /// A second network for the guests: `eth1` in every host, all on bridge `br1` in the hub
+    /// namespace, which holds 10.88.0.254/24 (the address [`Pinger`] pings from). Returns the
+    /// name of the hosts' interface (the uplink of an external switch).
+    pub fn vm_network(&self) -> &'static str {
+        ip(&["-n", &self.hub, "link", "add", "br1", "type", "bridge"]);
+        ip(&[
+            "-n",
+            &self.hub,
+            "addr",
+            "add",
+            "10.88.0.254/24",
+            "dev",
+            "br1",
+        ]);
+        ip(&["-n", &self.hub, "link", "set", "br1", "up"]);
+        for (i, h) in self.hosts.iter().enumerate() {
+            let hub_end = format!("v{i}");
+            ip(&[
+                "-n", &h.ns, "link", "add", "eth1", "type", "veth", "peer", "name", &hub_end,
+                "netns", &self.hub,
+            ]);
+            ip(&["-n", &self.hub, "link", "set", &hub_end, "master", "br1"]);
+            ip(&["-n", &self.hub, "link", "set", &hub_end, "up"]);
+            ip(&["-n", &h.ns, "link", "set", "eth1", "up"]);
+        }
+        "eth1"
+    }
+
+    /// Starts pinging `addr` from the hub namespace every `interval_ms` (see
+    /// [`Cluster::vm_network`]).
+    pub fn pinger(&self, addr: &str, interval_ms: u64) -> Pinger {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.hub, "busybox", "ping"])
+            .args([
+                "-i",
+                &format!("{}", interval_ms as f64 / 1000.0),
+                "-W",
+                "1",
+                addr,
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("busybox ping (busybox-static: run `sudo scripts/setup.sh`)");
+        Pinger {
+            child: Some(child),
+            interval_ms,
+        }
+    }
+
+    /// Whether `addr` answers a ping (3 tries within 3 s) from the hub namespace.
+    pub fn hub_ping(&self, addr: &str) -> bool {
+        Command::new("ip")
+            .args([
+                "netns", "exec", &self.hub, "busybox", "ping", "-c", "3", "-w", "3", addr,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
     pub fn trust(&self, i: usize, j: usize) {
         let fp = self.hosts[j].info()["fingerprint"]
             .as_str()
@@ -321,5 +402,67 @@ impl Drop for Cluster {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.hub])
             .status();
+    }
+}
+
+/// A continuous ping (busybox) from the hub namespace; [`Pinger::stop`] sums it up.
+pub struct Pinger {
+    child: Option<Child>,
+    interval_ms: u64,
+}
+
+/// What a [`Pinger`] saw.
+#[derive(Debug, Clone, Copy)]
+pub struct PingSummary {
+    /// Echo requests sent (the highest sequence number answered or not, plus one).
+    pub sent: u64,
+    /// Echo replies received.
+    pub received: u64,
+    /// The longest run of unanswered requests, times the interval, in ms.
+    pub longest_gap_ms: u64,
+}
+
+impl Pinger {
+    /// Stops the ping and reads its replies' sequence numbers.
+    pub fn stop(mut self) -> PingSummary {
+        let child = self.child.take().expect("running");
+        // SAFETY: kill(2) of the child this Pinger started; SIGINT makes ping print its end.
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let out = child.wait_with_output().expect("ping output");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let seqs: Vec<u64> = text
+            .lines()
+            .filter_map(|l| l.split("seq=").nth(1))
+            .filter_map(|r| r.split_whitespace().next()?.parse().ok())
+            .collect();
+        let sent = text
+            .lines()
+            .find_map(|l| l.split(" packets transmitted").next()?.trim().parse().ok())
+            .unwrap_or_else(|| seqs.last().map_or(0, |s| s + 1));
+        let mut longest = 0;
+        let mut prev: Option<u64> = None;
+        for &s in &seqs {
+            let missing = match prev {
+                Some(p) => s.saturating_sub(p + 1),
+                None => s,
+            };
+            longest = longest.max(missing);
+            prev = Some(s);
+        }
+        longest = longest.max(sent.saturating_sub(prev.map_or(0, |p| p + 1)));
+        PingSummary {
+            sent,
+            received: seqs.len() as u64,
+            longest_gap_ms: longest * self.interval_ms,
+        }
+    }
+}
+
+impl Drop for Pinger {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }

@@ -73,6 +73,11 @@ fn wait_counter_above(h: &NsHost, v: u64) -> u64 {
 
 /// Defines and starts `g` on host 0 with a boot disk and a 16 MiB data disk, starts the writer.
 fn start_guest(c: &Cluster) -> u64 {
+    start_guest_on(c, None)
+}
+
+/// [`start_guest`], with a network adapter on `switch` when given.
+fn start_guest_on(c: &Cluster, switch: Option<&str>) -> u64 {
     let boot = guest_disk(c.dir.path(), 1, GuestAgent::Vireo);
     let data = c.dir.path().join("data.vhdx");
     let a = &c.hosts[0];
@@ -90,6 +95,9 @@ fn start_guest(c: &Cluster) -> u64 {
         "--disk",
         data.to_str().unwrap(),
     ]);
+    if let Some(sw) = switch {
+        a.ok(&["vm", "nic", "add", "g", "--switch", sw]);
+    }
     a.ok(&["vm", "start", "g"]);
     a.wait_heartbeat("g");
     let (code, out) = a.exec("g", WRITER);
@@ -211,14 +219,32 @@ fn move_there_and_back() {
     assert!(last >= c2);
 }
 
-/// Refusals before anything moves: untrusted source, protocol version mismatch, too little
-/// memory; each with its reason and fix, the VM untouched on the source, nothing on the
-/// destination.
+/// Refusals before anything moves, then three hosts: untrusted source, protocol version
+/// mismatch, missing switch, too little memory, each with its reason and fix, the VM
+/// untouched on the source and nothing on the destination. Then the guest, whose network
+/// adapter is on an external switch `ext` of each host (uplinks bridged in the hub), moves
+/// A→B→D while the hub pings it every 100 ms: after each move it answers through the new
+/// host's switch, the counter continued and the disk verifies.
 #[test]
-fn refusals_move_nothing() {
-    let c = Cluster::start(3, &[&[], &[], &[("VIREO_TEST_PROTOCOL_VERSION", "99")]]);
-    let (a, b, old) = (&c.hosts[0], &c.hosts[1], &c.hosts[2]);
-    let c0 = start_guest(&c);
+fn refusals_then_three_hosts_with_ping() {
+    let c = Cluster::start(
+        4,
+        &[&[], &[], &[("VIREO_TEST_PROTOCOL_VERSION", "99")], &[]],
+    );
+    let (a, b, old, d) = (&c.hosts[0], &c.hosts[1], &c.hosts[2], &c.hosts[3]);
+    let uplink = c.vm_network();
+    for h in [a, b] {
+        h.ok(&[
+            "switch", "new", "ext", "--type", "external", "--uplink", uplink,
+        ]);
+    }
+    let c0 = start_guest_on(&c, Some("ext"));
+    let (code, out) = a.exec(
+        "g",
+        "/sbin/ip addr add 10.88.0.10/24 dev eth0 && /sbin/ip link set eth0 up && echo up",
+    );
+    assert_eq!(code, 0, "{out}");
+    hub_ping(&c, "on A");
 
     // Not trusted at all.
     let e = a.fails(&["vm", "move", "g", "--to", &b.addr]);
@@ -240,6 +266,19 @@ fn refusals_move_nothing() {
     );
     let c2 = assert_on_source_only(a, old, c1);
 
+    // D has no switch `ext`.
+    c.trust(0, 3);
+    c.trust(3, 0);
+    let e = a.fails(&["vm", "move", "g", "--to", &d.addr]);
+    assert!(
+        e.contains("no virtual switch named \"ext\"") && e.contains("vireo switch new"),
+        "{e}"
+    );
+    let c2 = assert_on_source_only(a, d, c2);
+    d.ok(&[
+        "switch", "new", "ext", "--type", "external", "--uplink", uplink,
+    ]);
+
     // Not enough memory on B.
     c.trust(1, 0);
     b.ok(&["host", "set", "--memory-budget", "64M"]);
@@ -247,7 +286,52 @@ fn refusals_move_nothing() {
     assert!(e.contains("memory"), "{e}");
     let c3 = assert_on_source_only(a, b, c2);
     assert!(c3 > c0);
-    verify(a);
+    b.ok(&["host", "set", "--memory-budget", "0"]);
+
+    // A→B→D under a continuous ping.
+    c.trust(1, 3);
+    c.trust(3, 1);
+    let ping = c.pinger("10.88.0.10", 100);
+    let mut n = c3;
+    for (from, to, name) in [(a, b, "A->B"), (b, d, "B->D")] {
+        let out = from.ok(&["vm", "move", "g", "--to", &to.addr, "--json"]);
+        let j: serde_json::Value = serde_json::from_str(&out).expect("json");
+        assert_eq!(j["phase"], "completed", "{name}: {j:#}");
+        eprintln!(
+            "{name}: {:.1} s, downtime {} ms",
+            j["elapsed_secs"], j["downtime_ms"]
+        );
+        assert!(
+            from.vm_names().is_empty(),
+            "{name}: the source still lists g"
+        );
+        assert_eq!(to.show("g")["state"], "running");
+        n = wait_counter_above(to, n);
+        hub_ping(&c, name);
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let p = ping.stop();
+    eprintln!(
+        "ping during A->B->D: {} sent, {} answered, longest gap {} ms",
+        p.sent, p.received, p.longest_gap_ms
+    );
+    assert!(p.received * 2 > p.sent, "most pings went unanswered: {p:?}");
+    let last = verify(d);
+    assert!(last >= n);
+}
+
+/// The hub reaches the guest (10.88.0.10) within 30 s.
+fn hub_ping(c: &Cluster, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if c.hub_ping("10.88.0.10") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest does not answer pings {when}"
+        );
+    }
 }
 
 /// Faults: cancel, link cut during pre-copy, link cut at switchover, kill -9 of the
@@ -604,9 +688,184 @@ fn shared_nothing_move_and_faults() {
         std::thread::sleep(Duration::from_millis(250));
     }
 
+    // The destination's file system fills up during the disk copy: a 4 MiB tmpfs as A's
+    // destination path (A's daemon restarts to see the mount: `ip netns exec` gave it its
+    // own mount namespace). The move fails, naming the cause; nothing stays on A.
+    let full = c.dir.path().join("a-full");
+    let _mount = SmallFs::mount(&full, "4m");
+    a.kill9();
+    a.spawn();
+    let id = move_back(b, a, &full, &[]);
+    let j = wait_job(b, &id, "end", is_final);
+    assert_eq!(j["phase"], "failed", "{j:#}");
+    let why = format!("{}\n{}", j["message"], a.log());
+    assert!(
+        why.contains("No space left") || why.contains("space"),
+        "the failure does not name the full disk: {j:#}\n{}",
+        tail(&a.log(), 20)
+    );
+    n = assert_on_source_only(b, a, n);
+    wait_empty(&full, "after the disk-full failure");
+
+    // Faults at switchover, the guest paused (B holds the migration there for 6 s):
+    // `verified`: every disk verified and committed on A, B's disks not yet released;
+    // `commit`: QEMU's migration completed (A holds the whole VM state), no commit yet.
+    for (point, fault) in [
+        ("verified", "link"),
+        ("verified", "kill-source-worker"),
+        ("commit", "kill-destination-worker"),
+        ("commit", "link"),
+    ] {
+        b.hold(point, 6000);
+        let id = move_back(b, a, &back, &[]);
+        let held = format!("held at {point}");
+        wait_job(b, &id, point, |j| {
+            j["message"].as_str().is_some_and(|m| m.contains(&held)) || is_final(j)
+        });
+        match fault {
+            "link" => a.link(false),
+            "kill-source-worker" => {
+                let pid = worker_pid(b).unwrap_or_else(|| panic!("no worker on B"));
+                // SAFETY: kill(2) of a process this test's daemon started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            _ => {
+                let pid = worker_pid(a).unwrap_or_else(|| panic!("no incoming worker on A"));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        if fault == "link" {
+            // A transient cut: back once A's lease has ended (it aborted by itself).
+            std::thread::sleep(Duration::from_secs(11));
+            a.link(true);
+        }
+        let j = wait_job(b, &id, "end", is_final);
+        b.unhold();
+        assert_eq!(j["phase"], "failed", "{point}/{fault}: {j:#}");
+        eprintln!("{point}/{fault}: {}", j["message"]);
+        n = assert_on_source_only(b, a, n);
+        wait_empty(&back, &format!("after {point}/{fault}"));
+        // The data written before the fault verifies on B, and the guest writes on.
+        let last = verify(b);
+        assert!(
+            last >= n,
+            "{point}/{fault}: last record {last} < counter {n}"
+        );
+        let (code, out) = b.exec("g", WRITER);
+        assert_eq!(code, 0, "{out}");
+        n = wait_counter_above(b, last);
+    }
+
     let mut now = files_in(&dst);
     now.sort();
     assert_eq!(now, want, "B's disk files changed");
-    let last = verify(b);
+
+    // The move back succeeds, but B's daemon is killed right after A confirmed the commit
+    // (before B stopped its QEMU): the restarted B asks A, learns that A runs the VM, stops
+    // its own copy, forgets the VM and removes its chain files. A runs g; the data verifies.
+    b.hold("committed", 6000);
+    let id = move_back(b, a, &back, &[]);
+    wait_job(b, &id, "committed", |j| {
+        j["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("held at committed"))
+            || is_final(j)
+    });
+    b.kill9();
+    b.unhold();
+    b.spawn();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !b.vm_names().is_empty() || !b.leftovers().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the restarted source keeps {:?} {:?}\n{}",
+            b.vm_names(),
+            b.leftovers(),
+            tail(&b.log(), 30)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(
+        b.log().contains("commit confirmed after a daemon restart"),
+        "{}",
+        tail(&b.log(), 20)
+    );
+    assert!(worker_pid(b).is_none(), "a worker still runs on B");
+    assert_eq!(a.show("g")["state"], "running");
+    assert!(
+        files_in(&dst).is_empty(),
+        "B's chain files stay: {:?}",
+        files_in(&dst)
+    );
+    let mut moved = files_in(&back);
+    moved.sort();
+    assert_eq!(moved, want, "A holds another set of files");
+    n = wait_counter_above(a, n);
+    let last = verify(a);
     assert!(last >= n);
+}
+
+/// Starts a shared-nothing move of `g` from `from` to `to` into `dir`; returns the job id.
+fn move_back(from: &NsHost, to: &NsHost, dir: &std::path::Path, extra: &[&str]) -> String {
+    let d = dir.to_str().expect("utf-8 path");
+    let args = [
+        &[
+            "vm",
+            "move",
+            "g",
+            "--to",
+            &to.addr,
+            "--include-storage",
+            "--destination-path",
+            d,
+            "--no-wait",
+        ][..],
+        extra,
+    ]
+    .concat();
+    from.ok(&args).trim().to_string()
+}
+
+/// Waits (20 s at most) until `dir` holds no file.
+fn wait_empty(dir: &std::path::Path, when: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !files_in(dir).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "partial copies stay {when}: {:?}",
+            files_in(dir)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// A small tmpfs mounted for the test's lifetime (unmounted on drop, also on panic).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &std::path::Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let o = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "vireo-full"])
+            .arg(dir)
+            .output()
+            .expect("running mount");
+        assert!(
+            o.status.success(),
+            "mounting a tmpfs on {}: {}",
+            dir.display(),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        SmallFs(dir.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
 }

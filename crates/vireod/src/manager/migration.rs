@@ -259,6 +259,7 @@ impl Manager {
                         tracing::warn!(job = %id, "the source's disk files stay (the move ended in recovery); remove them once the VM is verified on the destination");
                     }
                 } else {
+                    CommitRecord::remove(&run_dir);
                     self.set_message(&uuid, Some(format!("live migration {id}: {why}")));
                 }
             }
@@ -461,18 +462,7 @@ impl Manager {
 
         // Switchover: the VM is paused.
         Self::set_phase(job, MigrationPhase::Switchover);
-        if let Some(ms) = std::env::var("VIREO_TEST_HOLD_SWITCHOVER_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-        {
-            // Test hook: keeps the VM in the pre-switchover pause so a test can cut the link.
-            let until = Instant::now() + Duration::from_millis(ms);
-            while Instant::now() < until {
-                check_cancel(job)?;
-                lease.keep(peer, id).await?;
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        test_hold(HoldPoint::Switchover, job, &mut lease, peer, id).await?;
         check_cancel(job)?;
         lease.keep_now(peer, id).await?;
         let mut copied_files = Vec::new();
@@ -492,6 +482,7 @@ impl Manager {
             }
             tracing::info!(job = %id, final_pass = md.final_pass_bytes, io_pause_ms = md.io_pause_ms, checksums = ?md.checksums, "disks verified at the destination");
             copied_files = md.source_files;
+            test_hold(HoldPoint::Verified, job, &mut lease, peer, id).await?;
             lease.keep_now(peer, id).await?;
         }
         done.disks_released = true;
@@ -525,6 +516,20 @@ impl Manager {
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+        test_hold(HoldPoint::Commit, job, &mut lease, peer, id).await?;
+        // From here the destination may run the VM: a vireod that dies now must, when it
+        // comes back, ask the destination before it does anything with this VM.
+        let record = CommitRecord {
+            id: id.to_string(),
+            to: req.to.clone(),
+            source_files: copied_files.clone(),
+        };
+        if let Err(e) = record.save(&run_dir) {
+            return Err(Stop::Failed(format!(
+                "recording the commit in {}: {e}",
+                run_dir.display()
+            )));
+        }
         // Commit: from here the destination may run the VM.
         done.commit_sent = true;
         match peer
@@ -533,6 +538,7 @@ impl Manager {
         {
             Ok(st) if st.state == IncomingState::Committed => {
                 done.committed = true;
+                test_hold(HoldPoint::Committed, job, &mut lease, peer, id).await?;
                 Ok(copied_files)
             }
             Ok(st) => Err(Stop::Failed(format!(
@@ -681,6 +687,7 @@ impl Manager {
                     self.wait_worker(&uuid, Duration::from_secs(30)).await;
                 }
                 Recovery::CancelDiskMirrors => {
+                    self.ensure_worker(id, &uuid).await;
                     if let Err(e) = self
                         .worker_client(&uuid)
                         .with_timeout(Duration::from_secs(60))
@@ -691,12 +698,14 @@ impl Manager {
                     }
                 }
                 Recovery::CancelQemuMigration => {
+                    self.ensure_worker(id, &uuid).await;
                     let _ = self
                         .worker_client(&uuid)
                         .post::<_, serde_json::Value>("/migration/cancel", &())
                         .await;
                 }
                 Recovery::ResumeSource => {
+                    self.ensure_worker(id, &uuid).await;
                     let client = self.worker_client(&uuid);
                     if let Ok(st) = client.get::<WorkerStatus>("/status").await {
                         if was_running && st.state != VmState::Running {
@@ -716,6 +725,24 @@ impl Manager {
             }
         }
         RecoveryOutcome::Source
+    }
+
+    /// The source worker died during the migration (supervision leaves a VM that is busy
+    /// with an operation alone): a new worker re-attaches to QEMU so recovery can reach it.
+    /// Runs only after the destination let go of shared disks (the plan orders it so).
+    async fn ensure_worker(&self, id: &str, uuid: &Uuid) {
+        if self.worker_pid(uuid).is_some() || self.qemu_pid(uuid).is_none() {
+            return;
+        }
+        tracing::warn!(job = %id, "the source worker is gone; starting a new one that re-attaches to QEMU");
+        if let Err(e) = process::spawn_worker(&self.host.worker_bin, &self.run_dir(uuid), true) {
+            tracing::error!(job = %id, "restarting the source worker: {e}");
+            return;
+        }
+        if let Some(e) = lock(&self.vms).get_mut(uuid) {
+            e.worker_restarts += 1;
+        }
+        self.wait_worker(uuid, Duration::from_secs(30)).await;
     }
 
     async fn wait_worker(&self, uuid: &Uuid, timeout: Duration) -> bool {
@@ -1273,6 +1300,25 @@ impl Manager {
             if self.qemu_pid(&uuid).is_none() {
                 continue;
             }
+            let mut reopen = false;
+            if let Some(rec) = CommitRecord::load(&self.run_dir(&uuid)) {
+                // The previous vireod sent the commit: the destination decides.
+                match self.ask_commit(&rec).await {
+                    Some(IncomingState::Committed) => {
+                        tracing::warn!(vm = %name, job = %rec.id, to = %rec.to, "the VM runs on the destination (commit confirmed after a daemon restart); stopping the source copy");
+                        self.finish_source(uuid, &name).await;
+                        remove_source_files(&rec.id, &rec.source_files);
+                        continue;
+                    }
+                    answer => {
+                        // Aborted, or never heard of it: the VM comes back here, with its
+                        // disks served again (they were released at the switchover).
+                        tracing::warn!(vm = %name, job = %rec.id, ?answer, "the destination did not take the VM; it stays on this host");
+                        CommitRecord::remove(&self.run_dir(&uuid));
+                        reopen = true;
+                    }
+                }
+            }
             let worker = self
                 .worker_client(&uuid)
                 .with_timeout(Duration::from_secs(10));
@@ -1288,7 +1334,7 @@ impl Manager {
                 s.status.as_str(),
                 "setup" | "active" | "pre-switchover" | "device" | "cancelling"
             );
-            if !orphaned && mirrors == 0 {
+            if !orphaned && mirrors == 0 && !reopen {
                 continue;
             }
             tracing::warn!(vm = %name, status = %s.status, "an outgoing migration was interrupted by a daemon restart; the VM stays on this host");
@@ -1299,7 +1345,7 @@ impl Manager {
                     .post::<_, serde_json::Value>("/migration/mirror-cancel", &())
                     .await;
             }
-            if s.status == "pre-switchover" {
+            if s.status == "pre-switchover" || reopen {
                 // The disks may have been handed over already: wait until the destination's
                 // lease has certainly ended (it lets go of them), then serve them again
                 // from a new worker before QEMU resumes the guest.
@@ -1328,6 +1374,12 @@ impl Manager {
                     tracing::error!(vm = %name, "cancelling the interrupted migration: {e}");
                 }
             }
+            if reopen {
+                // QEMU's migration had completed (postmigrate): resume the guest here.
+                if let Err(e) = worker.post::<_, WorkerStatus>("/resume", &()).await {
+                    tracing::error!(vm = %name, "resuming the VM after an aborted commit: {e}");
+                }
+            }
             if let Ok(st) = worker.get::<WorkerStatus>("/status").await {
                 self.cache_status(&uuid, Some(st));
             }
@@ -1336,6 +1388,35 @@ impl Manager {
                 Some("live migration interrupted by a daemon restart; the VM stayed here".into()),
             );
         }
+    }
+
+    /// Asks the destination of `rec` (for up to 60 s) whether it took the VM; `None` when it
+    /// cannot be reached or is no longer trusted.
+    async fn ask_commit(&self, rec: &CommitRecord) -> Option<IncomingState> {
+        let peers = peers::get().ok()?;
+        let Some(info) = peers.trust.find(&rec.to) else {
+            tracing::error!(job = %rec.id, to = %rec.to, "the destination of an interrupted commit is no longer trusted");
+            return None;
+        };
+        let peer = PeerClient::new(
+            peers.identity.clone(),
+            &info.address,
+            Some(&info.fingerprint),
+        )
+        .with_timeout(Duration::from_secs(5));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            match peer
+                .get::<IncomingStatus>(&format!("/peer/v1/migrations/{}", rec.id))
+                .await
+            {
+                Ok(st) => return Some(st.state),
+                Err(PeerError::Refused { .. }) => return Some(IncomingState::Aborted),
+                Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+            }
+        }
+        tracing::error!(job = %rec.id, to = %rec.to, "the destination stayed unreachable after a commit was sent; the VM stays paused here (check the destination)");
+        None
     }
 
     /// A tunnel connection from a peer: connects it to the incoming QEMU.
@@ -1497,6 +1578,73 @@ enum RecoveryOutcome {
 
 /// Renews the destination's lease about once a second; fails after the lease time without
 /// an answer.
+/// Where the test hook [`test_hold`] can keep a migration waiting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HoldPoint {
+    /// In QEMU's pre-switchover pause, before the final disk pass.
+    Switchover,
+    /// Paused, the disks verified and committed at the destination, the source's disks
+    /// not yet released.
+    Verified,
+    /// QEMU's migration completed (the destination holds the whole state), the commit
+    /// not yet sent.
+    Commit,
+    /// The destination confirmed the commit (it runs the VM); the source has not yet
+    /// stopped its QEMU nor forgotten the VM.
+    Committed,
+}
+
+impl HoldPoint {
+    fn name(self) -> &'static str {
+        match self {
+            HoldPoint::Switchover => "switchover",
+            HoldPoint::Verified => "verified",
+            HoldPoint::Commit => "commit",
+            HoldPoint::Committed => "committed",
+        }
+    }
+}
+
+/// Test hook: keeps the migration at `point` (the guest paused) so a test can cut the link
+/// or kill a process there, while the lease keeps running. Held for
+/// `VIREO_TEST_HOLD_SWITCHOVER_MS` at the pre-switchover pause, or for `MS` when the file
+/// named by `VIREO_TEST_HOLD_FILE` contains `POINT MS` (read at each point, so a test can
+/// move the hold between migrations without restarting the daemon). Without these
+/// variables it does nothing.
+async fn test_hold(
+    point: HoldPoint,
+    job: &Outgoing,
+    lease: &mut Lease,
+    peer: &PeerClient,
+    id: &str,
+) -> Result<(), Stop> {
+    let mut ms = None;
+    if point == HoldPoint::Switchover {
+        ms = std::env::var("VIREO_TEST_HOLD_SWITCHOVER_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok());
+    }
+    if let Some(f) = std::env::var_os("VIREO_TEST_HOLD_FILE") {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let mut w = text.split_whitespace();
+        if w.next() == Some(point.name()) {
+            ms = w.next().and_then(|v| v.parse().ok()).or(ms);
+        }
+    }
+    let Some(ms) = ms else { return Ok(()) };
+    tracing::info!(job = %id, point = point.name(), ms, "test hook: holding the migration");
+    peers::lock(&job.info).message = Some(format!("test hook: held at {}", point.name()));
+    let until = Instant::now() + Duration::from_millis(ms);
+    while Instant::now() < until {
+        if job.cancel.load(Ordering::SeqCst) {
+            return Err(Stop::Cancelled);
+        }
+        lease.keep(peer, id).await?;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
 struct Lease {
     last_ok: Instant,
     last_try: Instant,
@@ -1717,5 +1865,36 @@ fn remove_copies(files: &[PathBuf], dir: Option<&Path>) {
     }
     if let Some(d) = dir {
         let _ = std::fs::remove_dir(d);
+    }
+}
+
+/// Written into the VM's run directory on the source just before the commit is sent; a
+/// vireod restarted before the VM left this host asks the destination what became of it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct CommitRecord {
+    /// Migration id.
+    id: String,
+    /// The destination as the user named it (a trusted host's name or address).
+    to: String,
+    /// Source chain files to remove once the destination confirmed (shared-nothing).
+    #[serde(default)]
+    source_files: Vec<PathBuf>,
+}
+
+impl CommitRecord {
+    const FILE: &'static str = "outgoing-commit.json";
+
+    fn save(&self, run_dir: &Path) -> Result<(), String> {
+        let bytes = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        write_atomic(&run_dir.join(Self::FILE), &bytes).map_err(|e| e.to_string())
+    }
+
+    fn load(run_dir: &Path) -> Option<CommitRecord> {
+        let b = std::fs::read(run_dir.join(Self::FILE)).ok()?;
+        serde_json::from_slice(&b).ok()
+    }
+
+    fn remove(run_dir: &Path) {
+        let _ = std::fs::remove_file(run_dir.join(Self::FILE));
     }
 }
