@@ -213,7 +213,6 @@ fn set_dynamic(h: &Host, vm: &str, min: &str, max: &str) {
 ///   hold more than the budget; the loads' data is intact, no guest hit OOM;
 /// - `vm show --json` has `memory.{assigned,demand,startup,minimum,maximum}` in bytes.
 #[test]
-#[ignore = "open: boots, idle balloon shrink and the elastic load pass (2026-11-28 11:25, load 16), but heavy's virtio-mem growth did not happen: target 288 MiB (virtio-mem requested 32 MiB), assigned stayed at 256 MiB for 150 s; run with --ignored"]
 fn dynamic_memory_end_to_end() {
     let t0 = Instant::now();
     let el = || t0.elapsed().as_secs_f64();
@@ -242,10 +241,14 @@ fn dynamic_memory_end_to_end() {
             v["demand"].is_u64() && u(v, "assigned") < 248 * MIB
         })
     });
+    let mut idle_total = 0;
     for n in ["heavy", "light"] {
         let v = vm_in(&s, n);
         assert_eq!(v["demand_source"], "agent", "{v}");
         let (total, avail) = guest_meminfo(&h, n);
+        if n == "heavy" {
+            idle_total = total;
+        }
         eprintln!(
             "[{:.0} s] idle {n}: assigned {} MiB, demand {} MiB, guest MemTotal {total} MiB, MemAvailable {avail} MiB",
             el(),
@@ -280,10 +283,13 @@ fn dynamic_memory_end_to_end() {
         mib(u(vm_in(&s, "heavy"), "assigned")),
         mib(u(vm_in(&s, "light"), "assigned")),
     );
+    // The guest's MemTotal at boot is well below its 256 MiB (kernel, initramfs, reserved
+    // ranges); the 256 MiB virtio-mem region is added on top of it.
     let (total, _) = guest_meminfo(&h, "heavy");
+    eprintln!("heavy's MemTotal: {idle_total} MiB idle, {total} MiB at its maximum");
     assert!(
-        total > 256 + 200,
-        "heavy's MemTotal is {total} MiB: virtio-mem memory not hot-added"
+        total >= idle_total + 240,
+        "heavy's MemTotal grew from {idle_total} to only {total} MiB: virtio-mem memory not hot-added"
     );
 
     // --- Both loaded: shared by weight above the minimums.
@@ -417,7 +423,6 @@ fn checked_write(h: &Host, vm: &str, mib: u64) -> u64 {
 /// - after a reboot, the VM has its startup RAM again until the new boot reports its demand
 ///   (the balloon target of the old boot does not squeeze the new one).
 #[test]
-#[ignore = "open: the minimum phase passed twice (target 128 MiB, VM held 220-256 MiB, status said why, checked write, no OOM), but after reboot -f the wait for exactly 256 MiB was not seen: the new boot reported demand and was shrunk to 226 MiB (2026-11-28 11:30, load 16); run with --ignored"]
 fn small_guest_minimum_and_reboot() {
     let t0 = Instant::now();
     let h = Host::start();

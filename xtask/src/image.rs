@@ -18,8 +18,11 @@ use std::time::Instant;
 /// Bump when the builder's output changes for equal inputs.
 pub const BUILDER_VERSION: &str = "vireo-guest-image/3";
 
-/// Kernel command line of every test guest.
-pub const CMDLINE: &str = "console=ttyS0,115200 quiet panic=-1 no_timer_check";
+/// Kernel command line of every test guest. `memhp_default_state=online_movable`: the guest
+/// has no udev, so memory hot-added by virtio-mem (dynamic memory) is onlined by the kernel
+/// itself, as movable memory that can be unplugged again.
+pub const CMDLINE: &str =
+    "console=ttyS0,115200 quiet panic=-1 no_timer_check memhp_default_state=online_movable";
 
 /// The static busybox (package busybox-static).
 pub const BUSYBOX: &str = "/bin/busybox";

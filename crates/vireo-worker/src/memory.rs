@@ -1,8 +1,8 @@
 //! Dynamic memory mechanism of one VM: reads what the guest has and needs once a second and
 //! applies the balancer's targets that vireod sends (`GET`/`POST /memory`).
 //!
-//! - What it has: balloon `actual` (QMP `query-balloon`) plus the virtio-mem device's plugged
-//!   `size`.
+//! - What it has: balloon `actual` (QMP `query-balloon`: boot RAM minus the balloon; QEMU 7.2
+//!   does not count virtio-mem memory in it) plus the virtio-mem device's plugged `size`.
 //! - What it needs: [`memory::guest_demand`] from the virtio-balloon driver's statistics
 //!   (polled every second), refined by `vireo-guest`'s `vireo-memory-status` where it answers.
 //!   The report carries the *age* of the demand, not a timestamp, so vireod's and the
@@ -16,6 +16,9 @@
 //! `requested-size` again) and forgets the guest's demand, so the balancer keeps the VM at
 //! startup until the new boot reports again (`StaleDemand`, then [`BOOT_GRACE`]). A balloon
 //! target set for the old boot would otherwise squeeze the new one while it boots.
+//! QEMU (7.2) keeps the balloon's `actual` across a reset, and the new boot's driver writes it
+//! only when it first inflates or deflates, so until the next `BALLOON_CHANGE` event the VM is
+//! reported with all its boot RAM (which the new boot really has) instead of the old `actual`.
 //!
 //! Hot-plugged memory must be onlined by the guest: once the agent answers, the worker sets the
 //! guest's `auto_online_blocks` to `online_movable` (movable memory can be unplugged again)
@@ -66,6 +69,8 @@ struct Sample {
 
 struct MemState {
     region: u64,
+    /// A reset happened and the balloon's `actual` is still the old boot's (see the module doc).
+    actual_stale: std::sync::atomic::AtomicBool,
     sample: Mutex<Sample>,
     /// Serializes applying targets.
     apply: tokio::sync::Mutex<()>,
@@ -83,6 +88,7 @@ pub fn start(vm: Arc<Vm>, region: u64) {
         .get_or_init(|| {
             Arc::new(MemState {
                 region,
+                actual_stale: std::sync::atomic::AtomicBool::new(false),
                 sample: Mutex::new(Sample::default()),
                 apply: tokio::sync::Mutex::new(()),
             })
@@ -109,8 +115,12 @@ async fn run(vm: Arc<Vm>, st: Arc<MemState>) {
             ev = events.recv() => {
                 match ev {
                     Ok(ev) if ev.event == "RESET" => {
+                        st.actual_stale.store(true, std::sync::atomic::Ordering::SeqCst);
                         after_reset(&vm, &st).await;
                         onlined = st.region == 0;
+                    }
+                    Ok(ev) if ev.event == "BALLOON_CHANGE" => {
+                        st.actual_stale.store(false, std::sync::atomic::Ordering::SeqCst);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     _ => {}
@@ -174,9 +184,9 @@ async fn after_reset(vm: &Vm, st: &MemState) {
         }
     }
     match vm.qmp.memory_size_summary().await {
-        // The balloon value is relative to boot RAM plus what is plugged: asking for all of
-        // it deflates the balloon completely.
-        Ok(m) => match vm.qmp.balloon(m.base + m.plugged).await {
+        // The balloon value is relative to boot RAM (QEMU 7.2 counts no virtio-mem memory in
+        // it): asking for all of it deflates the balloon completely.
+        Ok(m) => match vm.qmp.balloon(m.base).await {
             Ok(()) => {
                 let mut s = lock(&st.sample);
                 s.requested = Some(m.base);
@@ -215,7 +225,12 @@ async fn sample_once(vm: &Vm, st: &MemState) {
     } else {
         None
     };
-    let actual = vm.qmp.query_balloon().await;
+    let actual = if st.actual_stale.load(std::sync::atomic::Ordering::SeqCst) {
+        // The new boot has all boot RAM; `actual` is the old boot's.
+        vm.qmp.memory_size_summary().await.map(|m| m.base)
+    } else {
+        vm.qmp.query_balloon().await
+    };
     let plugged = if st.region > 0 {
         vm.qmp.virtio_mem_size(VIRTIO_MEM_ID).await
     } else {
@@ -258,14 +273,16 @@ async fn sample_once(vm: &Vm, st: &MemState) {
             (s.report.balloon_actual, s.report.plugged)
         }
     };
+    // QEMU 7.2's balloon `actual` is boot RAM minus the balloon; virtio-mem memory is not in
+    // it (checked: 32 MiB plugged left `actual` at 256 MiB), so the VM has both.
+    let assigned = balloon_actual + plugged;
     let demand = memory::guest_demand(
-        balloon_actual,
+        assigned,
         s.balloon.as_ref(),
         if agent_seen { s.agent.as_ref() } else { None },
     );
     s.report = WorkerMemory {
-        // QEMU's balloon `actual` counts memory-device RAM (virtio-mem plugged) too.
-        assigned: balloon_actual,
+        assigned,
         balloon_actual,
         plugged,
         requested: s.requested,
@@ -366,28 +383,15 @@ async fn set(
             }
         }
     };
-    // QEMU's `balloon` value is relative to boot RAM plus what virtio-mem has plugged at the
-    // time of the command (the balloon's page count is fixed then): add the plugged size so the
+    // QEMU's `balloon` value is relative to boot RAM only (virtio-mem memory is not counted in
+    // it, checked on QEMU 7.2: `balloon 250M` with 32 MiB plugged gave `actual` 250 MiB), so the
     // balloon leaves exactly `balloon_target` of boot RAM to the guest.
-    let balloon = |plugged_now: u64| {
+    let balloon = || {
         let vm = vm.clone();
-        async move { vm.qmp.balloon(req.balloon_target + plugged_now).await }
-    };
-    let plugged_now = || {
-        let vm = vm.clone();
-        async move {
-            if st.region > 0 {
-                vm.qmp.virtio_mem_size(VIRTIO_MEM_ID).await
-            } else {
-                Ok(0)
-            }
-        }
+        async move { vm.qmp.balloon(req.balloon_target).await }
     };
     if target >= current {
-        let p = plugged_now()
-            .await
-            .map_err(|e| failed("virtio-mem size", e))?;
-        balloon(p).await.map_err(|e| failed("balloon", e))?;
+        balloon().await.map_err(|e| failed("balloon", e))?;
         set_mem(req.virtio_mem_requested)
             .await
             .map_err(|e| failed("virtio-mem requested-size", e))?;
@@ -397,10 +401,7 @@ async fn set(
                 .await
                 .map_err(|e| failed("virtio-mem requested-size", e))?;
         }
-        let p = plugged_now()
-            .await
-            .map_err(|e| failed("virtio-mem size", e))?;
-        balloon(p).await.map_err(|e| failed("balloon", e))?;
+        balloon().await.map_err(|e| failed("balloon", e))?;
     }
     tracing::debug!(
         balloon = req.balloon_target,

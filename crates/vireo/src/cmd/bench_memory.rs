@@ -173,7 +173,7 @@ async fn real_guest(
             )
             .await?;
         let _: VmInfo = client.post(&format!("/v1/vms/{name}/start"), &()).await?;
-        wait(client, &name, 300, "the guest's first memory report", |v| {
+        wait(client, &name, 600, "the guest's first memory report", |v| {
             v.memory.demand.is_some() && v.memory.demand_source.as_deref() == Some("agent")
         })
         .await?;
