@@ -414,6 +414,17 @@ fn faults_leave_vm_on_source() {
     b.spawn();
     let n2 = assert_on_source_only(a, b, n);
     assert!(n2 > n);
+    // The writer does not check dd's status: a write the guest saw fail would look like a
+    // lost write to `verify`. The guest's kernel log tells the two apart.
+    let (_, klog) = a.exec(
+        "g",
+        "dmesg 2>/dev/null | grep -iE 'error.*sd[a-z]|sd[a-z].*error' | tail -20; echo END",
+    );
+    let errors = klog.split("END").next().unwrap_or_default().trim();
+    assert!(
+        errors.is_empty(),
+        "the guest saw disk I/O errors during the faults:\n{errors}"
+    );
     verify(a);
 }
 
