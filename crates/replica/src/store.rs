@@ -215,6 +215,80 @@ impl ReplicaStore {
         Ok(s)
     }
 
+    /// Creates a store for `vm` whose base (point 0, a complete copy, not initializing) is
+    /// a differencing layer on each existing image in `parents`: the disks of a VM that
+    /// holds exactly the state the primary starts from (reverse replication after a planned
+    /// failover, or an initial copy that already sits on this host). The parents are never
+    /// written again; each must have the size in `disk_sizes`.
+    pub fn create_over(
+        dir: &Path,
+        vm: &str,
+        parents: &[PathBuf],
+        disk_sizes: &[u64],
+        max_points: usize,
+    ) -> Result<Self> {
+        if dir.join(STATE).exists() {
+            return Err(StoreError::Mismatch(format!(
+                "{} already holds a replica",
+                dir.display()
+            )));
+        }
+        if parents.len() != disk_sizes.len() {
+            return Err(StoreError::Mismatch(format!(
+                "{} disks here, the primary has {}",
+                parents.len(),
+                disk_sizes.len()
+            )));
+        }
+        let base = dir.join("base");
+        std::fs::create_dir_all(&base).map_err(io("creating", &base))?;
+        let mut files = Vec::new();
+        for (i, (parent, &size)) in parents.iter().zip(disk_sizes).enumerate() {
+            let name = format!("disk{i}.avhdx");
+            let p = base.join(&name);
+            let _ = std::fs::remove_file(&p);
+            let v = vhdx::Vhdx::create(
+                &p,
+                &vhdx::CreateOptions {
+                    disk_type: vhdx::DiskType::Differencing,
+                    parent: Some(parent.clone()),
+                    ..Default::default()
+                },
+            )
+            .map_err(img("creating a layer on", parent))?;
+            let got = v.size();
+            v.close().map_err(img("closing", &p))?;
+            if got != size {
+                let _ = std::fs::remove_dir_all(&base);
+                return Err(StoreError::Mismatch(format!(
+                    "disk {i} ({}) has {got} bytes, the primary's has {size}",
+                    parent.display()
+                )));
+            }
+            files.push(name);
+        }
+        let s = ReplicaStore {
+            dir: dir.to_path_buf(),
+            st: State {
+                format_version: FORMAT_VERSION,
+                vm: vm.to_string(),
+                disk_sizes: disk_sizes.to_vec(),
+                max_points: max_points.max(1),
+                points: vec![Point {
+                    seq: 0,
+                    cut_unix_ms: 0,
+                    dir: "base".into(),
+                    files,
+                }],
+                initializing: false,
+                bucket_ms: 0,
+                pinned: Vec::new(),
+            },
+        };
+        s.save()?;
+        Ok(s)
+    }
+
     /// Opens a store, removing any directory its state does not list (a cycle whose
     /// application was interrupted, a dropped point whose deletion was).
     pub fn open(dir: &Path) -> Result<Self> {

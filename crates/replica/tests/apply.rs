@@ -215,3 +215,76 @@ fn retention_drops_oldest_points() {
     }
     assert!(files(d.path()).contains(&"base".to_string()));
 }
+
+/// A store over existing disks (reverse replication): point 0 is the existing content, a
+/// cycle on top shows the existing content plus the shipped grains, the existing images
+/// are not written; a disk of another size is refused and leaves no state file.
+#[test]
+fn store_over_existing_disks() {
+    let d = tempfile::tempdir().unwrap();
+    let mut p = Primary {
+        disks: vec![vec![0; SIZE as usize]; 2],
+        seq: 0,
+    };
+    let mut parents = Vec::new();
+    for i in 0..2usize {
+        for g in 0..64 {
+            p.change(i, g, (g as u8).wrapping_mul(3).wrapping_add(i as u8 + 1));
+        }
+        let path = d.path().join(format!("old{i}.vhdx"));
+        let v = vhdx::Vhdx::create(
+            &path,
+            &vhdx::CreateOptions {
+                size: SIZE,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        v.write_at(&p.disks[i], 0).unwrap();
+        v.close().unwrap();
+        parents.push(path);
+    }
+    let before: Vec<String> = parents
+        .iter()
+        .map(|f| sum(&std::fs::read(f).unwrap()))
+        .collect();
+    let bad = d.path().join("bad");
+    let small = d.path().join("small.vhdx");
+    vhdx::Vhdx::create(
+        &small,
+        &vhdx::CreateOptions {
+            size: SIZE / 2,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+    .close()
+    .unwrap();
+    assert!(
+        ReplicaStore::create_over(&bad, "vm1", &[parents[0].clone(), small], &[SIZE, SIZE], 4)
+            .is_err()
+    );
+    assert!(!bad.join("replica.json").exists());
+
+    let sdir = d.path().join("store");
+    let mut s = ReplicaStore::create_over(&sdir, "vm1", &parents, &[SIZE, SIZE], 4).unwrap();
+    assert!(!s.initializing());
+    assert!(s.points().is_empty());
+    p.change(0, 5, 0xAA);
+    p.change(1, 63, 0);
+    let c = p.cycle(&[(0, 5), (1, 63)]);
+    let pt = s.apply(&c[..]).unwrap();
+    assert_eq!(pt.seq, 1);
+    for disk in 0..2 {
+        assert_eq!(
+            sum(&read_point(&s, 1, disk)),
+            sum(&p.disks[disk]),
+            "disk {disk}"
+        );
+    }
+    let after: Vec<String> = parents
+        .iter()
+        .map(|f| sum(&std::fs::read(f).unwrap()))
+        .collect();
+    assert_eq!(before, after, "the existing images were written");
+}

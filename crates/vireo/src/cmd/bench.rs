@@ -34,6 +34,8 @@ pub enum BenchCommand {
     Memory(super::bench_memory::MemoryBenchArgs),
     /// Shared-nothing live migration vs libvirt (`virsh migrate --live --copy-storage-all`).
     Migration(super::bench_migration::MigrationBenchArgs),
+    /// Replica cycle (track, cut, apply) vs rsync and a full copy of the same delta.
+    Replica(super::replica_bench::ReplicaBenchArgs),
 }
 
 /// Median and spread of a series, in milliseconds.
@@ -122,6 +124,7 @@ pub async fn run(client: &Client, cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Switch(a) => return super::bench_switch::run(a),
         BenchCommand::Memory(a) => return super::bench_memory::run(client, a).await,
         BenchCommand::Migration(a) => return super::bench_migration::run(a),
+        BenchCommand::Replica(a) => return super::replica_bench::run(a),
         BenchCommand::Boot {
             image1,
             image2,

@@ -3,6 +3,7 @@ pub mod bench;
 pub mod bench_memory;
 pub mod bench_migration;
 pub mod bench_switch;
+pub mod replica_bench;
 pub mod checkpoint;
 pub mod disk;
 pub mod host;

@@ -70,6 +70,11 @@ struct PrimaryRec {
     initial_total: u64,
     initial_done: u64,
     last_error: Option<String>,
+    /// Reverse replication after a planned failover: the VM started here from this point
+    /// of the former primary's cycles, whose disks hold exactly that point; only the
+    /// blocks changed here since then are shipped back.
+    #[serde(default)]
+    reverse_point: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,6 +98,36 @@ struct ReplicaRec {
     failover: Option<Running>,
     test: Option<Running>,
     committed: bool,
+    /// Store directory name (a reverse replication into a directory that still holds
+    /// the layers of an earlier store gets a new one).
+    #[serde(default = "default_store")]
+    store: String,
+    /// Recovery points asked by the primary.
+    #[serde(default = "default_points")]
+    recovery_points: usize,
+    /// A planned failover made the VM run here and replication was reversed.
+    #[serde(default)]
+    reversed: bool,
+}
+
+fn default_store() -> String {
+    "store".into()
+}
+
+fn default_points() -> usize {
+    4
+}
+
+/// How [`Manager::failover_local`] starts the VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Start {
+    /// Unplanned failover (the primary is lost).
+    Failover,
+    /// A test copy; replication continues.
+    Test,
+    /// Planned failover asked by the primary (certificate fingerprint): the VM starts
+    /// with change tracking attached and replication is reversed to that host.
+    Planned(String),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -101,6 +136,9 @@ struct InitRequest {
     disk_sizes: Vec<u64>,
     recovery_points: usize,
     interval_secs: u64,
+    /// Reverse replication: the receiving host's copy of the VM is at this point.
+    #[serde(default)]
+    reverse_point: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -342,6 +380,7 @@ impl Manager {
             initial_total: 0,
             initial_done: 0,
             last_error: None,
+            reverse_point: None,
         };
         // Ask the replica now, so a refusal (not allowed, untrusted) is reported here.
         let spec = self.spec(&uuid)?;
@@ -475,7 +514,7 @@ impl Manager {
             .map(|r| self.primary_status(r))
             .collect();
         for (dir, r) in self.replica_recs() {
-            let store = ReplicaStore::open(&dir.join("store")).ok();
+            let store = ReplicaStore::open(&dir.join(&r.store)).ok();
             let points: Vec<RecoveryPoint> = store
                 .as_ref()
                 .map(|s| {
@@ -626,11 +665,17 @@ impl Manager {
             .await
             .map_err(|e| ApiError::failed(format!("asking the worker for change tracking: {e}")))?;
         if !st.tracking {
+            // A reverse replication's trackers are attached when the VM starts; missing
+            // them before the first cycle means changes may be unrecorded: copy it all.
+            let full = r.reverse_point.is_some() && r.cycles == 0;
+            if full {
+                tracing::warn!(vm = %r.vm, "change tracking was not attached at start: reverse replication ships every block");
+            }
             st = worker
                 .post(
                     "/replica/track",
                     &TrackRequest {
-                        mark_all: !r.marked,
+                        mark_all: !r.marked || full,
                     },
                 )
                 .await
@@ -659,6 +704,7 @@ impl Manager {
                     disk_sizes: sizes,
                     recovery_points: r.recovery_points,
                     interval_secs: r.interval_secs,
+                    reverse_point: r.reverse_point,
                 },
             )
             .await
@@ -884,17 +930,19 @@ impl Manager {
                 "{vm} is replicated from this host (the primary): use `vireo replica failover {vm} --planned` here, or run the failover on the replica host"
             )));
         }
-        self.failover_local(vm, req.point, false).await
+        self.failover_local(vm, req.point, Start::Failover).await
     }
 
-    /// Starts the replica of `vm` from a point (`test`: a copy named `<vm>-test` without
-    /// network adapters, replication continues).
+    /// Starts the replica of `vm` from a point ([`Start::Test`]: a copy named `<vm>-test`
+    /// without network adapters, replication continues; [`Start::Planned`]: replication is
+    /// reversed once the VM runs).
     async fn failover_local(
         &self,
         vm: &str,
         point: Option<u64>,
-        test: bool,
+        how: Start,
     ) -> ApiResult<FailoverReport> {
+        let test = how == Start::Test;
         let l = replica_lock(vm);
         let _g = l.lock().await;
         let (dir, mut rec) = self.replica_rec(vm)?;
@@ -909,7 +957,7 @@ impl Manager {
                 "the failover of {vm} is committed: the recovery points are gone"
             )));
         }
-        let sdir = dir.join("store");
+        let sdir = dir.join(&rec.store);
         let store = tokio::task::spawn_blocking({
             let sdir = sdir.clone();
             move || ReplicaStore::open(&sdir)
@@ -1022,6 +1070,20 @@ impl Manager {
             self.remove_copy(&dir, &running).await;
             return Err(e);
         }
+        if let Start::Planned(_) = &how {
+            // The worker attaches change tracking before the guest runs (see
+            // `vireo-worker/src/replica.rs`): every block written here is recorded.
+            let marked = self.find(&name).and_then(|(uuid, _)| {
+                let d = self.store.vm_dir(&uuid).join("replica");
+                std::fs::create_dir_all(&d)
+                    .and_then(|()| std::fs::write(d.join("tracking"), b"1"))
+                    .map_err(|e| ApiError::failed(format!("arming change tracking: {e}")))
+            });
+            if let Err(e) = marked {
+                self.remove_copy(&dir, &running).await;
+                return Err(e);
+            }
+        }
         steps.push(format!(
             "defined VM {name} ({}; network adapters are not connected: {})",
             if test { "test copy" } else { "replica" },
@@ -1039,7 +1101,23 @@ impl Manager {
         save_json(&dir.join("replica-vm.json"), &rec)?;
         self.start(&name).await?;
         steps.push(format!("started VM {name}"));
-        if test {
+        if let Start::Planned(fp) = &how {
+            match self.reverse_replication(vm, &rec, fp, p.seq) {
+                Ok(to) => {
+                    rec.committed = true;
+                    rec.reversed = true;
+                    save_json(&dir.join("replica-vm.json"), &rec)?;
+                    steps.push(format!(
+                        "replication reversed: blocks changed here since point {} flow back to {to} (which must accept replicas from this host)",
+                        p.seq
+                    ));
+                }
+                Err(e) => steps.push(format!(
+                    "replication NOT reversed: {} (`vireo replica enable {vm} --to HOST` copies it all)",
+                    e.message
+                )),
+            }
+        } else if test {
             steps.push(format!(
                 "replication continues; remove the copy with `vireo replica test-stop {vm}`"
             ));
@@ -1054,6 +1132,50 @@ impl Manager {
             vm: name,
             point: Some(p.seq),
         })
+    }
+
+    /// After a planned failover to this host: `vm` replicates back to the former primary
+    /// (certificate fingerprint `fp`), whose disks hold point `point`.
+    fn reverse_replication(
+        &self,
+        vm: &str,
+        rec: &ReplicaRec,
+        fp: &str,
+        point: u64,
+    ) -> ApiResult<String> {
+        let (uuid, _) = self.find(vm)?;
+        let p = peers::get()?;
+        let peer = p.trust.by_fingerprint(fp).ok_or_else(|| {
+            ApiError::wrong_state(format!("{} is no longer a trusted host", rec.primary))
+        })?;
+        if let Some(old) = self.primary_recs().into_iter().find(|r| r.vm == vm) {
+            let _ = std::fs::remove_file(self.primary_path(&old.uuid));
+        }
+        let r = PrimaryRec {
+            format_version: RECORD_VERSION,
+            vm: vm.to_string(),
+            uuid,
+            to: peer.name.clone(),
+            address: peer.address.clone(),
+            fingerprint: peer.fingerprint.clone(),
+            interval_secs: rec.interval_secs,
+            recovery_points: rec.recovery_points,
+            bandwidth: 0,
+            state: ReplicaState::Replicating,
+            initialized: false,
+            marked: true,
+            seq: 0,
+            last_cut_unix_ms: None,
+            bytes_shipped: 0,
+            cycles: 0,
+            initial_total: 0,
+            initial_done: 0,
+            last_error: None,
+            reverse_point: Some(point),
+        };
+        self.save_primary(&r)?;
+        tracing::info!(vm, to = %r.to, point, "replication reversed");
+        Ok(r.to)
     }
 
     async fn remove_copy(&self, dir: &Path, r: &Running) {
@@ -1109,7 +1231,7 @@ impl Manager {
             )));
         }
         self.remove_copy(&dir, &f).await;
-        if let Ok(mut s) = ReplicaStore::open(&dir.join("store")) {
+        if let Ok(mut s) = ReplicaStore::open(&dir.join(&rec.store)) {
             let _ = s.pin(f.point, false);
         }
         rec.failover = None;
@@ -1136,7 +1258,7 @@ impl Manager {
         vm: &str,
         point: Option<u64>,
     ) -> ApiResult<FailoverReport> {
-        self.failover_local(vm, point, true).await
+        self.failover_local(vm, point, Start::Test).await
     }
 
     /// `vireo replica test-stop VM`.
@@ -1150,7 +1272,7 @@ impl Manager {
             )));
         };
         self.remove_copy(&dir, &t).await;
-        if let Ok(mut s) = ReplicaStore::open(&dir.join("store")) {
+        if let Ok(mut s) = ReplicaStore::open(&dir.join(&rec.store)) {
             let _ = s.pin(t.point, false);
         }
         rec.test = None;
@@ -1260,7 +1382,7 @@ impl Manager {
                         "the replica of {name} has failed over: cycles are refused"
                     )),
                     Some(mut r) => {
-                        let sdir = dir.join("store");
+                        let sdir = dir.join(&r.store);
                         let len = buf.len() as u64;
                         let res = tokio::task::spawn_blocking(move || {
                             ReplicaStore::open(&sdir).and_then(|mut s| s.apply(&buf[..]))
@@ -1285,10 +1407,17 @@ impl Manager {
             }
             "replica-failover" => {
                 let a = match replica::read_json::<_, FailoverRequest>(&mut tls, 4096).await {
-                    Ok(req) => match self.failover_local(name, req.point, false).await {
-                        Ok(rep) => Answer::Ok(rep),
-                        Err(e) => Answer::Error(e.message),
-                    },
+                    Ok(req) => {
+                        let how = if req.planned {
+                            Start::Planned(who.fingerprint.clone())
+                        } else {
+                            Start::Failover
+                        };
+                        match self.failover_local(name, req.point, how).await {
+                            Ok(rep) => Answer::Ok(rep),
+                            Err(e) => Answer::Error(e.message),
+                        }
+                    }
                     Err(e) => Answer::Error(chain(&e)),
                 };
                 let _ = replica::write_json(&mut tls, &a).await;
@@ -1312,38 +1441,71 @@ impl Manager {
         req: InitRequest,
     ) -> Answer<InitAnswer> {
         let rec_path = dir.join("replica-vm.json");
-        if let Some(r) = read_json::<ReplicaRec>(&rec_path) {
-            if r.primary_uuid != req.spec.uuid {
+        let old = read_json::<ReplicaRec>(&rec_path);
+        if let Some(r) = &old {
+            if r.primary_uuid == req.spec.uuid {
+                if r.failover.is_some() {
+                    return Answer::Error(format!("the replica of {name} has failed over here"));
+                }
+                return match ReplicaStore::open(&dir.join(&r.store)) {
+                    Ok(s) => Answer::Ok(InitAnswer {
+                        latest_seq: s.latest().seq,
+                        initializing: s.initializing(),
+                    }),
+                    Err(e) => Answer::Error(chain(&e)),
+                };
+            }
+            // A reverse replication may replace a replica whose VM was failed over here
+            // and has since been failed over back (planned) to the sender.
+            if req.reverse_point.is_none() || !r.reversed {
                 return Answer::Error(format!("a replica of another VM named {name} is kept here"));
             }
-            if r.failover.is_some() {
-                return Answer::Error(format!("the replica of {name} has failed over here"));
-            }
-            return match ReplicaStore::open(&dir.join("store")) {
-                Ok(s) => Answer::Ok(InitAnswer {
-                    latest_seq: s.latest().seq,
-                    initializing: s.initializing(),
-                }),
-                Err(e) => Answer::Error(chain(&e)),
-            };
         }
-        let sdir = dir.join("store");
+        // Reverse replication: this host's VM holds exactly point `p` of its own cycles.
+        let parents = match req.reverse_point {
+            None => None,
+            Some(p) => match self.reverse_base(name, who, p).await {
+                Ok(x) => Some(x),
+                Err(e) => return Answer::Error(e),
+            },
+        };
+        // A store directory that is not in use; an older one may hold layers a disk of
+        // the sender's former VM here still sits on: it is kept.
+        let store_name = if old.is_some() || dir.join("store").exists() {
+            format!("store-{}", now_ms())
+        } else {
+            "store".to_string()
+        };
+        let sdir = dir.join(&store_name);
         let sizes = req.disk_sizes.clone();
         let points = req.recovery_points;
         let vm = name.to_string();
+        let over = parents.as_ref().map(|(_, p)| p.clone());
         let made = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
-            let mut s = ReplicaStore::create(&sdir, &vm, &sizes, points).map_err(|e| chain(&e))?;
+            let mut s = match &over {
+                Some(parents) => ReplicaStore::create_over(&sdir, &vm, parents, &sizes, points),
+                None => ReplicaStore::create(&sdir, &vm, &sizes, points),
+            }
+            .map_err(|e| chain(&e))?;
             s.set_retention(points, bucket_ms())
                 .map_err(|e| chain(&e))?;
-            Ok::<_, String>(s.latest().seq)
+            Ok::<_, String>((s.latest().seq, s.initializing()))
         })
         .await;
-        let seq = match made {
+        let (seq, initializing) = match made {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Answer::Error(e),
             Err(e) => return Answer::Error(e.to_string()),
         };
+        if let Some((uuid, _)) = &parents {
+            // The old VM is now the base of the store: it must never run (and diverge) again.
+            if let Err(e) = self.delete(name, true).await {
+                return Answer::Error(format!("removing the former VM {name}: {}", e.message));
+            }
+            let _ = std::fs::remove_file(self.primary_path(uuid));
+            tracing::info!(vm = %name, "the former primary VM is the base of the reverse replica");
+        }
         let rec = ReplicaRec {
             format_version: RECORD_VERSION,
             vm: name.to_string(),
@@ -1357,14 +1519,51 @@ impl Manager {
             failover: None,
             test: None,
             committed: false,
+            store: store_name,
+            recovery_points: points,
+            reversed: false,
         };
         if let Err(e) = save_json(&rec_path, &rec) {
             return Answer::Error(e.message);
         }
-        tracing::info!(vm = %name, from = %primary, "replica created");
+        tracing::info!(vm = %name, from = %primary, reverse = ?req.reverse_point, "replica created");
         Answer::Ok(InitAnswer {
             latest_seq: seq,
-            initializing: true,
+            initializing,
         })
+    }
+
+    /// Checks that this host's VM `name` may be the base of a reverse replication from
+    /// `who` at point `p` (it failed over to `who` at that point, planned, and is off);
+    /// returns its uuid and disk leaves.
+    async fn reverse_base(
+        &self,
+        name: &str,
+        who: &PeerId,
+        p: u64,
+    ) -> Result<(Uuid, Vec<PathBuf>), String> {
+        let refuse = |why: String| format!("reverse replication of {name} refused: {why}");
+        let r = self
+            .primary_recs()
+            .into_iter()
+            .find(|r| r.vm == name)
+            .ok_or_else(|| refuse("this host has no record of replicating it".into()))?;
+        if r.state != ReplicaState::FailedOver || r.fingerprint != who.fingerprint {
+            return Err(refuse(format!(
+                "it did not fail over to the sender ({:?})",
+                r.state
+            )));
+        }
+        if r.seq != p {
+            return Err(refuse(format!(
+                "this host's copy is at cycle {}, the sender started from point {p}",
+                r.seq
+            )));
+        }
+        if self.qemu_pid(&r.uuid).is_some() {
+            return Err(refuse(format!("{name} runs here")));
+        }
+        let spec = self.spec(&r.uuid).map_err(|e| refuse(e.message))?;
+        Ok((r.uuid, spec.disks.iter().map(|d| d.path.clone()).collect()))
     }
 }
