@@ -728,6 +728,16 @@ impl TxRing {
         let len = VNET_HDR_LEN + frame.len();
         slot[4..8].copy_from_slice(&(len as u32).to_ne_bytes()); // tp_len
         slot[TX_DATA_OFF..TX_DATA_OFF + VNET_HDR_LEN].copy_from_slice(hdr);
+        if hdr[1] == 0 {
+            // Not a GSO frame: `hdr_len` = the whole frame makes the kernel copy it into the
+            // socket buffer's linear part instead of referencing the slot's page as a
+            // zero-copy fragment. A virtual peer (veth) must copy such fragments anyway,
+            // into a freshly allocated page per frame (`skb_copy_ubufs`); one copy into the
+            // buffer the kernel allocates anyway is cheaper. (A physical NIC loses the
+            // zero-copy of at most 2 KiB per frame.)
+            let hl = (frame.len() as u16).to_le_bytes();
+            slot[TX_DATA_OFF + 2..TX_DATA_OFF + 4].copy_from_slice(&hl);
+        }
         slot[TX_DATA_OFF + VNET_HDR_LEN..TX_DATA_OFF + len].copy_from_slice(frame);
         self.status(self.head)
             .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
