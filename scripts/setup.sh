@@ -6,7 +6,7 @@
 #
 #   scripts/setup.sh            # packages + guest artefacts (kernel/qemu-guest-agent .debs)
 #   SETUP_SKIP_GUEST=1 scripts/setup.sh   # packages only
-#   scripts/setup.sh --bench    # also the benchmarks' comparison peers (libvirt); not for CI
+#   scripts/setup.sh --bench    # also the benchmarks' comparison peers (libvirt, rsync); not for CI
 #
 # To add a package: append it to PACKAGES below (one array, one place).
 set -euo pipefail
@@ -29,7 +29,7 @@ PACKAGES=(
 
 # `--bench`: peers only the benchmarks compare with (`vireo bench migration` runs two
 # libvirtd of its own; policy-rc.d below keeps the packaged service from starting).
-BENCH_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu)
+BENCH_PACKAGES=(libvirt-daemon-system libvirt-clients libvirt-daemon-driver-qemu rsync)
 [[ "${1:-}" == --bench ]] && PACKAGES+=("${BENCH_PACKAGES[@]}")
 
 # A package counts as present when an equivalent newer build is already on PATH
