@@ -335,6 +335,7 @@ impl Drop for Host {
             }
         }
         self.kill_daemon();
+        net::kill_switches(&self.state_dir());
     }
 }
 

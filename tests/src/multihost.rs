@@ -236,6 +236,9 @@ impl Drop for NsHost {
             }
         }
         self.kill9();
+        // vireod leaves its switch processes running when killed (they carry traffic
+        // on their own); a test must not leave them burning CPU for the next ones.
+        crate::net::kill_switches(&self.state_dir());
         let _ = Command::new("ip")
             .args(["netns", "del", &self.ns])
             .stderr(Stdio::null())
