@@ -13,6 +13,13 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
+/// How long QEMU's NBD client holds guest I/O while it reconnects to the disk service.
+/// Long enough to ride through every recovery that re-serves the disks: a worker restart on a
+/// loaded host, or a failed migration switchover, where the source reopens its disks only
+/// after the destination has released them (up to its lease, 13 s). With 10 s the guest
+/// could see write errors there.
+const NBD_RECONNECT_SECS: u32 = 60;
+
 /// Unix ns just before QEMU was exec'd (0: re-attached).
 pub static EXEC_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -40,7 +47,7 @@ pub fn machine_config(l: &LaunchSpec) -> anyhow::Result<MachineConfig> {
             source: DiskSource::Nbd {
                 socket_path: storage::socket_path(&l.run_dir, i),
                 export: storage::export_name(i),
-                reconnect_delay: 10,
+                reconnect_delay: NBD_RECONNECT_SECS,
                 read_only: d.read_only,
             },
             bus: match d.bus {
