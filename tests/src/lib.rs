@@ -7,6 +7,7 @@
 
 pub mod multihost;
 pub mod net;
+pub mod replica_io;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

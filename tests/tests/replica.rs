@@ -8,10 +8,10 @@
 //! worker and QEMU and a cut link starts the VM on B from the latest point with every
 //! record valid and nothing older than the verified cut; commit.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use vireo_e2e::multihost::{Cluster, NsHost};
+use vireo_e2e::replica_io::*;
 use vireo_e2e::*;
 
 const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
@@ -46,96 +46,6 @@ for k in $(seq 0 63); do
   n=$((n+1))
 done
 if [ -z "$bad" ]; then echo "OK $max $n"; else echo "BAD$bad"; fi"#;
-
-fn status(h: &NsHost) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(&h.ok(&["replica", "status", "--json"]))
-        .expect("status json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn wait_status(
-    h: &NsHost,
-    what: &str,
-    secs: u64,
-    pred: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = status(h);
-        if let Some(v) = s.iter().find(|v| v["vm"] == "g" && pred(v)) {
-            return v.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "[{}] waited {secs}s for {what}: {s:#?}\nlog tail:\n{}",
-            h.ns,
-            tail(&h.log(), 40)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// The data disk (index 1) of recovery point `id` in B's replica store, as raw bytes
-/// (read host-side through the VHDX chain with `vireo disk convert`).
-fn point_data(store: &Path, id: u64, scratch: &Path) -> Vec<u8> {
-    let src = store.join(format!("p-{id}")).join("disk1.avhdx");
-    let dst = scratch.join(format!("p{id}.raw"));
-    let _ = std::fs::remove_file(&dst);
-    let o = Command::new(bin("vireo"))
-        .args(["disk", "convert"])
-        .arg(&src)
-        .arg(&dst)
-        .args(["--format", "raw"])
-        .output()
-        .expect("vireo disk convert");
-    assert!(
-        o.status.success(),
-        "reading point {id}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let b = std::fs::read(&dst).expect("raw point");
-    let _ = std::fs::remove_file(&dst);
-    b
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    let mut c = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    {
-        use std::io::Write;
-        let mut i = c.stdin.take().expect("stdin");
-        i.write_all(b).expect("write");
-    }
-    let o = c.wait_with_output().expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)[..64].to_string()
-}
-
-/// Host-side check of the records in a raw data disk image: every non-empty record of the
-/// 64 slots holds a valid checksum in its own slot. Returns the highest sequence number.
-fn check_records(img: &[u8]) -> u64 {
-    let mut max = 0;
-    for k in 0..64usize {
-        let rec = &img[k * 4096..(k + 1) * 4096];
-        let tailb: Vec<u8> = rec[4000..].iter().copied().filter(|&b| b != 0).collect();
-        if tailb.is_empty() {
-            continue;
-        }
-        let t = String::from_utf8_lossy(&tailb).trim().to_string();
-        let (seq, sum) = t
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("slot {k}: {t:?}"));
-        let seq: u64 = seq.parse().unwrap_or_else(|_| panic!("slot {k}: {t:?}"));
-        assert_eq!(sha256_hex(&rec[..4000]), sum, "slot {k}: torn record {seq}");
-        assert_eq!(seq % 64, k as u64, "slot {k} holds record {seq}");
-        max = max.max(seq);
-    }
-    max
-}
 
 fn kill_all(h: &NsHost) {
     h.kill9();

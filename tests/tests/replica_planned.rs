@@ -13,9 +13,9 @@
 //!   is reversed again (A -> B).
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use vireo_e2e::multihost::{Cluster, NsHost};
+use vireo_e2e::replica_io::*;
 use vireo_e2e::*;
 
 const FIND_DISK: &str = r#"D=$(for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 32768 ] && echo /dev/${d##*/}; done | head -1)"#;
@@ -60,14 +60,6 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn status(h: &NsHost) -> Vec<serde_json::Value> {
-    serde_json::from_str::<serde_json::Value>(&h.ok(&["replica", "status", "--json"]))
-        .expect("status json")
-        .as_array()
-        .cloned()
-        .unwrap_or_default()
-}
-
 /// Waits for the status row of VM `g` in `role` matching `pred`.
 fn wait_row(
     h: &NsHost,
@@ -76,50 +68,7 @@ fn wait_row(
     secs: u64,
     pred: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let s = status(h);
-        if let Some(v) = s
-            .iter()
-            .find(|v| v["vm"] == "g" && v["role"] == role && pred(v))
-        {
-            return v.clone();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "[{}] waited {secs}s for {what}: {s:#?}\nlog tail:\n{}",
-            h.ns,
-            tail(&h.log(), 40)
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
-}
-
-/// A VHDX chain (leaf `src`) as raw bytes, read host-side with `vireo disk convert`.
-fn raw(src: &Path, scratch: &Path) -> Vec<u8> {
-    let dst = scratch.join("read.raw");
-    let _ = std::fs::remove_file(&dst);
-    let o = Command::new(bin("vireo"))
-        .args(["disk", "convert"])
-        .arg(src)
-        .arg(&dst)
-        .args(["--format", "raw"])
-        .output()
-        .expect("vireo disk convert");
-    assert!(
-        o.status.success(),
-        "reading {}: {}",
-        src.display(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let b = std::fs::read(&dst).expect("raw image");
-    let _ = std::fs::remove_file(&dst);
-    b
-}
-
-/// The data disk (index 1) of recovery point `id` of the store in `store`.
-fn point_data(store: &Path, id: u64, scratch: &Path) -> Vec<u8> {
-    raw(&store.join(format!("p-{id}")).join("disk1.avhdx"), scratch)
+    wait_status(h, what, secs, |v| v["role"] == role && pred(v))
 }
 
 /// The store directory of VM `g` under a host's replica path (`store`, or `store-<ms>`
@@ -132,39 +81,6 @@ fn store_of(rpath: &Path) -> std::path::PathBuf {
     rpath
         .join("g")
         .join(rec["store"].as_str().unwrap_or("store"))
-}
-
-fn sha256_hex(b: &[u8]) -> String {
-    use std::io::Write;
-    let mut c = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    c.stdin.take().expect("stdin").write_all(b).expect("write");
-    let o = c.wait_with_output().expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)[..64].to_string()
-}
-
-/// Every non-empty record of the 64 slots is whole and in its slot; returns the highest.
-fn check_records(img: &[u8]) -> u64 {
-    let mut max = 0;
-    for k in 0..64usize {
-        let rec = &img[k * 4096..(k + 1) * 4096];
-        let t: Vec<u8> = rec[4000..].iter().copied().filter(|&b| b != 0).collect();
-        if t.is_empty() {
-            continue;
-        }
-        let t = String::from_utf8_lossy(&t).trim().to_string();
-        let (seq, sum) = t
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("slot {k}: {t:?}"));
-        let seq: u64 = seq.parse().unwrap_or_else(|_| panic!("slot {k}: {t:?}"));
-        assert_eq!(sha256_hex(&rec[..4000]), sum, "slot {k}: torn record {seq}");
-        assert_eq!(seq % 64, k as u64, "slot {k} holds record {seq}");
-        max = max.max(seq);
-    }
-    max
 }
 
 fn points(row: &serde_json::Value) -> Vec<u64> {
@@ -344,7 +260,7 @@ fn test_failover_planned_failover_and_reverse() {
         out.contains("zero data loss") && out.contains("replication reversed"),
         "{out}"
     );
-    let a_img = raw(&data, scratch);
+    let a_img = raw_image(&data, scratch);
     let last_on_a = check_records(&a_img);
     let a_sum = sha256_hex(&a_img);
     assert!(

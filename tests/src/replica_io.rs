@@ -1,0 +1,102 @@
+//! Helpers shared by the replica end-to-end tests: the status rows, host-side reads of a
+//! VHDX chain, and the check of the guest's checksummed 4 KiB records.
+
+use crate::multihost::NsHost;
+use crate::{bin, tail};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// `vireo replica status --json` on `h`.
+pub fn status(h: &NsHost) -> Vec<serde_json::Value> {
+    serde_json::from_str::<serde_json::Value>(&h.ok(&["replica", "status", "--json"]))
+        .expect("status json")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Waits up to `secs` for the status row of VM `g` matching `pred`.
+pub fn wait_status(
+    h: &NsHost,
+    what: &str,
+    secs: u64,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let s = status(h);
+        if let Some(v) = s.iter().find(|v| v["vm"] == "g" && pred(v)) {
+            return v.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "[{}] waited {secs}s for {what}: {s:#?}\nlog tail:\n{}",
+            h.ns,
+            tail(&h.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// A VHDX chain (leaf `src`) as raw bytes, read host-side with `vireo disk convert`.
+pub fn raw_image(src: &Path, scratch: &Path) -> Vec<u8> {
+    let dst = scratch.join("read.raw");
+    let _ = std::fs::remove_file(&dst);
+    let o = Command::new(bin("vireo"))
+        .args(["disk", "convert"])
+        .arg(src)
+        .arg(&dst)
+        .args(["--format", "raw"])
+        .output()
+        .expect("vireo disk convert");
+    assert!(
+        o.status.success(),
+        "reading {}: {}",
+        src.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let b = std::fs::read(&dst).expect("raw image");
+    let _ = std::fs::remove_file(&dst);
+    b
+}
+
+/// The data disk (index 1) of recovery point `id` of the replica store in `store`.
+pub fn point_data(store: &Path, id: u64, scratch: &Path) -> Vec<u8> {
+    raw_image(&store.join(format!("p-{id}")).join("disk1.avhdx"), scratch)
+}
+
+/// SHA-256 of `b` in hex, by `sha256sum` (the tool the guest's records were written with).
+pub fn sha256_hex(b: &[u8]) -> String {
+    use std::io::Write;
+    let mut c = Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    c.stdin.take().expect("stdin").write_all(b).expect("write");
+    let o = c.wait_with_output().expect("sha256sum");
+    String::from_utf8_lossy(&o.stdout)[..64].to_string()
+}
+
+/// Host-side check of the records in a raw data disk image: every non-empty record of the
+/// 64 slots holds a valid checksum in its own slot. Returns the highest sequence number.
+pub fn check_records(img: &[u8]) -> u64 {
+    let mut max = 0;
+    for k in 0..64usize {
+        let rec = &img[k * 4096..(k + 1) * 4096];
+        let t: Vec<u8> = rec[4000..].iter().copied().filter(|&b| b != 0).collect();
+        if t.is_empty() {
+            continue;
+        }
+        let t = String::from_utf8_lossy(&t).trim().to_string();
+        let (seq, sum) = t
+            .split_once(' ')
+            .unwrap_or_else(|| panic!("slot {k}: {t:?}"));
+        let seq: u64 = seq.parse().unwrap_or_else(|_| panic!("slot {k}: {t:?}"));
+        assert_eq!(sha256_hex(&rec[..4000]), sum, "slot {k}: torn record {seq}");
+        assert_eq!(seq % 64, k as u64, "slot {k} holds record {seq}");
+        max = max.max(seq);
+    }
+    max
+}
