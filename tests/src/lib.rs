@@ -5,6 +5,7 @@
 //! --workspace --bins` runs first in `scripts/test.sh`). Without QEMU or the guest images a
 //! test fails with a message naming the setup command: a silently skipped test proves nothing.
 
+pub mod guest_io;
 pub mod multihost;
 pub mod net;
 pub mod replica_io;

@@ -6,62 +6,10 @@
 
 use std::process::Command;
 use std::time::{Duration, Instant};
+use vireo_e2e::guest_io::*;
 use vireo_e2e::*;
 
 const MIB: usize = 1 << 20;
-
-/// Shell prelude that sets `$D` to the 64 MiB data disk. The guest's sd names are not stable
-/// across boots (the IDE ports are probed concurrently): on a loaded host the data disk came
-/// up as /dev/sda and the boot disk as /dev/sdb after a restart, which once made this test
-/// read the boot disk and report "apply did not restore the checkpoint's data".
-const DATA_DISK: &str = "D=; for d in /sys/block/sd*; do if [ \"$(cat $d/size)\" = 131072 ]; then D=/dev/${d##*/}; fi; done; \
-    [ -b \"$D\" ] || { echo 'no 64 MiB data disk in /sys/block' >&2; exit 1; }; ";
-
-/// Writes `count` MiB of fresh random data at MiB `at` of the data disk (fsync) and prints the
-/// sha256 of each MiB written.
-fn write_random(h: &Host, at: usize, count: usize) -> Vec<String> {
-    let script = format!(
-        "set -e; {DATA_DISK} for i in $(seq {at} {}); do head -c 1048576 /dev/urandom > /tmp/b; \
-         dd if=/tmp/b of=$D bs=1048576 seek=$i conv=fsync 2>/dev/null; sha256sum /tmp/b | cut -d' ' -f1; done",
-        at + count - 1
-    );
-    let (code, out) = h.exec("g1", &script);
-    assert_eq!(code, 0, "guest write failed: {out}");
-    let sums: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
-    assert_eq!(sums.len(), count, "{out}");
-    sums
-}
-
-/// sha256 of each MiB of the data disk in `[at, at+count)`, read after dropping the page cache.
-fn read_sums(h: &Host, at: usize, count: usize) -> Vec<String> {
-    let script = format!(
-        "set -e; {DATA_DISK} sync; echo 3 > /proc/sys/vm/drop_caches; for i in $(seq {at} {}); do \
-         dd if=$D bs=1048576 skip=$i count=1 2>/dev/null | sha256sum | cut -d' ' -f1; done",
-        at + count - 1
-    );
-    let (code, out) = h.exec("g1", &script);
-    assert_eq!(code, 0, "guest read failed: {out}");
-    out.lines().map(|l| l.trim().to_string()).collect()
-}
-
-fn zero_sum() -> String {
-    "30e14955ebf1352266dc2ff8067e68104607e750abb9d3b36582b8af909fcb58".to_string()
-}
-
-/// sha256 through coreutils' sha256sum (the same tool family the guest uses).
-fn sha256_hex(dir: &std::path::Path, b: &[u8]) -> String {
-    let f = dir.join("chunk");
-    std::fs::write(&f, b).unwrap();
-    let o = Command::new("sha256sum")
-        .arg(&f)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
-}
 
 fn job_state(h: &Host) -> (String, String) {
     let jobs: serde_json::Value =
@@ -118,7 +66,7 @@ fn checkpoint_apply_remove_live_merge_kill9() {
     h.wait_heartbeat("g1");
 
     // A: blocks 0..8 before the checkpoint.
-    let a = write_random(&h, 0, 8);
+    let a = write_random(&h, "g1", 0, 8);
     let cp = h.ok(&["checkpoint", "new", "g1", "cp1", "--type", "production"]);
     assert!(cp.contains("cp1"), "{cp}");
     let listed = h.ok(&["checkpoint", "list", "g1"]);
@@ -127,9 +75,9 @@ fn checkpoint_apply_remove_live_merge_kill9() {
         "{listed}"
     );
     // B: overwrite block 0..2, new blocks 8..12, after the checkpoint.
-    let b = write_random(&h, 0, 2);
-    let b2 = write_random(&h, 8, 4);
-    let now = read_sums(&h, 0, 12);
+    let b = write_random(&h, "g1", 0, 2);
+    let b2 = write_random(&h, "g1", 8, 4);
+    let now = read_sums(&h, "g1", 0, 12);
     assert_eq!(&now[..2], &b[..]);
     assert_eq!(&now[2..8], &a[2..]);
     assert_eq!(&now[8..], &b2[..]);
@@ -148,19 +96,19 @@ fn checkpoint_apply_remove_live_merge_kill9() {
     assert_eq!(h.show("g1")["state"], "off");
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
-    let now = read_sums(&h, 0, 12);
+    let now = read_sums(&h, "g1", 0, 12);
     assert_eq!(
         &now[..8],
         &a[..],
         "apply did not restore the checkpoint's data"
     );
     assert!(
-        now[8..].iter().all(|s| *s == zero_sum()),
+        now[8..].iter().all(|s| s == ZERO_MIB_SHA256),
         "data written after the checkpoint survived apply"
     );
 
     // C: more writes on the applied state.
-    let c = write_random(&h, 4, 4);
+    let c = write_random(&h, "g1", 4, 4);
 
     // Remove cp1 with a live merge while the guest keeps writing blocks 20..52; kill -9 the
     // worker during the merge.
@@ -169,7 +117,7 @@ fn checkpoint_apply_remove_live_merge_kill9() {
         </dev/null >/dev/null 2>&1 & echo started";
     let (code, out) = h.exec("g1", "rm -f /run/sums /run/done");
     assert_eq!(code, 0, "{out}");
-    let (code, out) = h.exec("g1", &format!("{DATA_DISK} export D; {writer}"));
+    let (code, out) = h.exec("g1", &format!("{} export D; {writer}", find_disk(DISK_64M)));
     assert_eq!(code, 0, "{out}");
     std::thread::sleep(Duration::from_millis(500));
     let removed = h.ok(&["checkpoint", "remove", "g1", "cp1"]);
@@ -222,12 +170,12 @@ fn checkpoint_apply_remove_live_merge_kill9() {
         "the data disk is the leaf again"
     );
 
-    let mut expect: Vec<String> = vec![zero_sum(); 64];
+    let mut expect: Vec<String> = vec![ZERO_MIB_SHA256.to_string(); 64];
     expect[..8].clone_from_slice(&a);
     expect[4..8].clone_from_slice(&c);
     expect[20..52].clone_from_slice(&w);
     assert_eq!(
-        read_sums(&h, 0, 64),
+        read_sums(&h, "g1", 0, 64),
         expect,
         "guest reads after the merge differ"
     );
@@ -243,10 +191,7 @@ fn checkpoint_apply_remove_live_merge_kill9() {
         .expect("qemu-img (scripts/setup.sh installs qemu-utils)");
     assert!(st.success(), "qemu-img could not read the merged VHDX");
     let bytes = std::fs::read(&raw).unwrap();
-    let host: Vec<String> = bytes
-        .chunks(MIB)
-        .map(|c| sha256_hex(h.dir.path(), c))
-        .collect();
+    let host: Vec<String> = bytes.chunks(MIB).map(sha256_hex).collect();
     assert_eq!(
         host, expect,
         "qemu-img reads different data from the merged VHDX"
@@ -286,7 +231,7 @@ fn standard_checkpoint_restores_memory_and_disk() {
     h.wait_heartbeat("g1");
     let (code, out) = h.exec("g1", "echo before > /run/marker; echo ok");
     assert_eq!(code, 0, "{out}");
-    let a = write_random(&h, 0, 2);
+    let a = write_random(&h, "g1", 0, 2);
     let t = Instant::now();
     h.ok(&["checkpoint", "new", "g1", "std1"]);
     let (paused_ms, background) = standard_checkpoint_pause(&h);
@@ -300,7 +245,7 @@ fn standard_checkpoint_restores_memory_and_disk() {
     );
     let (code, out) = h.exec("g1", "echo after > /run/marker2; echo ok");
     assert_eq!(code, 0, "{out}");
-    write_random(&h, 0, 2);
+    write_random(&h, "g1", 0, 2);
     // Applied while running: turned off, reverted, and running again from the saved state.
     let out = h.ok(&["checkpoint", "apply", "g1", "std1"]);
     assert!(out.contains("running from its memory state"), "{out}");
@@ -314,7 +259,7 @@ fn standard_checkpoint_restores_memory_and_disk() {
         out.contains("before") && !out.contains("still-there"),
         "memory state not restored: {out}"
     );
-    assert_eq!(read_sums(&h, 0, 2), a, "disk not at the checkpoint");
+    assert_eq!(read_sums(&h, "g1", 0, 2), a, "disk not at the checkpoint");
     h.ok(&["vm", "turn-off", "g1"]);
 }
 
@@ -359,10 +304,7 @@ fn host_sums(h: &Host, image: &str, tag: &str) -> Vec<String> {
     assert!(st.success(), "qemu-img could not read {}", flat.display());
     let bytes = std::fs::read(&raw).unwrap();
     let _ = std::fs::remove_file(&raw);
-    bytes
-        .chunks(MIB)
-        .map(|c| sha256_hex(h.dir.path(), c))
-        .collect()
+    bytes.chunks(MIB).map(sha256_hex).collect()
 }
 
 /// Removing an inner checkpoint while the guest writes: tree a → b → c with guest-written
@@ -405,19 +347,19 @@ fn remove_inner_checkpoint_while_running() {
     ]);
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
-    let mut now: Vec<String> = vec![zero_sum(); 64];
+    let mut now: Vec<String> = vec![ZERO_MIB_SHA256.to_string(); 64];
     let put = |now: &mut Vec<String>, at: usize, s: Vec<String>| {
         now[at..at + s.len()].clone_from_slice(&s);
     };
-    put(&mut now, 0, write_random(&h, 0, 6));
+    put(&mut now, 0, write_random(&h, "g1", 0, 6));
     h.ok(&["checkpoint", "new", "g1", "a", "--type", "production"]);
     let at_a = now.clone();
-    put(&mut now, 4, write_random(&h, 4, 6)); // overwrites a's 4..6, new 6..10
+    put(&mut now, 4, write_random(&h, "g1", 4, 6)); // overwrites a's 4..6, new 6..10
     h.ok(&["checkpoint", "new", "g1", "b", "--type", "production"]);
-    put(&mut now, 8, write_random(&h, 8, 4)); // overwrites b's 8..10
+    put(&mut now, 8, write_random(&h, "g1", 8, 4)); // overwrites b's 8..10
     h.ok(&["checkpoint", "new", "g1", "c", "--type", "production"]);
     let at_c = now.clone();
-    put(&mut now, 1, write_random(&h, 1, 2));
+    put(&mut now, 1, write_random(&h, "g1", 1, 2));
 
     // Remove b while the guest writes blocks 30..46.
     let writer = "setsid sh -c 'for i in $(seq 30 45); do head -c 1048576 /dev/urandom > /tmp/w; \
@@ -425,7 +367,10 @@ fn remove_inner_checkpoint_while_running() {
         </dev/null >/dev/null 2>&1 & echo started";
     let (code, out) = h.exec(
         "g1",
-        &format!("rm -f /run/sums /run/done; {DATA_DISK} export D; {writer}"),
+        &format!(
+            "rm -f /run/sums /run/done; {} export D; {writer}",
+            find_disk(DISK_64M)
+        ),
     );
     assert_eq!(code, 0, "{out}");
     std::thread::sleep(Duration::from_millis(300));
@@ -463,7 +408,11 @@ fn remove_inner_checkpoint_while_running() {
     let names: Vec<&str> = cps.iter().filter_map(|c| c["name"].as_str()).collect();
     assert_eq!(names, ["a", "c"], "{tree}");
     assert_eq!(cps[1]["parent"], cps[0]["id"], "c now hangs from a: {tree}");
-    assert_eq!(read_sums(&h, 0, 64), now, "guest reads after removing b");
+    assert_eq!(
+        read_sums(&h, "g1", 0, 64),
+        now,
+        "guest reads after removing b"
+    );
 
     // Apply c, then a: the data of those moments, read on the host.
     h.ok(&["checkpoint", "apply", "g1", "c"]);

@@ -3,18 +3,11 @@
 //! the VM is off, the guest sees the new disk's size and keeps what it writes across a
 //! restart, and a checkpoint of a VM with a raw disk is refused naming `vireo disk convert`.
 
+use vireo_e2e::guest_io::find_disk;
 use vireo_e2e::*;
 
 fn is_vhdx(p: &std::path::Path) -> bool {
     std::fs::read(p).is_ok_and(|b| b.starts_with(b"vhdxfile"))
-}
-
-/// Prelude: `$D` is the disk of `sectors` 512-byte sectors (sd names are not stable).
-fn find(sectors: u64) -> String {
-    format!(
-        "D=; for d in /sys/block/sd*; do if [ \"$(cat $d/size)\" = {sectors} ]; then D=/dev/${{d##*/}}; fi; done; \
-         [ -b \"$D\" ] || {{ echo 'no disk of {sectors} sectors' >&2; exit 1; }}; "
-    )
 }
 
 #[test]
@@ -98,12 +91,12 @@ fn new_disks_are_vhdx_and_raw_refuses_checkpoints() {
     assert!(e.contains("running"), "{e}");
     let w = format!(
         "set -e; {} head -c 1048576 /dev/urandom > /tmp/b; dd if=/tmp/b of=$D bs=1048576 seek=5 conv=fsync 2>/dev/null; sha256sum /tmp/b | cut -d' ' -f1",
-        find(48 * 2048)
+        find_disk(48 * 2048)
     );
     let (code, sum) = h.exec("d1", &w);
     assert_eq!(code, 0, "{sum}");
     for sectors in [16 * 2048, 24 * 2048] {
-        let (code, o) = h.exec("d1", &format!("set -e; {} echo $D", find(sectors)));
+        let (code, o) = h.exec("d1", &format!("set -e; {} echo $D", find_disk(sectors)));
         assert_eq!(code, 0, "guest does not see the {sectors}-sector disk: {o}");
     }
     // The raw disk makes the VM unable to take checkpoints, with the way out named.
@@ -117,7 +110,7 @@ fn new_disks_are_vhdx_and_raw_refuses_checkpoints() {
     h.wait_heartbeat("d1");
     let r = format!(
         "set -e; {} dd if=$D bs=1048576 skip=5 count=1 2>/dev/null | sha256sum | cut -d' ' -f1",
-        find(48 * 2048)
+        find_disk(48 * 2048)
     );
     let (code, back) = h.exec("d1", &r);
     assert_eq!(code, 0, "{back}");

@@ -6,46 +6,9 @@
 //! record verifying.
 
 use std::time::{Duration, Instant};
+use vireo_e2e::guest_io::*;
 use vireo_e2e::multihost::{Cluster, NsHost};
 use vireo_e2e::*;
-
-/// The guest's writer: a counter in memory (shell variable mirrored in /tmp, the
-/// initramfs) and 4 KiB records on /dev/sdb, each 4000 random bytes + "seq sha256".
-/// A restarted writer continues the counter.
-const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
-i=$(cat /tmp/counter 2>/dev/null || echo 0)
-while true; do
-  i=$((i+1))
-  head -c 4000 /dev/urandom > /tmp/r
-  s=$(sha256sum /tmp/r | cut -c1-64)
-  { cat /tmp/r; printf '%s %s\n' "$i" "$s"; } > /tmp/rec
-  dd if=/tmp/rec of=/dev/sdb bs=4096 seek=$((i % 64)) count=1 conv=sync,fsync 2>/dev/null
-  echo $i > /tmp/counter
-  sleep 0.05
-done
-EOS
-setsid sh /tmp/w.sh >/dev/null 2>&1 &
-echo $! > /tmp/w.pid; echo started"#;
-
-/// Stops the writer and checks every record: its checksum, its slot, and that the last
-/// acknowledged write is there (a record one past the counter is the write the kill
-/// interrupted before the counter moved). Prints `OK <last>` or what is wrong.
-const VERIFY: &str = r#"kill $(cat /tmp/w.pid); sleep 0.3; sync; echo 3 > /proc/sys/vm/drop_caches
-last=$(cat /tmp/counter); n=0; bad=""
-for k in $(seq 0 63); do
-  dd if=/dev/sdb of=/tmp/b bs=4096 skip=$k count=1 2>/dev/null
-  t=$(dd if=/tmp/b bs=1 skip=4000 2>/dev/null | tr -d '\000')
-  [ -z "$t" ] && continue
-  seq=${t%% *}; sum=${t#* }
-  got=$(head -c 4000 /tmp/b | sha256sum | cut -c1-64)
-  [ "$got" = "$sum" ] || bad="$bad sum@$k"
-  [ $((seq % 64)) -eq $k ] || bad="$bad slot@$k"
-  [ $seq -le $((last + 1)) ] && [ $seq -gt $((last - 64)) ] || bad="$bad seq@$k($seq/$last)"
-  n=$((n+1))
-done
-t=$(dd if=/dev/sdb bs=4096 skip=$((last % 64)) count=1 2>/dev/null | dd bs=1 skip=4000 2>/dev/null | tr -d '\000')
-[ "${t%% *}" = "$last" ] || bad="$bad lost-last($t/$last)"
-if [ -z "$bad" ]; then echo "OK $last $n"; else echo "BAD$bad"; fi"#;
 
 fn counter(h: &NsHost) -> u64 {
     let (code, out) = h.exec(
@@ -100,13 +63,13 @@ fn start_guest_on(c: &Cluster, switch: Option<&str>) -> u64 {
     }
     a.ok(&["vm", "start", "g"]);
     a.wait_heartbeat("g");
-    let (code, out) = a.exec("g", WRITER);
+    let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
     wait_counter_above(a, 3)
 }
 
 fn verify(h: &NsHost) -> u64 {
-    let (code, out) = h.exec("g", VERIFY);
+    let (code, out) = h.exec("g", RECORD_VERIFY);
     assert_eq!(code, 0, "{out}");
     assert!(out.starts_with("OK "), "disk verification failed: {out}");
     out.split_whitespace()
@@ -439,17 +402,6 @@ fn worker_pid(h: &NsHost) -> Option<i32> {
     })
 }
 
-/// Files in `dir` (empty when it does not exist).
-fn files_in(dir: &std::path::Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 /// Shared-nothing: a guest with a checkpoint (a two-layer VHDX chain per disk) keeps writing
 /// checksummed records while its whole chains are copied A→B (`--include-storage
 /// --destination-path`), then memory moves. On B the counter continued, every record
@@ -491,7 +443,7 @@ fn shared_nothing_move_and_faults() {
     ]);
     a.ok(&["vm", "start", "g"]);
     a.wait_heartbeat("g");
-    let (code, out) = a.exec("g", WRITER);
+    let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
     let c0 = wait_counter_above(a, 3);
     let cp = a.ok(&["checkpoint", "new", "g", "cp1", "--type", "production"]);
@@ -570,7 +522,7 @@ fn shared_nothing_move_and_faults() {
     // The data written before, during and after the copy verifies on B.
     let last = verify(b);
     assert!(last >= n, "last record {last} < counter {n}");
-    let (code, out) = b.exec("g", WRITER);
+    let (code, out) = b.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
     n = wait_counter_above(b, last);
 
@@ -763,7 +715,7 @@ fn shared_nothing_move_and_faults() {
             last >= n,
             "{point}/{fault}: last record {last} < counter {n}"
         );
-        let (code, out) = b.exec("g", WRITER);
+        let (code, out) = b.exec("g", RECORD_WRITER);
         assert_eq!(code, 0, "{out}");
         n = wait_counter_above(b, last);
     }

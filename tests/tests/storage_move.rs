@@ -6,40 +6,9 @@
 //! old files are gone and the VM configuration, `disks.json` and the checkpoint tree name
 //! the new files. A cancelled move leaves everything on the old path, the VM running.
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
+use vireo_e2e::guest_io::*;
 use vireo_e2e::*;
-
-/// Shell prelude that sets `$D` to the 64 MiB data disk (sd names are not stable).
-const DATA_DISK: &str = "D=; for d in /sys/block/sd*; do if [ \"$(cat $d/size)\" = 131072 ]; then D=/dev/${d##*/}; fi; done; \
-    [ -b \"$D\" ] || { echo 'no 64 MiB data disk in /sys/block' >&2; exit 1; }; ";
-
-/// Writes `count` MiB of random data at MiB `at` (fsync); the sha256 of each MiB.
-fn write_random(h: &Host, at: usize, count: usize) -> Vec<String> {
-    let script = format!(
-        "set -e; {DATA_DISK} for i in $(seq {at} {}); do head -c 1048576 /dev/urandom > /tmp/b; \
-         dd if=/tmp/b of=$D bs=1048576 seek=$i conv=fsync 2>/dev/null; sha256sum /tmp/b | cut -d' ' -f1; done",
-        at + count - 1
-    );
-    let (code, out) = h.exec("g1", &script);
-    assert_eq!(code, 0, "guest write failed: {out}");
-    let sums: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
-    assert_eq!(sums.len(), count, "{out}");
-    sums
-}
-
-/// sha256 of each MiB of the data disk in `[at, at+count)`, page cache dropped.
-fn read_sums(h: &Host, at: usize, count: usize) -> Vec<String> {
-    let script = format!(
-        "set -e; {DATA_DISK} sync; echo 3 > /proc/sys/vm/drop_caches; for i in $(seq {at} {}); do \
-         dd if=$D bs=1048576 skip=$i count=1 2>/dev/null | sha256sum | cut -d' ' -f1; done",
-        at + count - 1
-    );
-    let (code, out) = h.exec("g1", &script);
-    assert_eq!(code, 0, "guest read failed: {out}");
-    out.lines().map(|l| l.trim().to_string()).collect()
-}
 
 /// Starts a guest writer over MiB 16..48 in the background; sums go to /run/sums.
 fn start_writer(h: &Host) {
@@ -48,7 +17,7 @@ fn start_writer(h: &Host) {
         </dev/null >/dev/null 2>&1 & echo started";
     let (code, out) = h.exec("g1", "rm -f /run/sums /run/done");
     assert_eq!(code, 0, "{out}");
-    let (code, out) = h.exec("g1", &format!("{DATA_DISK} export D; {writer}"));
+    let (code, out) = h.exec("g1", &format!("{} export D; {writer}", find_disk(DISK_64M)));
     assert_eq!(code, 0, "{out}");
 }
 
@@ -66,30 +35,6 @@ fn wait_writer(h: &Host) -> Vec<String> {
     let sums: Vec<String> = out.lines().map(|l| l.trim().to_string()).collect();
     assert_eq!(sums.len(), 32, "{out}");
     sums
-}
-
-fn files(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .map(|r| {
-            r.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
-fn sha256_file(p: &Path) -> String {
-    let o = Command::new("sha256sum")
-        .arg(p)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or("")
-        .to_string()
 }
 
 #[test]
@@ -132,10 +77,10 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     h.wait_heartbeat("g1");
 
     // A: MiB 0..8 before a checkpoint; B: MiB 4..8 after it (in the leaf).
-    let mut want = write_random(&h, 0, 8);
+    let mut want = write_random(&h, "g1", 0, 8);
     h.ok(&["checkpoint", "new", "g1", "cp1", "--type", "production"]);
-    want.splice(4..8, write_random(&h, 4, 4));
-    let before = files(&src);
+    want.splice(4..8, write_random(&h, "g1", 4, 4));
+    let before = files_in(&src);
     assert_eq!(before.len(), 4, "two chains of two layers: {before:?}");
 
     // Refusals change nothing.
@@ -150,7 +95,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
         under_file.to_str().unwrap(),
     ]);
     assert!(!e.is_empty());
-    assert_eq!(files(&src), before, "a refused move changed the source");
+    assert_eq!(files_in(&src), before, "a refused move changed the source");
     let e = h.fails(&["vm", "move-storage", "g1", "--path", src.to_str().unwrap()]);
     assert!(e.contains("already has"), "{e}");
 
@@ -163,7 +108,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     let w = wait_writer(&h);
     want.resize(16, String::new());
     want.extend(w);
-    let now = read_sums(&h, 0, 48);
+    let now = read_sums(&h, "g1", 0, 48);
     for (i, (a, b)) in now.iter().zip(&want).enumerate() {
         if (8..16).contains(&i) {
             continue;
@@ -171,8 +116,12 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
         assert_eq!(a, b, "MiB {i} differs in the guest after the move");
     }
     // Old files gone, new ones named everywhere.
-    assert!(files(&src).is_empty(), "old files left: {:?}", files(&src));
-    assert_eq!(files(&dst).len(), 4, "{:?}", files(&dst));
+    assert!(
+        files_in(&src).is_empty(),
+        "old files left: {:?}",
+        files_in(&src)
+    );
+    assert_eq!(files_in(&dst).len(), 4, "{:?}", files_in(&dst));
     let v = h.show("g1");
     for d in v["disks"].as_array().expect("disks") {
         let p = d["path"].as_str().unwrap_or("");
@@ -222,13 +171,13 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(
-        files(&dst2).is_empty(),
+        files_in(&dst2).is_empty(),
         "partial files left: {:?}",
-        files(&dst2)
+        files_in(&dst2)
     );
-    assert_eq!(files(&dst).len(), 4);
+    assert_eq!(files_in(&dst).len(), 4);
     assert_eq!(h.show("g1")["state"].as_str(), Some("running"));
-    let now = read_sums(&h, 0, 48);
+    let now = read_sums(&h, "g1", 0, 48);
     for (i, (a, b)) in now.iter().zip(&want).enumerate() {
         if !(8..16).contains(&i) {
             assert_eq!(a, b, "MiB {i} differs after the cancelled move");
@@ -237,7 +186,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
 
     // The new files on the host, read by an independent reader once the VM is off.
     h.ok(&["vm", "turn-off", "g1"]);
-    let leaf = files(&dst)
+    let leaf = files_in(&dst)
         .into_iter()
         .find(|f| f.starts_with("data") && f.ends_with(".avhdx"))
         .expect("data leaf in dst");
