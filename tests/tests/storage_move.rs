@@ -42,7 +42,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     let h = Host::start();
     let src = h.dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    let raw = guest_disk(h.dir.path(), 1, GuestAgent::Vireo);
+    let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     let boot = src.join("boot.vhdx");
     h.ok(&[
         "disk",
