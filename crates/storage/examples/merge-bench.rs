@@ -24,22 +24,27 @@ fn writer(
     size: u64,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<Vec<Duration>> {
-    std::thread::spawn(move || {
-        let mut lat = Vec::new();
-        let buf = vec![0x5au8; 4096];
-        let mut x: u64 = 0x9e3779b97f4a7c15;
-        while !stop.load(Ordering::Relaxed) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            let off = (x % (size / 4096)) * 4096;
-            let t = Instant::now();
-            chain.write_at(&buf, off, false).expect("write");
-            lat.push(t.elapsed());
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        lat
-    })
+    // Named, so that `perf record -e sched:sched_switch --call-graph dwarf` followed by
+    // `perf script --comm writer` shows where the writer waits.
+    std::thread::Builder::new()
+        .name("writer".into())
+        .spawn(move || {
+            let mut lat = Vec::new();
+            let buf = vec![0x5au8; 4096];
+            let mut x: u64 = 0x9e3779b97f4a7c15;
+            while !stop.load(Ordering::Relaxed) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let off = (x % (size / 4096)) * 4096;
+                let t = Instant::now();
+                chain.write_at(&buf, off, false).expect("write");
+                lat.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            lat
+        })
+        .expect("spawning the writer thread")
 }
 
 /// Sequential MiB/s, merge MiB/s, latencies without and during the merge.
@@ -125,11 +130,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for r in 0..rounds {
         let (seq, rate, i, b) = round(&base_dir, mib)?;
-        println!(
-            "round {r}: sequential {seq:.0} MiB/s, merge {rate:.0} MiB/s ({:.0}%), 4 KiB write p99 {:.0} us idle, {:.0} us merging",
-            100.0 * rate / seq,
+        let (i99, b99) = (
             percentile(&mut i.clone(), 0.99),
-            percentile(&mut b.clone(), 0.99)
+            percentile(&mut b.clone(), 0.99),
+        );
+        println!(
+            "round {r}: sequential {seq:.0} MiB/s, merge {rate:.0} MiB/s ({:.0}%), 4 KiB write p99 {i99:.0} us idle, {b99:.0} us merging (ratio {:.2})",
+            100.0 * rate / seq,
+            b99 / i99.max(1.0)
         );
         seqs.push(seq);
         rates.push(rate);
