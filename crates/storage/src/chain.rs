@@ -29,7 +29,7 @@ const MERGE_CHUNK: u64 = 1 << 20;
 /// Unit of the merge copy (divides [`MERGE_CHUNK`]): each piece is copied under its chunk's
 /// lock and moves the frontier, so a guest write waits for one piece at most.
 const MERGE_PIECE: u64 = 256 << 10;
-const _: () = assert!(MERGE_CHUNK % MERGE_PIECE == 0);
+const _: () = assert!(MERGE_CHUNK.is_multiple_of(MERGE_PIECE));
 
 pub(crate) struct Layers {
     /// Where requests go (`None` only while a switch has it taken apart).
@@ -449,7 +449,7 @@ impl DiskChain {
         let mut off = start;
         while off < end {
             let began = Instant::now();
-            if off % MERGE_CHUNK == 0 {
+            if off.is_multiple_of(MERGE_CHUNK) {
                 if let Some(wb) = wb.as_mut() {
                     wb.step(MERGE_CHUNK);
                 }
