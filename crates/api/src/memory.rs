@@ -201,6 +201,11 @@ pub struct WorkerMemory {
     pub qemu_rss: u64,
     /// Last QMP or agent failure, if any.
     pub error: Option<String>,
+    /// Boot generation: the worker counts the guest's resets (0 for the boot it launched).
+    /// Demand and `requested` belong to this boot; a target computed for another boot is
+    /// refused ([`SetMemory::generation`]).
+    #[serde(default)]
+    pub generation: u64,
 }
 
 /// `POST /memory` of a worker: apply a balancer decision.
@@ -211,4 +216,9 @@ pub struct SetMemory {
     pub balloon_target: u64,
     /// virtio-mem `requested-size`.
     pub virtio_mem_requested: u64,
+    /// The boot generation ([`WorkerMemory::generation`]) of the report this target was
+    /// computed from: the worker refuses it (409) once the guest has reset since, so a target
+    /// for the old boot never squeezes the new one. `None`: applied whatever the boot.
+    #[serde(default)]
+    pub generation: Option<u64>,
 }

@@ -20,6 +20,7 @@
 //!    a capped VM leaves is shared again). Weight 0 VMs only get what the others leave.
 //! 5. **Hysteresis.** Moves smaller than `max(2 % of assigned, 8 MiB)` are skipped, unless
 //!    the guest's demand is above what it has (decreases only while the budget still holds).
+//!    A VM growing to its weighted share is never held back: the proportion is the point.
 //! 6. **Growth limit.** Every increase is measured from the VM's commitment, and their sum is
 //!    limited to what is *actually free now*: `free_for_vms - reserve` minus growth already
 //!    in flight, and never more than `total - reserve` minus every VM's commitment. Memory a
@@ -455,7 +456,10 @@ fn hysteresis(slots: &mut [Slot], vms: &[VmDemand], budget: u64, cfg: &BalanceCo
             continue;
         }
         if s.target > cur {
-            if s.target - cur < threshold(cur) && v.demand <= v.assigned {
+            // A VM held below its weighted share would stay off the proportion the weights
+            // decide; shares under contention are stable, so reaching them is no churn.
+            let weighted = s.reason == Some(Reason::Weighted);
+            if !weighted && s.target - cur < threshold(cur) && v.demand <= v.assigned {
                 s.target = cur;
                 s.reason = Some(Reason::Hysteresis);
             }

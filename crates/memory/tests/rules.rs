@@ -289,6 +289,38 @@ fn hysteresis_avoids_flapping() {
     assert_eq!(d[a].target, 1442 * MIB);
 }
 
+/// Under contention a VM a few MiB below its weighted share still gets it (hysteresis would
+/// hold it off the proportion the weights decide; seen with real guests: 282 instead of 288 MiB).
+#[test]
+fn weighted_share_not_held_by_hysteresis() {
+    let s = |w| MemorySettings {
+        weight: w,
+        ..MemorySettings::dynamic(256 * MIB, 192 * MIB, 512 * MIB)
+    };
+    let vm = |id: &str, w, assigned, demand| memory::VmDemand {
+        id: id.into(),
+        settings: s(w),
+        assigned,
+        requested: None,
+        demand,
+        reported_at: Some(1000),
+    };
+    let vms = [
+        vm("heavy", 7500, 480 * MIB, 460 * MIB),
+        vm("light", 2500, 282 * MIB, 257 * MIB),
+    ];
+    let host = HostMemory {
+        total: 1024 * MIB,
+        free_for_vms: 8 * GIB,
+        reserve: 256 * MIB,
+    };
+    let d = balance(&vms, &host, 1500);
+    assert_eq!(
+        (d[0].target, d[0].reason, d[1].target, d[1].reason),
+        (480 * MIB, Reason::Weighted, 288 * MIB, Reason::Weighted)
+    );
+}
+
 /// Static VMs keep startup and count against the budget.
 #[test]
 fn static_vms_fixed_and_counted() {

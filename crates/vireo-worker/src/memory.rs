@@ -16,6 +16,15 @@
 //! `requested-size` again) and forgets the guest's demand, so the balancer keeps the VM at
 //! startup until the new boot reports again (`StaleDemand`, then [`BOOT_GRACE`]). A balloon
 //! target set for the old boot would otherwise squeeze the new one while it boots.
+//!
+//! **Boot generation.** vireod computes a target from a report and sends it up to a second
+//! later; a reset in between would let the old boot's target land on the new boot (seen: a
+//! target queued behind the reset's deflate shrank the rebooting guest from 256 to 210 MiB).
+//! So the worker counts resets ([`WorkerMemory::generation`]): under the lock that serializes
+//! targets, a reset bumps the generation and replaces the report at once (startup RAM, no
+//! demand), and a target carrying another generation ([`SetMemory::generation`]) is refused
+//! with 409. The balloon statistics QEMU keeps from the old boot are ignored until the new
+//! boot's driver sends its own.
 //! QEMU (7.2) keeps the balloon's `actual` across a reset, and the new boot's driver writes it
 //! only when it first inflates or deflates, so until the next `BALLOON_CHANGE` event the VM is
 //! reported with all its boot RAM (which the new boot really has) instead of the old `actual`.
@@ -34,6 +43,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use qemu::cmdline::{BALLOON_ID, VIRTIO_MEM_ID};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -69,8 +79,10 @@ struct Sample {
 
 struct MemState {
     region: u64,
+    /// Boot generation: resets seen (see the module doc). Changed only under `apply`.
+    generation: AtomicU64,
     /// A reset happened and the balloon's `actual` is still the old boot's (see the module doc).
-    actual_stale: std::sync::atomic::AtomicBool,
+    actual_stale: AtomicBool,
     sample: Mutex<Sample>,
     /// Serializes applying targets.
     apply: tokio::sync::Mutex<()>,
@@ -88,7 +100,8 @@ pub fn start(vm: Arc<Vm>, region: u64) {
         .get_or_init(|| {
             Arc::new(MemState {
                 region,
-                actual_stale: std::sync::atomic::AtomicBool::new(false),
+                generation: AtomicU64::new(0),
+                actual_stale: AtomicBool::new(false),
                 sample: Mutex::new(Sample::default()),
                 apply: tokio::sync::Mutex::new(()),
             })
@@ -115,12 +128,12 @@ async fn run(vm: Arc<Vm>, st: Arc<MemState>) {
             ev = events.recv() => {
                 match ev {
                     Ok(ev) if ev.event == "RESET" => {
-                        st.actual_stale.store(true, std::sync::atomic::Ordering::SeqCst);
+                        st.actual_stale.store(true, Ordering::SeqCst);
                         after_reset(&vm, &st).await;
                         onlined = st.region == 0;
                     }
                     Ok(ev) if ev.event == "BALLOON_CHANGE" => {
-                        st.actual_stale.store(false, std::sync::atomic::Ordering::SeqCst);
+                        st.actual_stale.store(false, Ordering::SeqCst);
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                     _ => {}
@@ -159,23 +172,37 @@ async fn online_hotplugged(vm: &Vm) -> bool {
     }
 }
 
-/// The guest was reset: startup RAM back, no virtio-mem, demand unknown until the new boot
-/// reports (see the module doc).
+/// The guest was reset: a new boot generation, startup RAM back, no virtio-mem, demand
+/// unknown until the new boot reports (see the module doc). Holds the target lock throughout,
+/// so a target sent for the old boot waits and is then refused.
 async fn after_reset(vm: &Vm, st: &MemState) {
     let _g = st.apply.lock().await;
+    let generation = st.generation.fetch_add(1, Ordering::SeqCst) + 1;
+    let base = match vm.qmp.memory_size_summary().await {
+        Ok(m) => Some(m.base),
+        Err(e) => {
+            tracing::warn!("guest reset: reading the VM's memory size failed: {e}");
+            None
+        }
+    };
     {
         let mut s = lock(&st.sample);
-        let report = std::mem::take(&mut s.report);
-        *s = Sample::default();
-        // Until the reset commands below are done, the old request still stands.
-        s.requested = report.requested;
-        // Keep what the VM had until the next sample reads it again, but no demand.
+        let old = std::mem::take(&mut *s);
+        // QEMU keeps the old boot's balloon statistics: only a new `last-update` counts.
+        s.last_update = old.last_update;
+        let startup = base.unwrap_or(old.report.balloon_actual);
+        s.requested = Some(startup);
+        // What the new boot has once the commands below are done (the balloon's `actual` is
+        // the old boot's until the new driver writes it: `actual_stale`).
         s.report = WorkerMemory {
-            demand: None,
-            age_ms: None,
-            source: None,
-            agent_seen: false,
-            ..report
+            assigned: startup,
+            balloon_actual: startup,
+            plugged: 0,
+            requested: Some(startup),
+            region: st.region,
+            qemu_rss: old.report.qemu_rss,
+            generation,
+            ..WorkerMemory::default()
         };
     }
     if st.region > 0 {
@@ -183,27 +210,23 @@ async fn after_reset(vm: &Vm, st: &MemState) {
             tracing::warn!("guest reset: unplugging virtio-mem memory failed: {e}");
         }
     }
-    match vm.qmp.memory_size_summary().await {
-        // The balloon value is relative to boot RAM (QEMU 7.2 counts no virtio-mem memory in
-        // it): asking for all of it deflates the balloon completely.
-        Ok(m) => match vm.qmp.balloon(m.base).await {
-            Ok(()) => {
-                let mut s = lock(&st.sample);
-                s.requested = Some(m.base);
-                s.report.requested = Some(m.base);
-                tracing::info!(
-                    startup = m.base,
-                    "guest reset: balloon deflated, the VM has its startup RAM until the guest reports again"
-                )
-            }
+    // The balloon value is relative to boot RAM (QEMU 7.2 counts no virtio-mem memory in it):
+    // asking for all of it deflates the balloon completely.
+    if let Some(base) = base {
+        match vm.qmp.balloon(base).await {
+            Ok(()) => tracing::info!(
+                startup = base,
+                generation,
+                "guest reset: boot generation {generation}, balloon deflated, the VM has its startup RAM until the guest reports again"
+            ),
             Err(e) => tracing::warn!("guest reset: deflating the balloon failed: {e}"),
-        },
-        Err(e) => tracing::warn!("guest reset: reading the VM's memory size failed: {e}"),
+        }
     }
 }
 
 async fn sample_once(vm: &Vm, st: &MemState) {
     let now = Instant::now();
+    let generation = st.generation.load(Ordering::SeqCst);
     let mut error = None;
     let stats = match vm.qmp.guest_memory_stats(BALLOON_ID).await {
         Ok(s) => Some(s),
@@ -225,7 +248,7 @@ async fn sample_once(vm: &Vm, st: &MemState) {
     } else {
         None
     };
-    let actual = if st.actual_stale.load(std::sync::atomic::Ordering::SeqCst) {
+    let actual = if st.actual_stale.load(Ordering::SeqCst) {
         // The new boot has all boot RAM; `actual` is the old boot's.
         vm.qmp.memory_size_summary().await.map(|m| m.base)
     } else {
@@ -294,6 +317,7 @@ async fn sample_once(vm: &Vm, st: &MemState) {
         agent_seen,
         qemu_rss: rss,
         error,
+        generation,
     };
 }
 
@@ -318,6 +342,7 @@ impl IntoResponse for MemError {
     fn into_response(self) -> Response {
         let status = match self.0 {
             ErrorKind::Invalid => StatusCode::BAD_REQUEST,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             _ => StatusCode::BAD_GATEWAY,
         };
         (
@@ -366,6 +391,20 @@ async fn set(
         ));
     }
     let _g = st.apply.lock().await;
+    let generation = st.generation.load(Ordering::SeqCst);
+    if let Some(g) = req.generation.filter(|&g| g != generation) {
+        tracing::info!(
+            target_generation = g,
+            generation,
+            "memory target refused: computed for boot generation {g}, the guest has reset since"
+        );
+        return Err(MemError(
+            ErrorKind::Conflict,
+            format!(
+                "memory target for boot generation {g} refused: the guest has reset since (boot generation {generation})"
+            ),
+        ));
+    }
     let (current, plugged) = {
         let s = lock(&st.sample);
         (s.report.assigned, s.report.plugged)

@@ -5,6 +5,10 @@
 //!
 //! A VM whose worker does not answer is still counted with the memory it last had, and is
 //! given nothing: the balancer never hands out memory it cannot account for.
+//!
+//! Every target carries the boot generation of the report it was computed from; the worker
+//! refuses it when the guest has reset since (a target for the old boot would squeeze the new
+//! one while it boots), and the next round starts from the new boot's report.
 
 use crate::manager::Manager;
 use api::memory::{SetMemory, WorkerMemory};
@@ -83,15 +87,25 @@ pub async fn round(m: &Arc<Manager>, epoch: Instant) {
     let decisions = memory::balance(&demands, &host, now_ms);
     for (i, d) in decisions.into_iter().enumerate() {
         let v = &vms[i];
+        let rep = m.memory_report(&v.uuid);
         tracing::debug!(vm = %v.name, target = d.target, reason = %d.reason, changed = d.changed, "memory decision");
         if d.changed && fresh[i] {
+            let generation = rep.as_ref().map(|(r, _)| r.generation);
             let req = SetMemory {
                 balloon_target: d.balloon_target,
                 virtio_mem_requested: d.virtio_mem_requested,
+                generation,
             };
             match v.client.post::<_, WorkerMemory>("/memory", &req).await {
                 // The answer carries the new `requested`: the next round counts it as held.
                 Ok(rep) => m.record_memory_report(&v.uuid, rep),
+                Err(e) if e.api_kind() == Some(api::ErrorKind::Conflict) => {
+                    // The guest reset between the report and the target: the old boot's
+                    // demand is dropped, the next round reads the new boot.
+                    tracing::info!(vm = %v.name, "memory target {} for the old boot refused: {e}", d.target);
+                    m.drop_memory_decision(&v.uuid);
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(vm = %v.name, "applying memory target {} failed: {e}", d.target)
                 }

@@ -248,12 +248,26 @@ impl Manager {
         out
     }
 
-    /// Records a worker's memory report.
+    /// Records a worker's memory report. A report of another boot generation (the guest reset,
+    /// or a restarted worker counts afresh) drops the decision made for the old boot.
     pub fn record_memory_report(&self, uuid: &Uuid, r: WorkerMemory) {
         let mut vms = lock(&self.mem.vms);
         let v = vms.entry(*uuid).or_default();
+        if let Some((old, _)) = &v.report {
+            if r.generation != old.generation {
+                tracing::info!(%uuid, "guest reset (boot generation {} -> {}): the old boot's demand and decision are dropped", old.generation, r.generation);
+                v.decision = None;
+            }
+        }
         v.region = Some(r.region);
         v.report = Some((r, Instant::now()));
+    }
+
+    /// Forgets the last decision of a VM (its target was refused: the guest reset).
+    pub fn drop_memory_decision(&self, uuid: &Uuid) {
+        if let Some(v) = lock(&self.mem.vms).get_mut(uuid) {
+            v.decision = None;
+        }
     }
 
     /// The last report (and when it was fetched) of a VM.
@@ -400,7 +414,12 @@ impl Manager {
         } else if report.is_none() {
             Some("waiting for the first memory report from the VM's worker".to_string())
         } else if age.is_none() {
-            Some("the guest has not reported its memory yet (virtio_balloon driver or vireo-guest not running): memory kept".to_string())
+            let generation = report.map_or(0, |(r, _)| r.generation);
+            Some(if generation > 0 {
+                format!("the guest rebooted (boot generation {generation}): it keeps its startup RAM until the new boot reports its memory (virtio_balloon driver or vireo-guest not running yet)")
+            } else {
+                "the guest has not reported its memory yet (virtio_balloon driver or vireo-guest not running): memory kept".to_string()
+            })
         } else if age.is_some_and(|a| a > STALE_MS)
             || decision.is_some_and(|(d, _)| d.reason == Reason::StaleDemand)
         {
