@@ -1,7 +1,7 @@
 //! Replica between two vireod hosts in network namespaces: a generation 1 guest writes
 //! checksummed 4 KiB records to its data disk while host A replicates it (continuous mode)
-//! to host B. Proves: refusals (host not allowed, VM not replicated, commit without a
-//! failover); the initial replication completes and cycles follow; a recovery point cut
+//! to host B. Proves: refusals (host not allowed, untrusted host, VM not replicated, commit
+//! without a failover); the initial replication completes and cycles follow; a recovery point cut
 //! while the guest writes holds only whole, valid records (crash-consistent); after the
 //! writer stops, the latest point is byte-identical to the primary's disk at that cut
 //! (read host-side from the VHDX chain); unplanned failover after kill -9 of A's vireod,
@@ -107,6 +107,16 @@ fn replicate_verify_and_unplanned_failover() {
         "continuous",
     ]);
     assert!(e.contains("does not accept replicas"), "{e}");
+    let e = a.fails(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        "10.77.0.9:7443",
+        "--interval",
+        "continuous",
+    ]);
+    assert!(e.contains("is not trusted"), "{e}");
     let e = b.fails(&["replica", "failover", "nosuch"]);
     assert!(
         e.contains("no replicas") || e.contains("not replicated"),

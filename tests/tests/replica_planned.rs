@@ -100,7 +100,7 @@ fn two_lines(out: &str) -> (u64, String) {
 }
 
 #[test]
-#[ignore = "written at the end of the session, not yet seen green: run with --ignored"]
+#[ignore = "green (537-673 s under load 9-15, 2026-11-28) but over the CI budget until folded into the replica test: run with --ignored"]
 fn test_failover_planned_failover_and_reverse() {
     let t0 = Instant::now();
     let env: &[(&str, &str)] = &[("VIREO_TEST_REPLICA_BUCKET_MS", "1")];

@@ -292,6 +292,25 @@ impl ReplicaStore {
     /// Opens a store, removing any directory its state does not list (a cycle whose
     /// application was interrupted, a dropped point whose deletion was).
     pub fn open(dir: &Path) -> Result<Self> {
+        let s = Self::peek(dir)?;
+        for e in std::fs::read_dir(dir)
+            .map_err(io("listing", dir))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().to_string();
+            let is_layer_dir = name.starts_with("incoming-") || name.starts_with("p-");
+            if is_layer_dir && !s.st.points.iter().any(|pt| pt.dir == name) {
+                tracing::info!(dir = %name, "removing an unfinished cycle or dropped point");
+                std::fs::remove_dir_all(e.path()).map_err(io("removing", &e.path()))?;
+            }
+        }
+        Ok(s)
+    }
+
+    /// Reads a store's state without touching its directory (status readers, which do not
+    /// hold the lock a cycle is applied under: [`ReplicaStore::open`] would remove the
+    /// layers of a cycle being applied).
+    pub fn peek(dir: &Path) -> Result<Self> {
         let p = dir.join(STATE);
         let b = std::fs::read(&p).map_err(io("reading", &p))?;
         let st: State = serde_json::from_slice(&b).map_err(|e| StoreError::State {
@@ -307,22 +326,10 @@ impl ReplicaStore {
                 ),
             });
         }
-        let s = ReplicaStore {
+        Ok(ReplicaStore {
             dir: dir.to_path_buf(),
             st,
-        };
-        for e in std::fs::read_dir(dir)
-            .map_err(io("listing", dir))?
-            .flatten()
-        {
-            let name = e.file_name().to_string_lossy().to_string();
-            let is_layer_dir = name.starts_with("incoming-") || name.starts_with("p-");
-            if is_layer_dir && !s.st.points.iter().any(|pt| pt.dir == name) {
-                tracing::info!(dir = %name, "removing an unfinished cycle or dropped point");
-                std::fs::remove_dir_all(e.path()).map_err(io("removing", &e.path()))?;
-            }
-        }
-        Ok(s)
+        })
     }
 
     fn save(&self) -> Result<()> {
@@ -483,7 +490,11 @@ impl ReplicaStore {
             return Err(e);
         }
         tracing::info!(vm = %self.st.vm, seq = h.seq, blocks = blocks.len(), "applied a replication cycle");
-        self.prune()?;
+        // The cycle is applied (the point is listed): a retention failure must not make
+        // the primary resend it. Dropping is idempotent and retried after the next cycle.
+        if let Err(e) = self.prune() {
+            tracing::warn!(vm = %self.st.vm, "dropping old recovery points: {}", crate::error_chain(&e));
+        }
         Ok(point)
     }
 
@@ -574,10 +585,18 @@ impl ReplicaStore {
                 continue;
             }
             let (old, next) = (self.st.points[i].clone(), self.st.points[i + 1].clone());
-            for (f, of) in next.files.iter().zip(&old.files) {
+            // A layer a VM runs on (a test copy, a failed-over VM) is locked: that point
+            // stays until the VM is gone; the others are still dropped.
+            let absorbed = next.files.iter().zip(&old.files).try_for_each(|(f, of)| {
                 let child = self.dir.join(&next.dir).join(f);
                 let parent = self.dir.join(&old.dir).join(of);
-                absorb(&child, &parent).map_err(img("absorbing the dropped point into", &child))?;
+                absorb(&child, &parent)
+                    .map(|_| ())
+                    .map_err(img("absorbing the dropped point into", &child))
+            });
+            if let Err(e) = absorbed {
+                tracing::debug!(seq, "point not dropped yet: {}", crate::error_chain(&e));
+                continue;
             }
             self.st.points.remove(i);
             self.save()?;

@@ -514,7 +514,7 @@ impl Manager {
             .map(|r| self.primary_status(r))
             .collect();
         for (dir, r) in self.replica_recs() {
-            let store = ReplicaStore::open(&dir.join(&r.store)).ok();
+            let store = ReplicaStore::peek(&dir.join(&r.store)).ok();
             let points: Vec<RecoveryPoint> = store
                 .as_ref()
                 .map(|s| {
