@@ -3,12 +3,14 @@
 //! migration).
 //!
 //! ```text
-//!  start ──> Frozen (parents copied file by file, CRC32C checked)
+//!  start ──> Frozen (parents copied file by file, double-buffered: one read per byte,
+//!            CRC32C of the bytes read checked against the CRC of the bytes the sink got)
 //!        ──> Active (the leaf's allocated ranges, from its BAT; holes skipped)
 //!        ──> dirty passes (every guest change since is re-copied) ── converged ──┐
 //!                                                                                 │
 //!  complete(): exclusive I/O lock (requests drain, new ones wait) ─> final dirty pass
-//!     ─> flush ─> verify (CRC32C of every MiB of the virtual disk, source vs sink)
+//!     ─> flush ─> verify (CRC32C of every MiB either active layer holds, source vs
+//!        sink, both computed at once; elsewhere both read their identical frozen files)
 //!     ─> commit (images closed clean) ─> [switch the export to the new leaf] ─> resume
 //!  cancel() / any failure: the sink removes what it created; the source is untouched.
 //! ```
@@ -25,7 +27,7 @@ mod dir;
 mod stream;
 
 pub use dir::DirSink;
-pub use stream::{receive_chain, StreamSink, PROTOCOL_VERSION};
+pub use stream::{receive_chain, StreamSink, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use crate::chain::{DiskChain, Layers};
 use crate::error::StorageError;
@@ -323,6 +325,19 @@ pub trait MirrorSink: Send {
     fn flush(&mut self) -> MirrorResult<()>;
     /// CRC32C of each [`COPY_CHUNK`] of the destination's virtual disk.
     fn checksums(&mut self) -> MirrorResult<Vec<u32>>;
+    /// CRC32C of the destination's virtual disk at the [`COPY_CHUNK`] indices `chunks`
+    /// (sorted; the chunks the source's active layer holds) and at every other chunk the
+    /// destination's active layer holds: `(index, crc)` sorted by index. Outside these
+    /// chunks both chains read their (verified, identical) frozen layers or zeroes. The
+    /// default checksums every chunk.
+    fn held_checksums(&mut self, _chunks: &[u64]) -> MirrorResult<Vec<(u64, u32)>> {
+        Ok(self
+            .checksums()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| (i as u64, c))
+            .collect())
+    }
     /// Closes the images cleanly; returns the destination files, active leaf first.
     fn commit(&mut self) -> MirrorResult<Vec<PathBuf>>;
     /// Removes everything the sink created. Never fails (logs).
@@ -394,7 +409,8 @@ pub struct MirrorOutcome {
     pub files: Vec<PathBuf>,
     /// Source files, leaf first, then the other frozen ones.
     pub source_files: Vec<PathBuf>,
-    /// CRC32C over the per-MiB checksums of the virtual disk (same at both ends).
+    /// CRC32C over the `(MiB index, CRC32C)` pairs compared at the switchover (the MiBs
+    /// either active layer holds; same at both ends).
     pub checksum: u32,
     /// Bytes sent in all.
     pub bytes_copied: u64,
@@ -597,29 +613,153 @@ fn apply(sink: &mut dyn MirrorSink, ops: Vec<Op>, copied: &AtomicU64) -> MirrorR
     Ok(n)
 }
 
+/// CRC32C of chunk `idx` ([`COPY_CHUNK`]) of an image's virtual disk (holes read as zeroes).
+fn chunk_crc(img: &Image, size: u64, idx: u64, buf: &mut [u8]) -> std::io::Result<u32> {
+    let off = idx * COPY_CHUNK;
+    if off >= size {
+        return Err(std::io::Error::other(format!(
+            "chunk {idx} lies beyond the disk"
+        )));
+    }
+    let n = COPY_CHUNK.min(size - off);
+    let mut crc = 0u32;
+    let mut at = off;
+    while at < off + n {
+        let ext = img.block_status(at, off + n - at)?;
+        let before = at;
+        for e in ext {
+            let end = e.offset.saturating_add(e.len);
+            if e.offset > at || at >= off + n {
+                break;
+            }
+            if end <= at {
+                continue;
+            }
+            let len = (end - at).min(off + n - at) as usize;
+            let b = &mut buf[..len];
+            if e.zero {
+                b.fill(0);
+            } else {
+                img.read_at(b, at)?;
+            }
+            crc = crc32c::crc32c_append(crc, b);
+            at += len as u64;
+        }
+        if at == before {
+            return Err(std::io::Error::other("block status made no progress"));
+        }
+    }
+    Ok(crc)
+}
+
 /// CRC32C of each [`COPY_CHUNK`] of an image's virtual disk (holes read as zeroes).
 pub(crate) fn image_checksums(img: &Image, size: u64) -> std::io::Result<Vec<u32>> {
-    let zero = vec![0u8; COPY_CHUNK as usize];
+    let all: Vec<u64> = (0..size.div_ceil(COPY_CHUNK)).collect();
+    chunk_checksums(img, size, &all)
+}
+
+/// CRC32C of the chunks `chunks` ([`COPY_CHUNK`] indices) of an image's virtual disk.
+pub(crate) fn chunk_checksums(img: &Image, size: u64, chunks: &[u64]) -> std::io::Result<Vec<u32>> {
     let mut buf = vec![0u8; COPY_CHUNK as usize];
-    let mut out = Vec::with_capacity(size.div_ceil(COPY_CHUNK) as usize);
+    chunks
+        .iter()
+        .map(|&i| chunk_crc(img, size, i, &mut buf))
+        .collect()
+}
+
+/// Indices of the [`COPY_CHUNK`]s that the active layer `img` itself holds, sorted: where
+/// it reads otherwise than through its parent (a differencing VHDX) or otherwise than as
+/// zeroes (a layer without parent). Everywhere else two chains whose parents are
+/// byte-identical files read the same.
+pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
+    const WINDOW: u64 = 1 << 30;
+    let mut out: Vec<u64> = Vec::new();
+    let mut push = |off: u64, len: u64| {
+        if len == 0 || off >= size {
+            return;
+        }
+        let first = off / COPY_CHUNK;
+        let last = (off.saturating_add(len).min(size) - 1) / COPY_CHUNK;
+        let start = match out.last() {
+            Some(&l) if l >= first => l + 1,
+            _ => first,
+        };
+        out.extend(start..=last);
+    };
     let mut off = 0;
     while off < size {
-        let n = COPY_CHUNK.min(size - off);
-        let mut crc = 0u32;
-        for e in img.block_status(off, n)? {
-            let len = e.len.min(off + n - e.offset) as usize;
-            if e.zero {
-                crc = crc32c::crc32c_append(crc, &zero[..len]);
-            } else {
-                let b = &mut buf[..len];
-                img.read_at(b, e.offset)?;
-                crc = crc32c::crc32c_append(crc, b);
+        let n = WINDOW.min(size - off);
+        let mut covered = off;
+        match img {
+            Image::Vhdx(v) => {
+                let diff = v.parent().is_some();
+                for e in v
+                    .block_status(off, n)
+                    .map_err(StorageError::image("reading", v.path()))?
+                {
+                    let held = match e.state {
+                        vhdx::ExtentState::Data => true,
+                        vhdx::ExtentState::Zero | vhdx::ExtentState::Unmapped => diff,
+                        vhdx::ExtentState::FromParent => false,
+                    };
+                    if held {
+                        push(e.off, e.len);
+                    }
+                    covered = covered.max(e.off.saturating_add(e.len));
+                }
+            }
+            Image::Raw { path, .. } => {
+                for e in img
+                    .block_status(off, n)
+                    .map_err(StorageError::io("reading", path))?
+                {
+                    if !e.zero {
+                        push(e.offset, e.len);
+                    }
+                    covered = covered.max(e.offset.saturating_add(e.len));
+                }
             }
         }
-        out.push(crc);
-        off += n;
+        if covered <= off {
+            return Err(MirrorError::Io {
+                op: "reading the allocation of",
+                path: img.path().to_path_buf(),
+                source: std::io::Error::other("block status made no progress"),
+            });
+        }
+        off = covered.min(off + n);
     }
     Ok(out)
+}
+
+/// Merges two sorted, deduplicated index lists.
+pub(crate) fn merge_sorted(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = Vec::with_capacity(a.len().max(b.len()));
+    let (mut i, mut j) = (0, 0);
+    while i < a.len() || j < b.len() {
+        let next = match (a.get(i), b.get(j)) {
+            (Some(&x), Some(&y)) if x == y => {
+                i += 1;
+                j += 1;
+                x
+            }
+            (Some(&x), Some(&y)) if x < y => {
+                i += 1;
+                x
+            }
+            (Some(&x), None) => {
+                i += 1;
+                x
+            }
+            (_, Some(&y)) => {
+                j += 1;
+                y
+            }
+            (None, None) => break,
+        };
+        out.push(next);
+    }
+    out
 }
 
 /// Combined checksum of a per-chunk list.
@@ -916,31 +1056,17 @@ fn finish_locked(
         from = b;
     }
     let final_pass_bytes = s.copied.load(Ordering::Relaxed) - before;
+    let t_pass = t0.elapsed();
     sink.flush()?;
-    let src = image_checksums(top, s.size).map_err(|e| MirrorError::Io {
-        op: "checksumming",
-        path: top.path().to_path_buf(),
-        source: e,
-    })?;
-    let dst = sink.checksums()?;
-    if src.len() != dst.len() {
-        return Err(MirrorError::Verify(format!(
-            "{} checksums at the source, {} at the destination",
-            src.len(),
-            dst.len()
-        )));
-    }
-    if let Some(i) = src.iter().zip(&dst).position(|(a, b)| a != b) {
-        return Err(MirrorError::Verify(format!(
-            "the MiB at offset {} differs",
-            i as u64 * COPY_CHUNK
-        )));
-    }
+    let t_flush = t0.elapsed();
+    let checksum = verify_held(top, s.size, sink)?;
+    let t_verify = t0.elapsed();
     let files = sink.commit()?;
+    let t_commit = t0.elapsed();
     let mut out = MirrorOutcome {
         files,
         source_files: source_files.to_vec(),
-        checksum: combine_checksums(&src),
+        checksum,
         bytes_copied: s.copied.load(Ordering::Relaxed),
         final_pass_bytes,
         io_pause: Duration::ZERO,
@@ -970,7 +1096,80 @@ fn finish_locked(
     }
     g.observer = None;
     out.io_pause = t0.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    tracing::info!(
+        final_pass_ms = ms(t_pass),
+        flush_ms = ms(t_flush - t_pass),
+        verify_ms = ms(t_verify - t_flush),
+        commit_ms = ms(t_commit - t_verify),
+        switch_ms = ms(out.io_pause - t_commit),
+        final_pass_bytes,
+        "mirror switchover phases (guest I/O held)"
+    );
     Ok((out, old))
+}
+
+/// Verifies the destination against `top` where either active layer holds data: the
+/// source's checksums are computed on a second thread while the sink computes its own (on
+/// the other host, for a stream). Returns the CRC32C over the `(index, crc)` pairs compared.
+fn verify_held(top: &Image, size: u64, sink: &mut dyn MirrorSink) -> MirrorResult<u32> {
+    let held = held_chunks(top, size)?;
+    let io = |e| MirrorError::Io {
+        op: "checksumming",
+        path: top.path().to_path_buf(),
+        source: e,
+    };
+    let (src, dst) = std::thread::scope(|sc| {
+        let h = sc.spawn(|| chunk_checksums(top, size, &held));
+        let dst = sink.held_checksums(&held);
+        (h.join(), dst)
+    });
+    let src = src
+        .map_err(|_| MirrorError::Protocol("the checksum thread panicked".into()))?
+        .map_err(io)?;
+    let dst = dst?;
+    let chunks = size.div_ceil(COPY_CHUNK);
+    let mut buf = vec![0u8; COPY_CHUNK as usize];
+    let mut si = 0;
+    let mut prev = None;
+    let mut all = crc32c::crc32c(&[]);
+    for &(idx, d) in &dst {
+        if idx >= chunks || prev.is_some_and(|p| idx <= p) {
+            return Err(MirrorError::Verify(format!(
+                "the destination returned a checksum for chunk {idx} out of order or beyond the disk"
+            )));
+        }
+        prev = Some(idx);
+        let c = if held.get(si) == Some(&idx) {
+            si += 1;
+            src[si - 1]
+        } else if held.get(si).is_some_and(|&h| h < idx) {
+            break;
+        } else {
+            // Held only at the destination: what does the source read there?
+            chunk_crc(top, size, idx, &mut buf).map_err(io)?
+        };
+        if c != d {
+            return Err(MirrorError::Verify(format!(
+                "the MiB at offset {} differs",
+                idx * COPY_CHUNK
+            )));
+        }
+        all = crc32c::crc32c_append(all, &idx.to_le_bytes());
+        all = crc32c::crc32c_append(all, &c.to_le_bytes());
+    }
+    if si != held.len() {
+        return Err(MirrorError::Verify(format!(
+            "the destination did not checksum the MiB at offset {}",
+            held[si] * COPY_CHUNK
+        )));
+    }
+    tracing::debug!(
+        source_held = held.len(),
+        compared = dst.len(),
+        "destination verified"
+    );
+    Ok(all)
 }
 
 /// Builds the plan of the chain under `top`; returns it and the frozen files' paths (plan order).
@@ -1077,40 +1276,8 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
         Some(l) => (l / 8).clamp(256 << 10, FILE_CHUNK as u64) as usize,
         None => FILE_CHUNK,
     };
-    let mut buf = vec![0u8; chunk];
     for (i, p) in frozen.iter().enumerate() {
-        let io = |op| {
-            move |e| MirrorError::Io {
-                op,
-                path: p.clone(),
-                source: e,
-            }
-        };
-        let f = std::fs::File::open(p).map_err(io("opening"))?;
-        let mut off = 0u64;
-        let mut crc = 0u32;
-        loop {
-            s.checkpoint()?;
-            let n = f.read_at(&mut buf, off).map_err(io("reading"))?;
-            if n == 0 {
-                break;
-            }
-            crc = crc32c::crc32c_append(crc, &buf[..n]);
-            // A local sink copies in the kernel (the CRC comes from this read of the
-            // source, the sink re-reads its copy at `file_end`); a stream gets the bytes.
-            if !sink.file_copy(i, &f, off, n as u64)? {
-                sink.file_data(i, off, &buf[..n])?;
-            }
-            off += n as u64;
-            s.copied.fetch_add(n as u64, Ordering::Relaxed);
-            let _ = s
-                .frozen_left
-                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                    Some(v.saturating_sub(n as u64))
-                });
-            s.throttle();
-        }
-        sink.file_end(i, off, crc)?;
+        copy_frozen(s, sink, i, p, chunk)?;
     }
     s.frozen_left.store(0, Ordering::Relaxed);
     sink.activate()?;
@@ -1162,6 +1329,103 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Reads a frozen file into `buf` at `off` until `buf` is full or the file ends.
+fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read_at(&mut buf[n..], off + n as u64) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Copies frozen layer `i` (file `p`) to the sink, double-buffered: a reader thread reads
+/// chunk N+1 and computes its CRC32C while this thread hands chunk N to the sink (the same
+/// buffer: each byte is read once). The sink checks the CRC of the bytes it received.
+fn copy_frozen(
+    s: &Shared,
+    sink: &mut dyn MirrorSink,
+    i: usize,
+    p: &Path,
+    chunk: usize,
+) -> MirrorResult<()> {
+    use std::sync::mpsc::sync_channel;
+    let io = |op| {
+        move |e| MirrorError::Io {
+            op,
+            path: p.to_path_buf(),
+            source: e,
+        }
+    };
+    let f = std::fs::File::open(p).map_err(io("opening"))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on a descriptor we own; no memory is passed.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    }
+    type Filled = std::io::Result<(u64, Vec<u8>, usize)>;
+    let (full_tx, full_rx) = sync_channel::<Filled>(1);
+    let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
+    for _ in 0..2 {
+        // The channel has room for both buffers.
+        let _ = free_tx.send(vec![0u8; chunk]);
+    }
+    let (sent, read) = std::thread::scope(|sc| {
+        let f = &f;
+        let reader = sc.spawn(move || -> (u64, u32) {
+            let mut off = 0u64;
+            let mut crc = 0u32;
+            while let Ok(mut buf) = free_rx.recv() {
+                let r = read_full(f, &mut buf, off);
+                let n = match &r {
+                    Ok(n) => *n,
+                    Err(_) => 0,
+                };
+                if let Err(e) = r {
+                    let _ = full_tx.send(Err(e));
+                    break;
+                }
+                if n == 0 {
+                    break;
+                }
+                crc = crc32c::crc32c_append(crc, &buf[..n]);
+                if full_tx.send(Ok((off, buf, n))).is_err() {
+                    break;
+                }
+                off += n as u64;
+            }
+            (off, crc)
+        });
+        let sent = (|| -> MirrorResult<()> {
+            let full_rx = full_rx;
+            let free_tx = free_tx;
+            for msg in full_rx.iter() {
+                s.checkpoint()?;
+                let (off, buf, n) = msg.map_err(io("reading"))?;
+                sink.file_data(i, off, &buf[..n])?;
+                s.copied.fetch_add(n as u64, Ordering::Relaxed);
+                let _ = s
+                    .frozen_left
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                        Some(v.saturating_sub(n as u64))
+                    });
+                s.throttle();
+                let _ = free_tx.send(buf);
+            }
+            Ok(())
+        })();
+        (sent, reader.join())
+    });
+    sent?;
+    let (len, crc) =
+        read.map_err(|_| MirrorError::Protocol("the frozen-layer reader panicked".into()))?;
+    sink.file_end(i, len, crc)
 }
 
 impl crate::DiskService {

@@ -411,3 +411,113 @@ fn mirror_start_is_refused_twice() {
     m.cancel().unwrap();
     svc.close().unwrap();
 }
+
+/// How [`Corrupt`] damages the copy.
+#[derive(Clone, Copy, Debug)]
+enum Damage {
+    /// Flips a byte of the first frozen-layer chunk on its way to the sink.
+    FrozenByte,
+    /// Flips a byte of the first active-layer write.
+    ActiveByte,
+    /// Writes a MiB at the destination where the source's leaf holds nothing.
+    ExtraMib,
+}
+
+/// A [`DirSink`] whose input is damaged once, as a faulty transport or disk would.
+struct Corrupt {
+    inner: DirSink,
+    damage: Damage,
+    done: bool,
+}
+
+impl storage::mirror::MirrorSink for Corrupt {
+    fn begin(&mut self, plan: &storage::mirror::ChainPlan) -> storage::mirror::MirrorResult<()> {
+        self.inner.begin(plan)
+    }
+    fn file_data(&mut self, l: usize, off: u64, d: &[u8]) -> storage::mirror::MirrorResult<()> {
+        if matches!(self.damage, Damage::FrozenByte) && !self.done && d.len() > 100 {
+            self.done = true;
+            let mut b = d.to_vec();
+            b[100] ^= 1;
+            return self.inner.file_data(l, off, &b);
+        }
+        self.inner.file_data(l, off, d)
+    }
+    fn file_end(&mut self, l: usize, len: u64, crc: u32) -> storage::mirror::MirrorResult<()> {
+        self.inner.file_end(l, len, crc)
+    }
+    fn activate(&mut self) -> storage::mirror::MirrorResult<()> {
+        self.inner.activate()?;
+        if matches!(self.damage, Damage::ExtraMib) {
+            // The source's leaf holds 30..34 MiB and the writers' regions, never 60 MiB.
+            self.inner.write(60 * MIB, &vec![0x5a; MIB as usize])?;
+        }
+        Ok(())
+    }
+    fn write(&mut self, off: u64, d: &[u8]) -> storage::mirror::MirrorResult<()> {
+        if matches!(self.damage, Damage::ActiveByte) && !self.done && !d.is_empty() {
+            self.done = true;
+            let mut b = d.to_vec();
+            b[0] ^= 1;
+            return self.inner.write(off, &b);
+        }
+        self.inner.write(off, d)
+    }
+    fn zero(&mut self, off: u64, len: u64) -> storage::mirror::MirrorResult<()> {
+        self.inner.zero(off, len)
+    }
+    fn flush(&mut self) -> storage::mirror::MirrorResult<()> {
+        self.inner.flush()
+    }
+    fn checksums(&mut self) -> storage::mirror::MirrorResult<Vec<u32>> {
+        self.inner.checksums()
+    }
+    fn held_checksums(&mut self, c: &[u64]) -> storage::mirror::MirrorResult<Vec<(u64, u32)>> {
+        self.inner.held_checksums(c)
+    }
+    fn commit(&mut self) -> storage::mirror::MirrorResult<Vec<PathBuf>> {
+        self.inner.commit()
+    }
+    fn abort(&mut self) {
+        self.inner.abort()
+    }
+}
+
+/// Verification still covers every byte after its optimizations: a flipped byte in a
+/// frozen layer (caught by the CRC of the bytes received), in the active layer, or data
+/// the destination holds where the source's leaf holds none (caught by the per-MiB
+/// comparison over the ranges either active layer holds) fails the move with `Verify`;
+/// the export stays on the source, unchanged, and no destination file is left.
+#[test]
+fn damaged_copy_fails_verification_and_changes_nothing() {
+    let rt = rt();
+    for damage in [Damage::FrozenByte, Damage::ActiveByte, Damage::ExtraMib] {
+        let tmp = tempfile::tempdir().unwrap();
+        let (svc, model) = served_disk(&rt, tmp.path());
+        let old_chain = svc.chain(0).unwrap().chain_paths();
+        let dest = tmp.path().join("dest");
+        let sink = Corrupt {
+            inner: DirSink::new(&dest),
+            damage,
+            done: false,
+        };
+        let m = svc
+            .mirror_disk(0, Box::new(sink), MirrorOptions::default())
+            .unwrap();
+        m.wait_converged(Duration::from_secs(60));
+        let e = svc.complete_move(0, m).unwrap_err();
+        assert_eq!(e.kind(), MirrorErrorKind::Verify, "{damage:?}: {e}");
+        let c = svc.chain(0).unwrap();
+        assert_eq!(c.chain_paths(), old_chain, "{damage:?}");
+        assert_eq!(sha(&read_all(c.as_ref())), sha(&model), "{damage:?}");
+        assert!(
+            files_in(&dest).is_empty(),
+            "{damage:?}: {:?}",
+            files_in(&dest)
+        );
+        // Mirroring ended: checkpoints work again.
+        svc.create_checkpoint(None, CheckpointKind::Production, None)
+            .unwrap();
+        svc.close().unwrap();
+    }
+}

@@ -15,19 +15,28 @@
 //! | 8 CHECKSUMS | — | OK: u32 LE per MiB |
 //! | 9 COMMIT | — | OK: JSON list of files |
 //! | 10 ABORT | — | OK |
+//! | 11 HELD_CHECKSUMS | runs of chunks (start u64, count u32) | OK: runs, then u32 LE per chunk |
 //!
 //! Replies: 100 OK (payload), 101 ERROR (kind u8, UTF-8 message). The receiver answers
 //! the first failure (disk full included) with ERROR, removes what it created and closes;
 //! the sender reports that error at its next write or round trip. Unreplied frames are
 //! pipelined, so throughput is bounded by the slower end, not by round trips.
+//!
+//! HELD_CHECKSUMS (version 2) asks for the CRC32C of the listed MiBs (those the source's
+//! active layer holds) and of every other MiB the receiver's active layer holds; its reply
+//! is `nruns u32`, `nruns` × (start u64, count u32), then one u32 per chunk of the runs.
+//! The receiver still answers CHECKSUMS (whole disk) for a version 1 sender.
 
 use super::{ChainPlan, DirSink, MirrorError, MirrorErrorKind, MirrorResult, MirrorSink};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 
-/// Version spoken in BEGIN; another version is refused.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Version spoken in BEGIN; the receiver accepts versions
+/// [`MIN_PROTOCOL_VERSION`]`..=PROTOCOL_VERSION` and refuses others.
+pub const PROTOCOL_VERSION: u32 = 2;
+/// Oldest sender version a receiver accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
 
 const BEGIN: u8 = 1;
 const FILE_DATA: u8 = 2;
@@ -39,8 +48,11 @@ const FLUSH: u8 = 7;
 const CHECKSUMS: u8 = 8;
 const COMMIT: u8 = 9;
 const ABORT: u8 = 10;
+const HELD_CHECKSUMS: u8 = 11;
 const OK: u8 = 100;
 const ERROR: u8 = 101;
+/// Most chunks of a disk (the largest virtual size a plan accepts).
+const MAX_CHUNKS: u64 = (64 << 40) / super::COPY_CHUNK;
 /// Largest payload accepted.
 const MAX_FRAME: usize = (32 << 20) + 64;
 
@@ -238,6 +250,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> MirrorSink for StreamSink<S> {
             .collect())
     }
 
+    fn held_checksums(&mut self, chunks: &[u64]) -> MirrorResult<Vec<(u64, u32)>> {
+        let mut req = Vec::new();
+        encode_runs(&to_runs(chunks), &mut req);
+        let p = self.round_trip(HELD_CHECKSUMS, &[&req])?;
+        let nruns = u32_at(&p, 0)? as usize;
+        let (all, used) = decode_runs(p.get(4..).unwrap_or_default(), nruns, MAX_CHUNKS)?;
+        let sums = &p[4 + used..];
+        if sums.len() != all.len() * 4 {
+            return Err(proto("checksum reply of the wrong length"));
+        }
+        Ok(all
+            .into_iter()
+            .zip(sums.chunks_exact(4))
+            .map(|(i, c)| (i, u32::from_le_bytes([c[0], c[1], c[2], c[3]])))
+            .collect())
+    }
+
     fn commit(&mut self) -> MirrorResult<Vec<PathBuf>> {
         let p = self.round_trip(COMMIT, &[])?;
         serde_json::from_slice(&p).map_err(proto)
@@ -250,6 +279,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> MirrorSink for StreamSink<S> {
             }
         }
     }
+}
+
+/// Sorted chunk indices as runs `(start, count)`.
+fn to_runs(chunks: &[u64]) -> Vec<(u64, u32)> {
+    let mut runs: Vec<(u64, u32)> = Vec::new();
+    for &c in chunks {
+        match runs.last_mut() {
+            Some((s, n)) if *s + u64::from(*n) == c && *n < u32::MAX => *n += 1,
+            _ => runs.push((c, 1)),
+        }
+    }
+    runs
+}
+
+fn encode_runs(runs: &[(u64, u32)], out: &mut Vec<u8>) {
+    for (s, n) in runs {
+        out.extend_from_slice(&s.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+}
+
+/// Decodes `count` runs from `p`; returns the chunks (checked: increasing, at most `max`
+/// in all) and the bytes used.
+fn decode_runs(p: &[u8], count: usize, max: u64) -> MirrorResult<(Vec<u64>, usize)> {
+    let mut out: Vec<u64> = Vec::new();
+    for r in 0..count {
+        let s = u64_at(p, r * 12)?;
+        let n = u32_at(p, r * 12 + 8)?;
+        if out.last().is_some_and(|&l| s <= l)
+            || (out.len() as u64).saturating_add(u64::from(n)) > max
+            || s.checked_add(u64::from(n)).is_none()
+        {
+            return Err(proto("bad chunk runs"));
+        }
+        out.extend(s..s + u64::from(n));
+    }
+    Ok((out, count * 12))
 }
 
 fn u32_at(p: &[u8], at: usize) -> MirrorResult<u32> {
@@ -270,9 +336,9 @@ fn apply_frame(sink: &mut DirSink, t: u8, p: &[u8]) -> MirrorResult<Option<Vec<u
         BEGIN => {
             let v: serde_json::Value = serde_json::from_slice(p).map_err(proto)?;
             let ver = v.get("version").and_then(|x| x.as_u64()).unwrap_or(0);
-            if ver != u64::from(PROTOCOL_VERSION) {
+            if !(u64::from(MIN_PROTOCOL_VERSION)..=u64::from(PROTOCOL_VERSION)).contains(&ver) {
                 return Err(proto(format!(
-                    "mirror protocol version {ver} is not supported (this host speaks {PROTOCOL_VERSION}); update both hosts to the same Vireo version"
+                    "mirror protocol version {ver} is not supported (this host speaks {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}); update both hosts to the same Vireo version"
                 )));
             }
             let plan: ChainPlan =
@@ -302,6 +368,22 @@ fn apply_frame(sink: &mut DirSink, t: u8, p: &[u8]) -> MirrorResult<Option<Vec<u
                 .flat_map(|c| c.to_le_bytes())
                 .collect(),
         )),
+        HELD_CHECKSUMS => {
+            if !p.len().is_multiple_of(12) {
+                return Err(proto("short frame"));
+            }
+            let (chunks, _) = decode_runs(p, p.len() / 12, MAX_CHUNKS)?;
+            let pairs = sink.held_checksums(&chunks)?;
+            let idx: Vec<u64> = pairs.iter().map(|(i, _)| *i).collect();
+            let runs = to_runs(&idx);
+            let mut out = Vec::with_capacity(4 + runs.len() * 12 + pairs.len() * 4);
+            out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+            encode_runs(&runs, &mut out);
+            for (_, c) in &pairs {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+            Ok(Some(out))
+        }
         COMMIT => {
             let files = sink.commit()?;
             Ok(Some(serde_json::to_vec(&files).map_err(proto)?))
