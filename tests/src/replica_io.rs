@@ -66,18 +66,7 @@ pub fn point_data(store: &Path, id: u64, scratch: &Path) -> Vec<u8> {
     raw_image(&store.join(format!("p-{id}")).join("disk1.avhdx"), scratch)
 }
 
-/// SHA-256 of `b` in hex, by `sha256sum` (the tool the guest's records were written with).
-pub fn sha256_hex(b: &[u8]) -> String {
-    use std::io::Write;
-    let mut c = Command::new("sha256sum")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("sha256sum");
-    c.stdin.take().expect("stdin").write_all(b).expect("write");
-    let o = c.wait_with_output().expect("sha256sum");
-    String::from_utf8_lossy(&o.stdout)[..64].to_string()
-}
+pub use crate::guest_io::sha256_hex;
 
 /// Host-side check of the records in a raw data disk image: every non-empty record of the
 /// 64 slots holds a valid checksum in its own slot. Returns the highest sequence number.

@@ -10,25 +10,10 @@
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use vireo_e2e::guest_io::RECORD_WRITER;
 use vireo_e2e::multihost::{Cluster, NsHost};
 use vireo_e2e::replica_io::*;
 use vireo_e2e::*;
-
-const WRITER: &str = r#"cat > /tmp/w.sh <<'EOS'
-D=$(for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 32768 ] && echo /dev/${d##*/}; done | head -1)
-i=$(cat /tmp/counter 2>/dev/null || echo 0)
-while true; do
-  i=$((i+1))
-  head -c 4000 /dev/urandom > /tmp/r
-  s=$(sha256sum /tmp/r | cut -c1-64)
-  { cat /tmp/r; printf '%s %s\n' "$i" "$s"; } > /tmp/rec
-  dd if=/tmp/rec of=$D bs=4096 seek=$((i % 64)) count=1 conv=sync,fsync 2>/dev/null
-  echo $i > /tmp/counter
-  sleep 0.05
-done
-EOS
-setsid sh /tmp/w.sh >/dev/null 2>&1 &
-echo $! > /tmp/w.pid; echo started"#;
 
 /// Record checks inside the guest (after a failover): every record's checksum and slot;
 /// prints `OK <max seq> <records>`.
@@ -138,7 +123,7 @@ fn replicate_verify_and_unplanned_failover() {
 
     a.ok(&["vm", "start", "g"]);
     a.wait_heartbeat("g");
-    let (code, out) = a.exec("g", WRITER);
+    let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
     let out = a.ok(&[
         "replica",
@@ -213,7 +198,7 @@ fn replicate_verify_and_unplanned_failover() {
     assert!(text.contains("replica") && text.contains("g"), "{text}");
 
     // Unplanned: the writer runs again, then host A dies (daemon, worker, QEMU) and its link goes.
-    let (code, out) = a.exec("g", WRITER);
+    let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
     std::thread::sleep(Duration::from_secs(3));
     kill_all(a);
