@@ -165,15 +165,52 @@ pub struct ReplicaStore {
 }
 
 impl ReplicaStore {
-    /// Creates a store for `vm` with empty base disks of `disk_sizes` (point 0), keeping at
-    /// most `max_points` points (at least 1).
-    pub fn create(dir: &Path, vm: &str, disk_sizes: &[u64], max_points: usize) -> Result<Self> {
+    /// Refuses a directory that already holds a store.
+    fn refuse_existing(dir: &Path) -> Result<()> {
         if dir.join(STATE).exists() {
             return Err(StoreError::Mismatch(format!(
                 "{} already holds a replica",
                 dir.display()
             )));
         }
+        Ok(())
+    }
+
+    /// Records a new store whose point 0 is `files` in `base/`, and saves it.
+    fn with_base(
+        dir: &Path,
+        vm: &str,
+        disk_sizes: &[u64],
+        max_points: usize,
+        files: Vec<String>,
+        initializing: bool,
+    ) -> Result<Self> {
+        let s = ReplicaStore {
+            dir: dir.to_path_buf(),
+            st: State {
+                format_version: FORMAT_VERSION,
+                vm: vm.to_string(),
+                disk_sizes: disk_sizes.to_vec(),
+                max_points: max_points.max(1),
+                points: vec![Point {
+                    seq: 0,
+                    cut_unix_ms: 0,
+                    dir: "base".into(),
+                    files,
+                }],
+                initializing,
+                bucket_ms: 0,
+                pinned: Vec::new(),
+            },
+        };
+        s.save()?;
+        Ok(s)
+    }
+
+    /// Creates a store for `vm` with empty base disks of `disk_sizes` (point 0), keeping at
+    /// most `max_points` points (at least 1).
+    pub fn create(dir: &Path, vm: &str, disk_sizes: &[u64], max_points: usize) -> Result<Self> {
+        Self::refuse_existing(dir)?;
         let base = dir.join("base");
         std::fs::create_dir_all(&base).map_err(io("creating", &base))?;
         let mut files = Vec::new();
@@ -193,26 +230,7 @@ impl ReplicaStore {
             v.close().map_err(img("closing", &p))?;
             files.push(name);
         }
-        let s = ReplicaStore {
-            dir: dir.to_path_buf(),
-            st: State {
-                format_version: FORMAT_VERSION,
-                vm: vm.to_string(),
-                disk_sizes: disk_sizes.to_vec(),
-                max_points: max_points.max(1),
-                points: vec![Point {
-                    seq: 0,
-                    cut_unix_ms: 0,
-                    dir: "base".into(),
-                    files,
-                }],
-                initializing: true,
-                bucket_ms: 0,
-                pinned: Vec::new(),
-            },
-        };
-        s.save()?;
-        Ok(s)
+        Self::with_base(dir, vm, disk_sizes, max_points, files, true)
     }
 
     /// Creates a store for `vm` whose base (point 0, a complete copy, not initializing) is
@@ -227,12 +245,7 @@ impl ReplicaStore {
         disk_sizes: &[u64],
         max_points: usize,
     ) -> Result<Self> {
-        if dir.join(STATE).exists() {
-            return Err(StoreError::Mismatch(format!(
-                "{} already holds a replica",
-                dir.display()
-            )));
-        }
+        Self::refuse_existing(dir)?;
         if parents.len() != disk_sizes.len() {
             return Err(StoreError::Mismatch(format!(
                 "{} disks here, the primary has {}",
@@ -267,26 +280,7 @@ impl ReplicaStore {
             }
             files.push(name);
         }
-        let s = ReplicaStore {
-            dir: dir.to_path_buf(),
-            st: State {
-                format_version: FORMAT_VERSION,
-                vm: vm.to_string(),
-                disk_sizes: disk_sizes.to_vec(),
-                max_points: max_points.max(1),
-                points: vec![Point {
-                    seq: 0,
-                    cut_unix_ms: 0,
-                    dir: "base".into(),
-                    files,
-                }],
-                initializing: false,
-                bucket_ms: 0,
-                pinned: Vec::new(),
-            },
-        };
-        s.save()?;
-        Ok(s)
+        Self::with_base(dir, vm, disk_sizes, max_points, files, false)
     }
 
     /// Opens a store, removing any directory its state does not list (a cycle whose
