@@ -672,9 +672,8 @@ pub(crate) fn chunk_checksums(img: &Image, size: u64, chunks: &[u64]) -> std::io
 /// zeroes (a layer without parent). Everywhere else two chains whose parents are
 /// byte-identical files read the same.
 pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
-    const WINDOW: u64 = 1 << 30;
     let mut out: Vec<u64> = Vec::new();
-    let mut push = |off: u64, len: u64| {
+    for_each_held(img, size, |off, len| {
         if len == 0 || off >= size {
             return;
         }
@@ -685,7 +684,15 @@ pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
             _ => first,
         };
         out.extend(start..=last);
-    };
+    })?;
+    Ok(out)
+}
+
+/// Calls `f(offset, len)` for every range the layer `img` itself holds: data, and for a
+/// differencing VHDX also its zeroed or unmapped blocks (they hide the parent's data).
+/// Ranges read through the parent, or as zeroes of a layer without parent, are skipped.
+fn for_each_held(img: &Image, size: u64, mut f: impl FnMut(u64, u64)) -> MirrorResult<()> {
+    const WINDOW: u64 = 1 << 30;
     let mut off = 0;
     while off < size {
         let n = WINDOW.min(size - off);
@@ -703,7 +710,7 @@ pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
                         vhdx::ExtentState::FromParent => false,
                     };
                     if held {
-                        push(e.off, e.len);
+                        f(e.off, e.len);
                     }
                     covered = covered.max(e.off.saturating_add(e.len));
                 }
@@ -714,7 +721,7 @@ pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
                     .map_err(StorageError::io("reading", path))?
                 {
                     if !e.zero {
-                        push(e.offset, e.len);
+                        f(e.offset, e.len);
                     }
                     covered = covered.max(e.offset.saturating_add(e.len));
                 }
@@ -729,7 +736,7 @@ pub(crate) fn held_chunks(img: &Image, size: u64) -> MirrorResult<Vec<u64>> {
         }
         off = covered.min(off + n);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Merges two sorted, deduplicated index lists.
@@ -1232,41 +1239,7 @@ fn plan_for(top: &Image, size: u64, extra: &[PathBuf]) -> MirrorResult<(ChainPla
 
 /// Marks what the active layer itself holds (its BAT) as dirty: the first pass copies it.
 fn mark_allocated(top: &Image, size: u64, dirty: &Dirty) -> MirrorResult<()> {
-    const WINDOW: u64 = 1 << 30;
-    let mut off = 0;
-    while off < size {
-        let n = WINDOW.min(size - off);
-        match top {
-            Image::Vhdx(v) => {
-                let diff = v.parent().is_some();
-                for e in v
-                    .block_status(off, n)
-                    .map_err(StorageError::image("reading", v.path()))?
-                {
-                    let copy = match e.state {
-                        vhdx::ExtentState::Data => true,
-                        vhdx::ExtentState::Zero | vhdx::ExtentState::Unmapped => diff,
-                        vhdx::ExtentState::FromParent => false,
-                    };
-                    if copy {
-                        dirty.mark(e.off, e.len);
-                    }
-                }
-            }
-            Image::Raw { path, .. } => {
-                for e in top
-                    .block_status(off, n)
-                    .map_err(StorageError::io("reading", path))?
-                {
-                    if !e.zero {
-                        dirty.mark(e.offset, e.len);
-                    }
-                }
-            }
-        }
-        off += n;
-    }
-    Ok(())
+    for_each_held(top, size, |off, len| dirty.mark(off, len))
 }
 
 fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResult<()> {
