@@ -9,6 +9,7 @@ pub mod guest_io;
 pub mod multihost;
 pub mod net;
 pub mod replica_io;
+pub mod vm_setup;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

@@ -7,6 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vireo_e2e::guest_io::*;
+use vireo_e2e::vm_setup::define_gen1_vm;
 use vireo_e2e::*;
 
 const MIB: usize = 1 << 20;
@@ -29,39 +30,9 @@ fn job_state(h: &Host) -> (String, String) {
 #[test]
 fn checkpoint_apply_remove_live_merge_kill9() {
     let h = Host::start();
-    let boot = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
+    let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     // Checkpoints need every disk in VHDX: the raw test image is converted first.
-    let boot_vhdx = h.dir.path().join("boot.vhdx");
-    h.ok(&[
-        "disk",
-        "convert",
-        boot.to_str().unwrap(),
-        boot_vhdx.to_str().unwrap(),
-    ]);
-    let boot = boot_vhdx;
-    let data = h.dir.path().join("data.vhdx");
-    h.ok(&[
-        "disk",
-        "new",
-        data.to_str().unwrap(),
-        "--size",
-        "64M",
-        "--block-size",
-        "1M",
-    ]);
-    h.ok(&[
-        "vm",
-        "new",
-        "g1",
-        "--generation",
-        "1",
-        "--memory",
-        "256M",
-        "--disk",
-        boot.to_str().unwrap(),
-        "--disk",
-        data.to_str().unwrap(),
-    ]);
+    let data = define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M").data;
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
 
@@ -315,36 +286,7 @@ fn host_sums(h: &Host, image: &str, tag: &str) -> Vec<String> {
 fn remove_inner_checkpoint_while_running() {
     let h = Host::start();
     let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
-    let boot = h.dir.path().join("boot.vhdx");
-    h.ok(&[
-        "disk",
-        "convert",
-        raw.to_str().unwrap(),
-        boot.to_str().unwrap(),
-    ]);
-    let data = h.dir.path().join("data.vhdx");
-    h.ok(&[
-        "disk",
-        "new",
-        data.to_str().unwrap(),
-        "--size",
-        "64M",
-        "--block-size",
-        "1M",
-    ]);
-    h.ok(&[
-        "vm",
-        "new",
-        "g1",
-        "--generation",
-        "1",
-        "--memory",
-        "256M",
-        "--disk",
-        boot.to_str().unwrap(),
-        "--disk",
-        data.to_str().unwrap(),
-    ]);
+    define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M");
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
     let mut now: Vec<String> = vec![ZERO_MIB_SHA256.to_string(); 64];
