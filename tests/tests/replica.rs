@@ -6,7 +6,9 @@
 //! writer stops, the latest point is byte-identical to the primary's disk at that cut
 //! (read host-side from the VHDX chain); unplanned failover after kill -9 of A's vireod,
 //! worker and QEMU and a cut link starts the VM on B from the latest point with every
-//! record valid and nothing older than the verified cut; commit.
+//! record valid and nothing older than the verified cut; commit; then A comes back with
+//! its diverged copy and `vireo replica reverse` on B replicates back by a checksum
+//! resync: only the differing MiBs are shipped and A's point equals B's data disk.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -227,6 +229,80 @@ fn replicate_verify_and_unplanned_failover() {
     assert!(e.contains("already committed"), "{e}");
     let e = b.fails(&["replica", "cancel-failover", "g"]);
     assert!(e.contains("cannot be cancelled"), "{e}");
+
+    // Reverse after the unplanned failover: A comes back; its copy of g (off) diverged
+    // (records written after the last shipped cycle), B's g runs on and writes. Only the
+    // MiBs whose checksums differ cross the wire, and A's point equals B's disk.
+    let e = b.fails(&["replica", "reverse", "nosuch"]);
+    assert!(e.contains("not replicated to this host"), "{e}");
+    a.link(true);
+    a.spawn();
+    let rpath_a = c.dir.path().join("replicas-a");
+    a.ok(&[
+        "host",
+        "set",
+        "--allow-replica-from",
+        "10.77.0.2",
+        "--replica-path",
+        rpath_a.to_str().unwrap(),
+    ]);
+    let (code, out) = b.exec("g", RECORD_WRITER);
+    assert_eq!(code, 0, "{out}");
+    let out = b.ok(&["replica", "reverse", "g"]);
+    println!("{out}");
+    assert!(out.contains("replication reversed"), "{out}");
+    let e = b.fails(&["replica", "reverse", "g"]);
+    assert!(e.contains("already reversed"), "{e}");
+    let st = wait_status(b, "reverse replication after the resync", 180, |v| {
+        v["role"] == "primary"
+            && v["state"] == "replicating"
+            && v["cycles"].as_u64().unwrap_or(0) >= 1
+    });
+    println!("B after the reverse resync: {st}");
+    let blocks = st["resync_blocks"].as_u64().expect("resync figures");
+    let differing = st["resync_differing_blocks"]
+        .as_u64()
+        .expect("resync figures");
+    assert!(
+        blocks >= 16 && differing >= 1 && differing * 4 < blocks,
+        "{differing} of {blocks} MiB differed: a full copy, not a resync?"
+    );
+    let shipped = st["bytes_shipped"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        shipped < (differing + 4) << 20,
+        "{shipped} bytes shipped for {differing} differing MiB"
+    );
+    let (code, out) = b.exec(
+        "g",
+        "kill $(cat /tmp/w.pid); sleep 0.3; sync; cat /tmp/counter; D=$(for d in /sys/block/sd* /sys/block/vd*; do [ \"$(cat $d/size 2>/dev/null)\" = 32768 ] && echo /dev/${d##*/}; done | head -1); dd if=$D bs=1M count=16 2>/dev/null | sha256sum | cut -c1-64",
+    );
+    assert_eq!(code, 0, "{out}");
+    let mut lines = out.lines();
+    let b_stopped: u64 = lines
+        .next()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("counter");
+    let b_sum = lines.next().expect("sum").trim().to_string();
+    let t_stop = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let rs = wait_status(a, "a reverse point cut after B's writer stopped", 90, |v| {
+        v["role"] == "replica" && v["last_cut_unix_ms"].as_u64().unwrap_or(0) > t_stop + 500
+    });
+    let id = rs["points"].as_array().unwrap().last().unwrap()["id"]
+        .as_u64()
+        .unwrap();
+    let img = point_data(&rpath_a.join("g").join("store"), id, c.dir.path());
+    assert_eq!(
+        sha256_hex(&img),
+        b_sum,
+        "A's reverse point {id} differs from B's data disk"
+    );
+    assert_eq!(check_records(&img), b_stopped);
+    println!(
+        "reverse after unplanned failover: {differing} of {blocks} MiB differed, {shipped} bytes shipped; A's point {id} == B (record {b_stopped})"
+    );
     b.ok(&["vm", "turn-off", "g"]);
     println!("replica e2e wall time: {:.0}s", t0.elapsed().as_secs_f64());
     let _ = PathBuf::new();

@@ -41,6 +41,47 @@ pub struct CutRequest {
     pub path: PathBuf,
 }
 
+/// Worker `POST /replica/resync` body: compare the tracked disks with the replica's
+/// checksums and mark the differing blocks (answer: `replica::ResyncStats`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ResyncRequest {
+    /// The replica's sums file (`replica::Sums`), written by vireod.
+    pub path: PathBuf,
+}
+
+/// `POST /v1/replica/{vm}/export` body (primary): write a copy of the VM's disks for
+/// removable media.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportReplica {
+    /// Directory (absolute) that receives `export.json` and `disk<i>.vhdx`.
+    pub dir: PathBuf,
+}
+
+/// Worker `POST /replica/export` answer: the disks copied into the export directory.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ExportedDisks {
+    /// Size of each disk.
+    pub disk_sizes: Vec<u64>,
+    /// File of each disk in the directory.
+    pub files: Vec<String>,
+    /// Bytes of data written (all-zero MiBs are left out).
+    pub bytes: u64,
+}
+
+/// `POST /v1/replica/{vm}/import` body (replica host): seed the replica of `vm` from an
+/// export (`from`) or from an existing copy of its disks on this host (`disks`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportReplica {
+    /// An export directory (`vireo replica export`).
+    #[serde(default)]
+    pub from: Option<PathBuf>,
+    /// VHDX images of an existing copy, in the VM's disk order (used in place).
+    #[serde(default)]
+    pub disks: Vec<PathBuf>,
+}
+
 /// `POST /v1/replica/{vm}/enable` body.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -52,7 +93,10 @@ pub struct EnableReplica {
     /// Hourly recovery points kept besides the latest.
     #[serde(default = "default_points")]
     pub recovery_points: usize,
-    /// Initial replication method (`network` only today).
+    /// Initial replication: `network` (everything over the host link), `export` (the
+    /// replica host imported `vireo replica export`) or `existing` (a copy already there,
+    /// `vireo replica import --disk`); the last two compare checksums and ship only what
+    /// differs.
     #[serde(default = "default_initial")]
     pub initial: String,
     /// Initial replication bandwidth limit, bytes per second (0: none).
@@ -106,6 +150,9 @@ pub enum ReplicaState {
     Paused,
     /// Failed over (this side no longer replicates).
     FailedOver,
+    /// A checksum resync is due or running (change tracking could not be trusted, or a
+    /// reverse replication after an unplanned failover compares the diverged disks).
+    Resyncing,
     /// The last attempt failed (it is retried).
     Error,
 }
@@ -167,6 +214,12 @@ pub struct ReplicaStatus {
     /// The VM running from a failover or a test failover (replica).
     #[serde(default)]
     pub failover: Option<String>,
+    /// Last checksum resync (primary): blocks (1 MiB) compared.
+    #[serde(default)]
+    pub resync_blocks: Option<u64>,
+    /// Last checksum resync (primary): blocks that differed and were shipped.
+    #[serde(default)]
+    pub resync_differing_blocks: Option<u64>,
 }
 
 /// `POST /v1/replica/{vm}/failover` body.

@@ -7,6 +7,10 @@
 //!   a cycle applied wholly or not at all, retention of the newest points;
 //! - [`primary`]: cutting a cycle (partial while the initial copy runs, then
 //!   crash-consistent) from the disk service's trackers into a file, commit and abort;
+//! - [`resync`]: the checksum resync (per-MiB SHA-256 compare of both sides, only
+//!   differing blocks marked for shipping) when change tracking cannot be trusted;
+//! - [`seed`]: seeding a replica from an export on removable media or an existing copy
+//!   (then a checksum resync ships only what differs);
 //! - [`transport`]: a cycle over a byte stream (the mutual-TLS host channel) and the
 //!   replica's answer, which is what lets the primary commit its change tracker.
 //!
@@ -17,11 +21,14 @@
 
 pub mod cycle;
 pub mod primary;
+pub mod resync;
+pub mod seed;
 pub mod store;
 pub mod transport;
 
 pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
 pub use primary::{cut_to_file, CutError, CutStats};
+pub use resync::{ResyncError, ResyncStats, Sums, SUM_BLOCK};
 pub use store::{points_to_drop, ErrorKind, Point, ReplicaStore, StoreError};
 pub use transport::{
     answer_cycle, error_chain, read_json, read_shipped, receive_cycle, send_cycle, write_json,

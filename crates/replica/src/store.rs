@@ -245,6 +245,33 @@ impl ReplicaStore {
         disk_sizes: &[u64],
         max_points: usize,
     ) -> Result<Self> {
+        Self::over(dir, vm, parents, disk_sizes, max_points, false)
+    }
+
+    /// Creates a store for `vm` whose base is a differencing layer on each image in
+    /// `parents` that holds an *unknown* older state of the primary's disks (an old
+    /// primary whose disks diverged after an unplanned failover, or an existing copy):
+    /// the store is initializing; the primary compares checksums
+    /// ([`crate::resync`]) against the base and its partial cycles write only the
+    /// differing blocks into the base; the first complete cycle is the first point.
+    pub fn create_resync_over(
+        dir: &Path,
+        vm: &str,
+        parents: &[PathBuf],
+        disk_sizes: &[u64],
+        max_points: usize,
+    ) -> Result<Self> {
+        Self::over(dir, vm, parents, disk_sizes, max_points, true)
+    }
+
+    fn over(
+        dir: &Path,
+        vm: &str,
+        parents: &[PathBuf],
+        disk_sizes: &[u64],
+        max_points: usize,
+        initializing: bool,
+    ) -> Result<Self> {
         Self::refuse_existing(dir)?;
         if parents.len() != disk_sizes.len() {
             return Err(StoreError::Mismatch(format!(
@@ -280,7 +307,7 @@ impl ReplicaStore {
             }
             files.push(name);
         }
-        Self::with_base(dir, vm, disk_sizes, max_points, files, false)
+        Self::with_base(dir, vm, disk_sizes, max_points, files, initializing)
     }
 
     /// Opens a store, removing any directory its state does not list (a cycle whose

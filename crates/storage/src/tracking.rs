@@ -469,6 +469,33 @@ impl ChangeTracker {
         Ok(())
     }
 
+    /// A checksum resync found `ranges` (offset, length) different from the replica:
+    /// marks their grains changed and clears the resync flag, in one atomic rewrite of
+    /// the file. Tracking must have been recording since before the compare read the
+    /// disk, so the marked set is again a superset of what differs from the replica.
+    pub fn mark_resynced(&self, ranges: &[(u64, u64)]) -> TrackingResult<()> {
+        let mut g = lock(&self.inner);
+        let mut bits = g.persisted.clone();
+        let mut active = g.active.clone();
+        for &(off, len) in ranges {
+            if len == 0 || off >= self.disk_size {
+                continue;
+            }
+            let last = ((off.saturating_add(len) - 1) / GRAIN).min(self.grains - 1);
+            for gr in off / GRAIN..=last {
+                set_bit(&mut bits, gr);
+                set_bit(&mut active, gr);
+            }
+        }
+        let flags = g.flags & !FLAG_RESYNC;
+        let file = write_file(&self.path, self.disk_size, g.generation, flags, &bits)?;
+        g.file = file;
+        g.persisted = bits;
+        g.active = active;
+        g.flags = flags;
+        Ok(())
+    }
+
     /// Moves at most `n` grains (lowest first) of the active set into the cut.
     fn swap_some(&self, n: usize) -> Vec<u64> {
         let mut g = lock(&self.inner);
@@ -809,6 +836,40 @@ mod tests {
             }
         );
         assert_eq!(t.swap(), vec![99]);
+    }
+
+    /// A checksum resync's ranges are marked (grain-rounded, clipped to the disk) on top
+    /// of what was already changed, and the resync flag is cleared, both in the file.
+    #[test]
+    fn mark_resynced_persists_and_clears_the_flag() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.cbt");
+        let size = 40 * GRAIN + 100;
+        let (t, _) = ChangeTracker::open(&p, size).unwrap();
+        t.require_resync();
+        t.mark(2 * GRAIN, 1);
+        t.mark_resynced(&[
+            (16 * GRAIN, 16 * GRAIN),
+            (40 * GRAIN, 1 << 20),
+            (size + 1, 5),
+        ])
+        .unwrap();
+        assert!(!t.resync_required());
+        assert_eq!(t.dirty_grains(), 1 + 16 + 1);
+        drop(t);
+        let (t, r) = ChangeTracker::open(&p, size).unwrap();
+        assert_eq!(
+            r,
+            Resume::Resumed {
+                generation: 0,
+                dirty_grains: 18,
+                resync_required: false
+            }
+        );
+        let mut want = vec![2];
+        want.extend(16..32);
+        want.push(40);
+        assert_eq!(t.swap(), want);
     }
 
     /// mark_all marks every grain (persisted); chunks take the lowest grains first, a

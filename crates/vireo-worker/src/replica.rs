@@ -4,7 +4,9 @@
 //! exists, so tracking survives worker and host crashes (the tracker files are write-ahead).
 
 use crate::vm::Vm;
-use api::replica::{CutRequest, TrackRequest, TrackStatus};
+use api::replica::{
+    CutRequest, ExportReplica, ExportedDisks, ResyncRequest, TrackRequest, TrackStatus,
+};
 use api::{ErrorBody, ErrorKind};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -61,6 +63,8 @@ pub fn routes() -> Router<Arc<Vm>> {
         .route("/replica/cut", post(cut))
         .route("/replica/commit", post(commit))
         .route("/replica/abort", post(abort))
+        .route("/replica/resync", post(resync))
+        .route("/replica/export", post(export))
 }
 
 fn dir(vm_dir: &Path) -> PathBuf {
@@ -180,4 +184,60 @@ async fn commit(Json(seq): Json<u64>) -> Result<Json<TrackStatus>, ReplicaError>
 async fn abort() -> Result<Json<TrackStatus>, ReplicaError> {
     replica::primary::abort(&tracked()?);
     Ok(Json(status_now()))
+}
+
+/// Checksum resync: compares the live disks (tracking attached, so later writes are
+/// recorded) with the replica's sums in `req.path` and marks the differing blocks.
+async fn resync(
+    Json(req): Json<ResyncRequest>,
+) -> Result<Json<replica::ResyncStats>, ReplicaError> {
+    let disks = tracked()?;
+    tokio::task::spawn_blocking(move || {
+        let b = std::fs::read(&req.path).map_err(|e| failed(&e))?;
+        let remote = replica::Sums::decode(&b)
+            .map_err(|e| ReplicaError(ErrorKind::Invalid, e.to_string()))?;
+        replica::resync::mark_differences(&disks, &remote).map_err(|e| {
+            let kind = match e.kind() {
+                replica::ErrorKind::InvalidInput => ErrorKind::Invalid,
+                _ => ErrorKind::Failed,
+            };
+            let f = failed(&e);
+            ReplicaError(kind, f.1)
+        })
+    })
+    .await
+    .map_err(|e| failed(&e))?
+    .map(Json)
+}
+
+/// Copies every disk, read through the disk service while the guest runs, into
+/// `req.dir/disk<i>.vhdx` (a seed for the replica; it need not be consistent: the checksum
+/// compare at the first cycle ships whatever changed).
+async fn export(Json(req): Json<ExportReplica>) -> Result<Json<ExportedDisks>, ReplicaError> {
+    let (svc, _) = crate::disks::service().ok_or_else(|| {
+        ReplicaError(
+            ErrorKind::WrongState,
+            "the disk service is not running".into(),
+        )
+    })?;
+    tokio::task::spawn_blocking(move || {
+        let mut out = ExportedDisks::default();
+        for i in 0..svc.disks() {
+            let Some(chain) = svc.chain(i) else { continue };
+            let size = nbd::Export::size(chain.as_ref());
+            let name = format!("disk{i}.vhdx");
+            let n = replica::seed::export_image(
+                size,
+                |off, buf| nbd::Export::read_at(chain.as_ref(), buf, off),
+                &req.dir.join(&name),
+            )
+            .map_err(|e| failed(&e))?;
+            out.disk_sizes.push(size);
+            out.files.push(name);
+            out.bytes += n;
+        }
+        Ok(Json(out))
+    })
+    .await
+    .map_err(|e| failed(&e))?
 }

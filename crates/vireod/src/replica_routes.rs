@@ -4,7 +4,8 @@ use crate::error::{ApiError, ApiResult};
 use crate::manager::Manager;
 use crate::routes::Body;
 use api::replica::{
-    EnableReplica, FailoverReport, FailoverRequest, ReplicaHostSettings, ReplicaStatus,
+    EnableReplica, ExportReplica, FailoverReport, FailoverRequest, ImportReplica,
+    ReplicaHostSettings, ReplicaStatus,
 };
 use axum::extract::{Path, State};
 use axum::routing::{get, post};
@@ -22,6 +23,8 @@ pub fn routes() -> Router<Arc<Manager>> {
             get(settings_get).put(settings_put),
         )
         .route("/v1/replica/{vm}/enable", post(enable))
+        .route("/v1/replica/{vm}/export", post(export))
+        .route("/v1/replica/{vm}/import", post(import))
         .route("/v1/replica/{vm}/{action}", post(action))
 }
 
@@ -46,6 +49,22 @@ async fn enable(
     Body(req): Body<EnableReplica>,
 ) -> ApiResult<Json<ReplicaStatus>> {
     m.replica_enable(&vm, req).await.map(Json)
+}
+
+async fn export(
+    State(m): Shared,
+    Path(vm): Path<String>,
+    Body(req): Body<ExportReplica>,
+) -> ApiResult<Json<FailoverReport>> {
+    m.replica_export(&vm, req.dir).await.map(Json)
+}
+
+async fn import(
+    State(m): Shared,
+    Path(vm): Path<String>,
+    Body(req): Body<ImportReplica>,
+) -> ApiResult<Json<FailoverReport>> {
+    m.replica_import(&vm, req).await.map(Json)
 }
 
 async fn action(
@@ -73,8 +92,10 @@ async fn action(
         "cancel-failover" => v(m.replica_cancel_failover(&vm).await?),
         "test-failover" => v(m.replica_test_failover(&vm, req.point).await?),
         "test-stop" => v(m.replica_test_stop(&vm).await?),
+        "reverse" => v(m.replica_reverse(&vm).await?),
+        "resync" => v(m.replica_resync(&vm)?),
         other => Err(ApiError::not_found(format!(
-            "no replica action {other:?} (start, pause, resume, disable, failover, commit, cancel-failover, test-failover, test-stop)"
+            "no replica action {other:?} (start, pause, resume, disable, failover, commit, cancel-failover, test-failover, test-stop, reverse, resync)"
         ))),
     }
     .map(Json)

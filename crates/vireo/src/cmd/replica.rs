@@ -27,7 +27,9 @@ pub enum ReplicaCommand {
         /// Hourly recovery points kept besides the latest (1-24).
         #[arg(long, default_value_t = 4)]
         recovery_points: usize,
-        /// Initial replication: network (over the host channel, resumable).
+        /// Initial replication: network (over the host channel, resumable), export (the
+        /// replica host imported `vireo replica export`), existing (a copy already there,
+        /// `vireo replica import --disk`); export and existing ship only what differs.
         #[arg(long, default_value = "network")]
         initial: String,
         /// Initial replication bandwidth limit, bytes per second (K, M, G suffixes).
@@ -100,6 +102,39 @@ pub enum ReplicaCommand {
     TestStop {
         /// The VM.
         vm: String,
+    },
+    /// After an unplanned failover (run here, on the former replica, once the old primary
+    /// is back and its copy is off): replicate back, shipping only the blocks whose
+    /// checksums differ.
+    Reverse {
+        /// The VM.
+        vm: String,
+    },
+    /// On the primary: compare the replica with the disks by checksums (per MiB) and ship
+    /// only what differs (when change tracking cannot be trusted).
+    Resync {
+        /// The VM.
+        vm: String,
+    },
+    /// On the primary: copy the VM's disks into DIR (removable media) to seed its replica.
+    Export {
+        /// The VM.
+        vm: String,
+        /// Directory that receives the export.
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// On the replica host: seed the replica of VM from an export (--from) or from an
+    /// existing copy of its disks here (--disk, in the VM's disk order; used in place).
+    Import {
+        /// The VM.
+        vm: String,
+        /// An export directory.
+        #[arg(long, conflicts_with = "disk")]
+        from: Option<PathBuf>,
+        /// An existing copy's VHDX image (repeat per disk).
+        #[arg(long)]
+        disk: Vec<PathBuf>,
     },
 }
 
@@ -265,6 +300,37 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
         }
         ReplicaCommand::TestStop { vm } => {
             print_report(&action(client, &vm, "test-stop", &FailoverRequest::default()).await?);
+            Ok(())
+        }
+        ReplicaCommand::Reverse { vm } => {
+            print_report(&action(client, &vm, "reverse", &FailoverRequest::default()).await?);
+            Ok(())
+        }
+        ReplicaCommand::Export { vm, to } => {
+            let dir = std::path::absolute(&to).unwrap_or(to);
+            let r: FailoverReport = client
+                .post(
+                    &format!("/v1/replica/{}/export", path_part(&vm)),
+                    &api::replica::ExportReplica { dir },
+                )
+                .await?;
+            print_report(&r);
+            Ok(())
+        }
+        ReplicaCommand::Import { vm, from, disk } => {
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let req = api::replica::ImportReplica {
+                from: from.map(abs),
+                disks: disk.into_iter().map(abs).collect(),
+            };
+            let r: FailoverReport = client
+                .post(&format!("/v1/replica/{}/import", path_part(&vm)), &req)
+                .await?;
+            print_report(&r);
+            Ok(())
+        }
+        ReplicaCommand::Resync { vm } => {
+            print_report(&action(client, &vm, "resync", &FailoverRequest::default()).await?);
             Ok(())
         }
     }

@@ -75,6 +75,21 @@ struct PrimaryRec {
     /// blocks changed here since then are shipped back.
     #[serde(default)]
     reverse_point: Option<u64>,
+    /// A checksum compare with the replica is due before the next cycle (`vireo replica
+    /// resync`, tracking that could not be trusted, or a reverse after an unplanned
+    /// failover).
+    #[serde(default)]
+    resync: bool,
+    /// Reverse replication after an unplanned failover: the receiving host seeds its
+    /// store from its own diverged copy of the VM and the compare ships the differences.
+    #[serde(default)]
+    diverged: bool,
+    /// Figures of the last checksum compare.
+    #[serde(default)]
+    last_resync: Option<replica::ResyncStats>,
+    /// Initial replication from a seed on the replica host (`--initial export|existing`).
+    #[serde(default)]
+    seed: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,7 +154,24 @@ struct InitRequest {
     /// Reverse replication: the receiving host's copy of the VM is at this point.
     #[serde(default)]
     reverse_point: Option<u64>,
+    /// Reverse after an unplanned failover: the receiving host's copy of the VM diverged.
+    #[serde(default)]
+    diverged: bool,
+    /// The replica host seeds the store from `<replica dir>/seed` (an imported export or
+    /// an existing copy).
+    #[serde(default)]
+    seed: bool,
 }
+
+/// Replica's answer on `replica-sums`, followed by `len` bytes of `replica::Sums`.
+#[derive(Debug, Serialize, Deserialize)]
+struct SumsInfo {
+    seq: u64,
+    len: u64,
+}
+
+/// Largest sums file accepted (32 bytes per MiB: 64 MiB covers 2 PiB of disks).
+const MAX_SUMS: u64 = 64 << 20;
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -339,12 +371,15 @@ impl Manager {
                 "VM {vm:?} is already replicated (`vireo replica status`)"
             )));
         }
-        if req.initial != "network" {
-            return Err(ApiError::invalid(format!(
-                "initial replication {:?}: only `network` is available",
-                req.initial
-            )));
-        }
+        let seed = match req.initial.as_str() {
+            "network" => false,
+            "export" | "existing" => true,
+            other => {
+                return Err(ApiError::invalid(format!(
+                    "initial replication {other:?}: use network, export or existing"
+                )))
+            }
+        };
         if ![0, 30, 300, 900].contains(&req.interval_secs) {
             return Err(ApiError::invalid(
                 "interval: use 30s, 5m, 15m or continuous",
@@ -372,7 +407,8 @@ impl Manager {
             bandwidth: req.bandwidth,
             state: ReplicaState::Enabled,
             initialized: false,
-            marked: false,
+            // A seeded replica is compared by checksums, not copied whole.
+            marked: seed,
             seq: 0,
             last_cut_unix_ms: None,
             bytes_shipped: 0,
@@ -381,6 +417,10 @@ impl Manager {
             initial_done: 0,
             last_error: None,
             reverse_point: None,
+            resync: seed,
+            diverged: false,
+            last_resync: None,
+            seed,
         };
         // Ask the replica now, so a refusal (not allowed, untrusted) is reported here.
         let spec = self.spec(&uuid)?;
@@ -489,7 +529,11 @@ impl Manager {
             vm: r.vm.clone(),
             role: ReplicaRole::Primary,
             peer: r.to.clone(),
-            state: r.state,
+            state: if r.resync && r.state != ReplicaState::FailedOver {
+                ReplicaState::Resyncing
+            } else {
+                r.state
+            },
             interval_secs: r.interval_secs,
             last_seq: r.seq,
             last_cut_unix_ms: r.last_cut_unix_ms,
@@ -503,6 +547,8 @@ impl Manager {
             last_error: r.last_error.clone(),
             points: Vec::new(),
             failover: None,
+            resync_blocks: r.last_resync.as_ref().map(|x| x.blocks),
+            resync_differing_blocks: r.last_resync.as_ref().map(|x| x.differing_blocks),
         }
     }
 
@@ -575,6 +621,8 @@ impl Manager {
                             .as_ref()
                             .map(|t| format!("test copy {} on point {}", t.vm, t.point))
                     }),
+                resync_blocks: None,
+                resync_differing_blocks: None,
             });
         }
         out
@@ -670,6 +718,12 @@ impl Manager {
             let full = r.reverse_point.is_some() && r.cycles == 0;
             if full {
                 tracing::warn!(vm = %r.vm, "change tracking was not attached at start: reverse replication ships every block");
+            } else if r.marked && !r.resync {
+                // Replication was under way and tracking is gone: what changed meanwhile
+                // is unknown, so the replica is compared by checksums.
+                tracing::warn!(vm = %r.vm, "change tracking was not attached: a checksum resync follows");
+                r.resync = true;
+                self.save_primary(r)?;
             }
             st = worker
                 .post(
@@ -705,6 +759,8 @@ impl Manager {
                     recovery_points: r.recovery_points,
                     interval_secs: r.interval_secs,
                     reverse_point: r.reverse_point,
+                    diverged: r.diverged,
+                    seed: r.seed,
                 },
             )
             .await
@@ -724,6 +780,17 @@ impl Manager {
                     return Err(ApiError::failed(format!("replica host {}: {e}", r.to)))
                 }
             }
+        }
+        if st.resync_required && !r.resync {
+            tracing::warn!(vm = %r.vm, "change tracking cannot be trusted: a checksum resync follows");
+            r.resync = true;
+            self.save_primary(r)?;
+        }
+        if r.resync {
+            self.resync_compare(r, &client).await?;
+            st = worker.get("/replica").await.map_err(|e| {
+                ApiError::failed(format!("asking the worker for change tracking: {e}"))
+            })?;
         }
         if !final_cut
             && st.dirty_grains == 0
@@ -809,6 +876,294 @@ impl Manager {
                 Err(ApiError::failed(why))
             }
         }
+    }
+
+    /// The checksum compare of a resync: the replica's sums of its latest point (or of the
+    /// base it seeds), compared by the worker with the live disks (tracking attached
+    /// first), which marks the differing blocks; the next cycles ship them.
+    async fn resync_compare(&self, r: &mut PrimaryRec, client: &PeerClient) -> ApiResult<()> {
+        let mut s = client
+            .open_stream(&StreamHeader {
+                migration: r.vm.clone(),
+                channel: "replica-sums".into(),
+            })
+            .await
+            .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+        let info = match replica::read_json::<_, Answer<SumsInfo>>(&mut s, 64 << 10)
+            .await
+            .map_err(|e| ApiError::failed(chain(&e)))?
+        {
+            Answer::Ok(i) => i,
+            Answer::Error(e) => {
+                return Err(ApiError::failed(format!(
+                    "replica host {}: checksums: {e}",
+                    r.to
+                )))
+            }
+        };
+        if info.len > MAX_SUMS {
+            return Err(ApiError::failed(format!(
+                "replica host {}: {} bytes of checksums",
+                r.to, info.len
+            )));
+        }
+        if info.seq != r.seq {
+            return Err(ApiError::failed(format!(
+                "the replica is at cycle {}, expected {}",
+                info.seq, r.seq
+            )));
+        }
+        let mut bytes = vec![0u8; info.len as usize];
+        tokio::io::AsyncReadExt::read_exact(&mut s, &mut bytes)
+            .await
+            .map_err(|e| ApiError::failed(format!("reading the replica's checksums: {e}")))?;
+        let file = self
+            .store
+            .vm_dir(&r.uuid)
+            .join("replica")
+            .join("remote.sums");
+        std::fs::write(&file, &bytes).map_err(ApiError::internal)?;
+        // Reading and hashing every disk takes a while: a long timeout.
+        let worker = api::Client::new(self.run_dir(&r.uuid).join("worker.sock"))
+            .with_timeout(Duration::from_secs(3600));
+        let st: replica::ResyncStats = worker
+            .post(
+                "/replica/resync",
+                &api::replica::ResyncRequest { path: file.clone() },
+            )
+            .await
+            .map_err(|e| ApiError::failed(format!("comparing checksums: {e}")))?;
+        let _ = std::fs::remove_file(&file);
+        tracing::info!(vm = %r.vm, blocks = st.blocks, differing = st.differing_blocks, "checksum resync: the differing blocks go in the next cycles");
+        if r.state == ReplicaState::Initial {
+            r.initial_total = st.differing_bytes.div_ceil(storage::tracking::GRAIN);
+            r.initial_done = 0;
+        }
+        r.resync = false;
+        r.last_resync = Some(st);
+        self.save_primary(r)
+    }
+
+    /// `vireo replica export VM --to DIR` (on the primary): a copy of the VM's disks for
+    /// removable media (read through the worker while the VM runs, or from the images when
+    /// it is off); `export.json` is written last.
+    pub async fn replica_export(&self, vm: &str, dir: PathBuf) -> ApiResult<FailoverReport> {
+        let (uuid, _) = self.find(vm)?;
+        if !dir.is_absolute() {
+            return Err(ApiError::invalid(format!(
+                "--to {}: give an absolute directory",
+                dir.display()
+            )));
+        }
+        if dir.join(replica::seed::EXPORT_META).exists() {
+            return Err(ApiError::conflict(format!(
+                "{} already holds an export",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| ApiError::invalid(format!("--to {}: {e}", dir.display())))?;
+        let started = now_ms();
+        let out: api::replica::ExportedDisks = if self.qemu_pid(&uuid).is_some() {
+            let worker = api::Client::new(self.run_dir(&uuid).join("worker.sock"))
+                .with_timeout(Duration::from_secs(24 * 3600));
+            worker
+                .post(
+                    "/replica/export",
+                    &api::replica::ExportReplica { dir: dir.clone() },
+                )
+                .await
+                .map_err(|e| ApiError::failed(format!("exporting {vm}: {e}")))?
+        } else {
+            let disks: Vec<PathBuf> = self
+                .spec(&uuid)?
+                .disks
+                .iter()
+                .map(|d| d.path.clone())
+                .collect();
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || {
+                let mut out = api::replica::ExportedDisks::default();
+                for (i, p) in disks.iter().enumerate() {
+                    let v = vhdx::Vhdx::open(p, vhdx::OpenOptions { read_only: true })
+                        .map_err(|e| format!("{}: {}", p.display(), chain(&e)))?;
+                    let name = format!("disk{i}.vhdx");
+                    let n = replica::seed::export_image(
+                        v.size(),
+                        |off, buf| v.read_at(buf, off).map_err(std::io::Error::other),
+                        &d.join(&name),
+                    )
+                    .map_err(|e| chain(&e))?;
+                    out.disk_sizes.push(v.size());
+                    out.files.push(name);
+                    out.bytes += n;
+                }
+                Ok::<_, String>(out)
+            })
+            .await
+            .map_err(ApiError::internal)?
+            .map_err(|e| ApiError::failed(format!("exporting {vm}: {e}")))?
+        };
+        let meta = replica::seed::ExportMeta {
+            format_version: replica::seed::EXPORT_VERSION,
+            vm: vm.to_string(),
+            disk_sizes: out.disk_sizes.clone(),
+            files: out.files.clone(),
+            started_unix_ms: started,
+        };
+        replica::seed::save_meta(&dir, replica::seed::EXPORT_META, &meta)
+            .map_err(|e| ApiError::failed(chain(&e)))?;
+        Ok(FailoverReport {
+            steps: vec![
+                format!(
+                    "exported {} disk(s) of {vm} to {} ({} bytes of data; all-zero MiBs left out)",
+                    out.files.len(),
+                    dir.display(),
+                    out.bytes
+                ),
+                format!("carry it to the replica host and run there: vireo replica import {vm} --from DIR"),
+                format!("then here: vireo replica enable {vm} --to HOST --initial export --start (only the blocks that differ from the export cross the network)"),
+            ],
+            vm: vm.to_string(),
+            point: None,
+        })
+    }
+
+    /// `vireo replica import VM --from DIR | --disk FILE...` (on the replica host): the
+    /// seed of the replica of `vm` (an export, copied in; or an existing copy, used in
+    /// place), which the primary's `--initial export|existing` starts from.
+    pub async fn replica_import(
+        &self,
+        vm: &str,
+        req: api::replica::ImportReplica,
+    ) -> ApiResult<FailoverReport> {
+        let dir = self.replica_dir(vm)?;
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        if dir.join("replica-vm.json").exists() {
+            return Err(ApiError::conflict(format!(
+                "a replica of {vm} is already kept here (`vireo replica status`)"
+            )));
+        }
+        let seed_dir = dir.join("seed");
+        let name = vm.to_string();
+        let r = tokio::task::spawn_blocking(move || match (&req.from, req.disks.is_empty()) {
+            (Some(from), true) => {
+                replica::seed::import(from, &name, &seed_dir).map(|(m, b)| (m, b, true))
+            }
+            (None, false) => {
+                replica::seed::import_existing(&req.disks, &name, &seed_dir).map(|m| (m, 0, false))
+            }
+            _ => Err(replica::seed::SeedError::Invalid(
+                "give --from DIR (an export) or --disk FILE... (an existing copy), not both".into(),
+            )),
+        })
+        .await
+        .map_err(ApiError::internal)?;
+        let (m, bytes, copied) = r.map_err(|e| match e.kind() {
+            replica::ErrorKind::InvalidInput => ApiError::invalid(chain(&e)),
+            _ => ApiError::failed(chain(&e)),
+        })?;
+        Ok(FailoverReport {
+            steps: vec![
+                if copied {
+                    format!(
+                        "imported the export of {vm}: {} disk(s), {bytes} bytes copied into {}",
+                        m.files.len(),
+                        dir.join("seed").display()
+                    )
+                } else {
+                    format!("recorded the existing copy of {vm} ({} disk(s)) as its seed; the files are never written", m.files.len())
+                },
+                format!(
+                    "on the primary: vireo replica enable {vm} --to THIS-HOST --initial {} --start",
+                    if copied { "export" } else { "existing" }
+                ),
+            ],
+            vm: vm.to_string(),
+            point: None,
+        })
+    }
+
+    /// `vireo replica resync VM` (on the primary): compare the replica with the disks by
+    /// checksums before the next cycle and ship only what differs (change tracking that
+    /// cannot be trusted triggers the same compare by itself).
+    pub fn replica_resync(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let mut r = self.primary_rec(vm)?;
+        if matches!(r.state, ReplicaState::Enabled | ReplicaState::FailedOver) {
+            return Err(ApiError::wrong_state(format!(
+                "replication of {vm} is not running ({:?}): nothing to resync",
+                r.state
+            )));
+        }
+        r.resync = true;
+        self.save_primary(&r)?;
+        Ok(FailoverReport {
+            steps: vec![
+                format!("a checksum resync of {vm} runs before its next cycle: both hosts hash every MiB of its disks"),
+                format!("only the differing blocks are shipped to {} (`vireo replica status` shows resyncing until then)", r.to),
+            ],
+            vm: vm.to_string(),
+            point: None,
+        })
+    }
+
+    /// `vireo replica reverse VM` on the former replica after an unplanned failover, once
+    /// the old primary is back: commits the failover, attaches change tracking to the
+    /// running VM and replicates it back; the old primary seeds a store from its own
+    /// (diverged) copy and a checksum compare ships only the differing blocks.
+    pub async fn replica_reverse(&self, vm: &str) -> ApiResult<FailoverReport> {
+        let l = replica_lock(vm);
+        let _g = l.lock().await;
+        let (dir, mut rec) = self.replica_rec(vm)?;
+        let Some(f) = rec.failover.clone() else {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} has not failed over to this host: nothing to reverse (`vireo replica failover {vm}` first)"
+            )));
+        };
+        if rec.reversed || self.primary_recs().iter().any(|r| r.vm == vm) {
+            return Err(ApiError::wrong_state(format!(
+                "replication of {vm} is already reversed (`vireo replica status`)"
+            )));
+        }
+        let (uuid, _) = self.find(&f.vm)?;
+        if self.qemu_pid(&uuid).is_none() {
+            return Err(ApiError::wrong_state(format!(
+                "{vm} is not running here: start it first (`vireo vm start {vm}`), its changes are tracked from then on"
+            )));
+        }
+        let mut steps = Vec::new();
+        if !rec.committed {
+            rec.committed = true;
+            save_json(&dir.join("replica-vm.json"), &rec)?;
+            steps.push(format!(
+                "committed the failover to point {} (the other recovery points are no longer offered)",
+                f.point
+            ));
+        }
+        let st: TrackStatus = self
+            .worker_client(&uuid)
+            .post("/replica/track", &TrackRequest { mark_all: false })
+            .await
+            .map_err(|e| ApiError::failed(format!("attaching change tracking: {e}")))?;
+        steps.push(format!(
+            "change tracking attached to {vm}'s {} disk(s): every block written from now on is recorded",
+            st.disk_sizes.len()
+        ));
+        let to = self.reverse_replication(vm, &rec, &rec.primary_fp.clone(), None)?;
+        rec.reversed = true;
+        save_json(&dir.join("replica-vm.json"), &rec)?;
+        steps.push(format!(
+            "replication reversed towards {to}: its copy of {vm} (which must be off there) becomes the base; both sides hash every MiB (SHA-256) and only the differing blocks are shipped"
+        ));
+        steps.push(format!(
+            "watch `vireo replica status` (resyncing, then initial, then replicating); then `vireo replica failover {vm} --planned` here moves {vm} home"
+        ));
+        Ok(FailoverReport {
+            steps,
+            vm: vm.to_string(),
+            point: Some(f.point),
+        })
     }
 
     /// `vireo replica failover VM --planned` on the primary.
@@ -1102,7 +1457,7 @@ impl Manager {
         self.start(&name).await?;
         steps.push(format!("started VM {name}"));
         if let Start::Planned(fp) = &how {
-            match self.reverse_replication(vm, &rec, fp, p.seq) {
+            match self.reverse_replication(vm, &rec, fp, Some(p.seq)) {
                 Ok(to) => {
                     rec.committed = true;
                     rec.reversed = true;
@@ -1136,12 +1491,15 @@ impl Manager {
 
     /// After a planned failover to this host: `vm` replicates back to the former primary
     /// (certificate fingerprint `fp`), whose disks hold point `point`.
+    /// With `point` `None` (reverse after an unplanned failover), the former primary's
+    /// disks diverged: it seeds a store from them and a checksum compare ships only the
+    /// differing blocks (initial state until the first complete cycle).
     fn reverse_replication(
         &self,
         vm: &str,
         rec: &ReplicaRec,
         fp: &str,
-        point: u64,
+        point: Option<u64>,
     ) -> ApiResult<String> {
         let (uuid, _) = self.find(vm)?;
         let p = peers::get()?;
@@ -1161,7 +1519,11 @@ impl Manager {
             interval_secs: rec.interval_secs,
             recovery_points: rec.recovery_points,
             bandwidth: 0,
-            state: ReplicaState::Replicating,
+            state: if point.is_some() {
+                ReplicaState::Replicating
+            } else {
+                ReplicaState::Initial
+            },
             initialized: false,
             marked: true,
             seq: 0,
@@ -1171,10 +1533,14 @@ impl Manager {
             initial_total: 0,
             initial_done: 0,
             last_error: None,
-            reverse_point: Some(point),
+            reverse_point: point,
+            resync: point.is_none(),
+            diverged: point.is_none(),
+            last_resync: None,
+            seed: false,
         };
         self.save_primary(&r)?;
-        tracing::info!(vm, to = %r.to, point, "replication reversed");
+        tracing::info!(vm, to = %r.to, ?point, "replication reversed");
         Ok(r.to)
     }
 
@@ -1405,6 +1771,51 @@ impl Manager {
                 }
                 let _ = replica::answer_cycle(&mut tls, outcome).await;
             }
+            "replica-sums" => {
+                let _g = l.lock().await;
+                let a = match read_json::<ReplicaRec>(&dir.join("replica-vm.json")) {
+                    None => Err(format!("no replica of {name} here")),
+                    Some(r) if r.primary_fp != who.fingerprint => {
+                        Err(format!("the replica of {name} belongs to another primary"))
+                    }
+                    Some(r) if r.failover.is_some() => {
+                        Err(format!("the replica of {name} has failed over here"))
+                    }
+                    Some(r) => {
+                        let sdir = dir.join(&r.store);
+                        tokio::task::spawn_blocking(move || {
+                            let s = ReplicaStore::open(&sdir).map_err(|e| chain(&e))?;
+                            let seq = s.latest().seq;
+                            let paths = s.point_paths(seq).unwrap_or_default();
+                            let sums =
+                                replica::resync::sums_of_images(&paths).map_err(|e| chain(&e))?;
+                            Ok::<_, String>((seq, sums.encode()))
+                        })
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|x| x)
+                    }
+                };
+                match a {
+                    Ok((seq, bytes)) => {
+                        let info = SumsInfo {
+                            seq,
+                            len: bytes.len() as u64,
+                        };
+                        if replica::write_json(&mut tls, &Answer::Ok(info))
+                            .await
+                            .is_ok()
+                        {
+                            let _ = tls.write_all(&bytes).await;
+                            let _ = tls.flush().await;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(vm = %name, "checksums for a resync: {e}");
+                        let _ = replica::write_json(&mut tls, &Answer::<SumsInfo>::Error(e)).await;
+                    }
+                }
+            }
             "replica-failover" => {
                 let a = match replica::read_json::<_, FailoverRequest>(&mut tls, 4096).await {
                     Ok(req) => {
@@ -1457,18 +1868,49 @@ impl Manager {
             }
             // A reverse replication may replace a replica whose VM was failed over here
             // and has since been failed over back (planned) to the sender.
-            if req.reverse_point.is_none() || !r.reversed {
+            if (req.reverse_point.is_none() && !req.diverged) || !r.reversed {
                 return Answer::Error(format!("a replica of another VM named {name} is kept here"));
             }
         }
         // Reverse replication: this host's VM holds exactly point `p` of its own cycles.
-        let parents = match req.reverse_point {
-            None => None,
-            Some(p) => match self.reverse_base(name, who, p).await {
+        let parents = match (req.reverse_point, req.diverged) {
+            (None, false) => None,
+            (Some(p), _) => match self.reverse_base(name, who, p).await {
+                Ok(x) => Some(x),
+                Err(e) => return Answer::Error(e),
+            },
+            (None, true) => match self.diverged_base(name, who) {
                 Ok(x) => Some(x),
                 Err(e) => return Answer::Error(e),
             },
         };
+        let diverged = req.diverged && req.reverse_point.is_none();
+        let parents = match (parents, req.seed) {
+            (None, true) => {
+                let sd = dir.join("seed");
+                let got = tokio::task::spawn_blocking(move || replica::seed::seed_paths(&sd)).await;
+                match got {
+                    Ok(Ok((m, paths))) if m.disk_sizes == req.disk_sizes => {
+                        Some((Uuid::nil(), paths))
+                    }
+                    Ok(Ok((m, _))) => {
+                        return Answer::Error(format!(
+                            "the seed of {name} here has disks of {:?} bytes, the VM has {:?}",
+                            m.disk_sizes, req.disk_sizes
+                        ))
+                    }
+                    Ok(Err(e)) => {
+                        return Answer::Error(format!(
+                            "no usable seed of {name} here ({}): run `vireo replica import {name} --from DIR` (an export) or `--disk FILE...` (an existing copy) on this host",
+                            chain(&e)
+                        ))
+                    }
+                    Err(e) => return Answer::Error(e.to_string()),
+                }
+            }
+            (p, _) => p,
+        };
+        let resync_base = diverged || req.seed;
         // A store directory that is not in use; an older one may hold layers a disk of
         // the sender's former VM here still sits on: it is kept.
         let store_name = if old.is_some() || dir.join("store").exists() {
@@ -1484,6 +1926,9 @@ impl Manager {
         let made = tokio::task::spawn_blocking(move || {
             std::fs::create_dir_all(&sdir).map_err(|e| e.to_string())?;
             let mut s = match &over {
+                Some(parents) if resync_base => {
+                    ReplicaStore::create_resync_over(&sdir, &vm, parents, &sizes, points)
+                }
                 Some(parents) => ReplicaStore::create_over(&sdir, &vm, parents, &sizes, points),
                 None => ReplicaStore::create(&sdir, &vm, &sizes, points),
             }
@@ -1498,7 +1943,7 @@ impl Manager {
             Ok(Err(e)) => return Answer::Error(e),
             Err(e) => return Answer::Error(e.to_string()),
         };
-        if let Some((uuid, _)) = &parents {
+        if let Some((uuid, _)) = parents.as_ref().filter(|(u, _)| !u.is_nil()) {
             // The old VM is now the base of the store: it must never run (and diverge) again.
             if let Err(e) = self.delete(name, true).await {
                 return Answer::Error(format!("removing the former VM {name}: {}", e.message));
@@ -1531,6 +1976,33 @@ impl Manager {
             latest_seq: seq,
             initializing,
         })
+    }
+
+    /// Checks that this host's VM `name` may seed a reverse replication from `who` after
+    /// an unplanned failover (it replicated to `who`, which failed over; it is off here):
+    /// its disks diverged, the sender compares checksums. Returns its uuid and disk leaves.
+    fn diverged_base(&self, name: &str, who: &PeerId) -> Result<(Uuid, Vec<PathBuf>), String> {
+        let refuse = |why: String| format!("reverse replication of {name} refused: {why}");
+        let r = self
+            .primary_recs()
+            .into_iter()
+            .find(|r| r.vm == name)
+            .ok_or_else(|| {
+                refuse("this host has no record of replicating it (enable replication to this host instead)".into())
+            })?;
+        if r.fingerprint != who.fingerprint {
+            return Err(refuse(format!(
+                "it replicated to {}, not to the sender",
+                r.to
+            )));
+        }
+        if self.qemu_pid(&r.uuid).is_some() {
+            return Err(refuse(format!(
+                "{name} runs here: turn it off first (`vireo vm stop {name}`); its disks become the base the differences are written over"
+            )));
+        }
+        let spec = self.spec(&r.uuid).map_err(|e| refuse(e.message))?;
+        Ok((r.uuid, spec.disks.iter().map(|d| d.path.clone()).collect()))
     }
 
     /// Checks that this host's VM `name` may be the base of a reverse replication from
