@@ -151,6 +151,10 @@ fn replicate_verify_and_unplanned_failover() {
         v["state"] == "replicating" && v["cycles"].as_u64().unwrap_or(0) >= 2
     });
     println!("primary after initial replication: {st}");
+    let rpo = st["rpo_last_hour_secs"]
+        .as_f64()
+        .expect("achieved RPO over the last hour");
+    assert!(rpo > 0.0, "{st}");
     let e = b.fails(&["replica", "commit", "g"]);
     assert!(e.contains("has not failed over"), "{e}");
     let store = rpath.join("g").join("store");
@@ -299,7 +303,10 @@ fn replicate_verify_and_unplanned_failover() {
         b_sum,
         "A's reverse point {id} differs from B's data disk"
     );
-    assert_eq!(check_records(&img), b_stopped);
+    // Every record valid; B's writer restarted its count after the failover boot, so
+    // slots it did not reach still hold A's older (higher-numbered) records.
+    let max_rev = check_records(&img);
+    assert!(max_rev >= b_stopped, "{max_rev} < {b_stopped}");
     println!(
         "reverse after unplanned failover: {differing} of {blocks} MiB differed, {shipped} bytes shipped; A's point {id} == B (record {b_stopped})"
     );

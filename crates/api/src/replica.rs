@@ -214,6 +214,10 @@ pub struct ReplicaStatus {
     /// The VM running from a failover or a test failover (replica).
     #[serde(default)]
     pub failover: Option<String>,
+    /// Achieved RPO over the last hour (primary): the worst lag, in seconds, at any
+    /// instant of the hour (since the daemon started, when that is more recent).
+    #[serde(default)]
+    pub rpo_last_hour_secs: Option<f64>,
     /// Last checksum resync (primary): blocks (1 MiB) compared.
     #[serde(default)]
     pub resync_blocks: Option<u64>,

@@ -233,6 +233,9 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
                         s.lag_secs
                             .map(|l| format!("{l:.0}s"))
                             .unwrap_or_else(|| "-".into()),
+                        s.rpo_last_hour_secs
+                            .map(|l| format!("{l:.0}s"))
+                            .unwrap_or_else(|| "-".into()),
                         format_size(s.bytes_shipped),
                         match (s.initial_progress, s.points.is_empty()) {
                             (Some(p), _) if p < 1.0 => format!("initial {:.0}%", p * 100.0),
@@ -255,8 +258,8 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 .collect();
             output::table(
                 &[
-                    "VM", "ROLE", "PEER", "STATE", "INTERVAL", "CYCLE", "LAG", "SHIPPED", "DETAIL",
-                    "NOTE",
+                    "VM", "ROLE", "PEER", "STATE", "INTERVAL", "CYCLE", "LAG", "RPO 1H", "SHIPPED",
+                    "DETAIL", "NOTE",
                 ],
                 &rows,
             );

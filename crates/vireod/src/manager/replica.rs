@@ -196,6 +196,41 @@ static SCHED: Mutex<Sched> = Mutex::new(Sched {
     busy: BTreeSet::new(),
     last: BTreeMap::new(),
 });
+/// Per replicated VM (primary): (cut, applied) unix ms of the complete cycles of about the
+/// last hour, for the achieved RPO (kept in memory: since the daemon started).
+static HISTORY: Mutex<BTreeMap<Uuid, std::collections::VecDeque<(u64, u64)>>> =
+    Mutex::new(BTreeMap::new());
+const HOUR_MS: u64 = 3_600_000;
+
+/// Records that the replica applied a complete cycle cut at `cut` (unix ms).
+fn record_applied(uuid: Uuid, cut: u64) {
+    let now = now_ms();
+    let mut h = lock(&HISTORY);
+    let q = h.entry(uuid).or_default();
+    q.push_back((cut, now));
+    // Keep one entry older than the hour: the lag at the window's start depends on it.
+    while q.len() > 2 && q[1].1 < now.saturating_sub(HOUR_MS) {
+        q.pop_front();
+    }
+}
+
+/// Achieved RPO over the last hour: the worst lag (time since the cut of the newest point
+/// the replica held) at any instant of the hour, in seconds; `None` without a cycle.
+fn achieved_rpo(uuid: &Uuid) -> Option<f64> {
+    let now = now_ms();
+    let h = lock(&HISTORY);
+    let q = h.get(uuid)?;
+    let start = now.saturating_sub(HOUR_MS);
+    let mut worst = now.saturating_sub(q.back()?.0);
+    for w in q.iter().collect::<Vec<_>>().windows(2) {
+        let (prev, next) = (w[0], w[1]);
+        if next.1 >= start {
+            worst = worst.max(next.1.saturating_sub(prev.0.max(start)));
+        }
+    }
+    Some(worst as f64 / 1000.0)
+}
+
 /// Serializes the replica side per VM name.
 static REPLICA_LOCKS: Mutex<BTreeMap<String, Arc<tokio::sync::Mutex<()>>>> =
     Mutex::new(BTreeMap::new());
@@ -547,6 +582,7 @@ impl Manager {
             last_error: r.last_error.clone(),
             points: Vec::new(),
             failover: None,
+            rpo_last_hour_secs: achieved_rpo(&r.uuid),
             resync_blocks: r.last_resync.as_ref().map(|x| x.blocks),
             resync_differing_blocks: r.last_resync.as_ref().map(|x| x.differing_blocks),
         }
@@ -621,6 +657,7 @@ impl Manager {
                             .as_ref()
                             .map(|t| format!("test copy {} on point {}", t.vm, t.point))
                     }),
+                rpo_last_hour_secs: None,
                 resync_blocks: None,
                 resync_differing_blocks: None,
             });
@@ -854,6 +891,7 @@ impl Manager {
                 } else {
                     r.initial_done = r.initial_total;
                     r.last_cut_unix_ms = Some(cut.cut_unix_ms);
+                    record_applied(r.uuid, cut.cut_unix_ms);
                     if r.state == ReplicaState::Initial {
                         r.state = ReplicaState::Replicating;
                         tracing::info!(vm = %r.vm, "initial replication complete");
