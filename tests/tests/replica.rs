@@ -8,7 +8,10 @@
 //! worker and QEMU and a cut link starts the VM on B from the latest point with every
 //! record valid and nothing older than the verified cut; commit; then A comes back with
 //! its diverged copy and `vireo replica reverse` on B replicates back by a checksum
-//! resync: only the differing MiBs are shipped and A's point equals B's data disk.
+//! resync: only the differing MiBs are shipped and A's point equals B's data disk;
+//! a test failover on an older point while cycles go on (no network adapter, test-stop
+//! removes it); a planned failover home B -> A while the guest writes (A's point equals
+//! B's whole data disk at the cut: zero loss), g runs on A and replication is reversed.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -203,10 +206,51 @@ fn replicate_verify_and_unplanned_failover() {
     let text = b.ok(&["replica", "status"]);
     assert!(text.contains("replica") && text.contains("g"), "{text}");
 
-    // Unplanned: the writer runs again, then host A dies (daemon, worker, QEMU) and its link goes.
+    // The writer runs again. Test failover on an older point while cycles continue: the
+    // copy has no network adapter, replication goes on, test-stop removes it and its layers.
     let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
-    std::thread::sleep(Duration::from_secs(3));
+    let row = wait_status(b, "two recovery points", 60, |v| {
+        v["points"].as_array().is_some_and(|p| p.len() >= 2)
+    });
+    let ids: Vec<u64> = row["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    let old = ids[ids.len() - 2];
+    let e = b.fails(&["replica", "test-failover", "g", "--point", "999999"]);
+    assert!(e.contains("no recovery point 999999"), "{e}");
+    let out = b.ok(&["replica", "test-failover", "g", "--point", &old.to_string()]);
+    println!("{out}");
+    assert!(
+        out.contains("g-test") && out.contains("replication continues"),
+        "{out}"
+    );
+    assert!(b.show("g-test")["nics"]
+        .as_array()
+        .map(|n| n.is_empty())
+        .unwrap_or(true));
+    let cycles_before = row["cycles"].as_u64().unwrap_or(0);
+    let row = wait_status(b, "cycles while the test copy runs", 60, |v| {
+        v["cycles"].as_u64().unwrap_or(0) > cycles_before + 2
+    });
+    assert!(
+        row["failover"].as_str().unwrap_or("").contains("test copy"),
+        "{row}"
+    );
+    let out = b.ok(&["replica", "test-stop", "g"]);
+    assert!(out.contains("removed the test copy"), "{out}");
+    assert!(!b.vm_names().contains(&"g-test".to_string()));
+    assert!(
+        !rpath.join("g").join(format!("test-{old}")).exists(),
+        "test layers left"
+    );
+    println!("test failover on point {old} while cycles went on: ok");
+
+    // Unplanned: host A dies (daemon, worker, QEMU) and its link goes.
+    std::thread::sleep(Duration::from_secs(2));
     kill_all(a);
     a.link(false);
     let out = b.ok(&["replica", "failover", "g"]);
@@ -310,7 +354,63 @@ fn replicate_verify_and_unplanned_failover() {
     println!(
         "reverse after unplanned failover: {differing} of {blocks} MiB differed, {shipped} bytes shipped; A's point {id} == B (record {b_stopped})"
     );
-    b.ok(&["vm", "turn-off", "g"]);
+
+    // Planned failover home B -> A while B's guest writes: B's whole data disk at the
+    // final cut is A's point (zero loss), g runs on A, replication is reversed (A -> B).
+    let (code, out) = b.exec("g", RECORD_WRITER);
+    assert_eq!(code, 0, "{out}");
+    std::thread::sleep(Duration::from_secs(2));
+    let e = a.fails(&["replica", "failover", "g", "--planned"]);
+    assert!(e.contains("not replicated from this host"), "{e}");
+    let out = b.ok(&["replica", "failover", "g", "--planned"]);
+    println!("{out}");
+    assert!(
+        out.contains("zero data loss") && out.contains("replication reversed"),
+        "{out}"
+    );
+    let home: u64 = out
+        .lines()
+        .find(|l| l.contains("(zero data loss)"))
+        .and_then(|l| l.split("from point ").nth(1))
+        .and_then(|t| t.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .expect("the point of the planned failover");
+    let b_dir = std::fs::read_dir(rpath.join("g"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("failover-"))
+        })
+        .expect("B's failover layers");
+    let b_img = raw_image(&b_dir.join("disk1.avhdx"), c.dir.path());
+    let b_last = check_records(&b_img);
+    let a_img = point_data(&rpath_a.join("g").join("store"), home, c.dir.path());
+    assert_eq!(
+        sha256_hex(&a_img),
+        sha256_hex(&b_img),
+        "A's point {home} differs from B's data disk at the planned failover (B's last record {b_last})"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.show("g")["state"] != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "g does not run on A: {}",
+            a.show("g")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let st = wait_status(a, "replication A -> B again", 120, |v| {
+        v["role"] == "primary"
+            && v["state"] == "replicating"
+            && v["cycles"].as_u64().unwrap_or(0) >= 1
+            && v["last_error"].is_null()
+    });
+    println!(
+        "planned failover home: point {home} == B's disk (record {b_last}); A -> B again: {st}"
+    );
+    a.ok(&["vm", "turn-off", "g"]);
     println!("replica e2e wall time: {:.0}s", t0.elapsed().as_secs_f64());
     let _ = PathBuf::new();
 }
