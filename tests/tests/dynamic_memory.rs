@@ -1,11 +1,15 @@
 //! Dynamic memory with real guests under TCG: virtio-balloon and virtio-mem driven by vireod's
 //! balancer.
 //!
-//! The guests' memory load is elastic, like a cache: it copies an 8 MiB random file into a
+//! The guests' memory load is elastic, like a cache: it copies a 4 MiB random file into a
 //! tmpfs while the guest has more than 24 MiB available and deletes a copy when the guest has
-//! less than 12 MiB (the balloon is taking memory back). It never forces the guest into OOM by
+//! less than 20 MiB (the balloon or virtio-mem is taking memory back: a virtio-mem unplug step
+//! leaves the guest 12 MiB available, `memory::UNPLUG_FLOOR`, and the load gives back below
+//! that plus a margin, as a cache would under reclaim; 4 MiB copies keep the two thresholds
+//! from chasing each other). It never forces the guest into OOM by
 //! itself, so an OOM would be the balancer's fault, and it always wants a little more than it
-//! has, so it shows where the balancer puts the VM. Every copy left is checked against the
+//! has, so it shows where the balancer puts the VM. The guests' consoles are checked for OOM
+//! and panic lines (a panic reboots the guest at once, `panic=-1`, and its dmesg is lost). Every copy left is checked against the
 //! seed's MD5 at the end, so the data survived the balloon and virtio-mem moving memory under
 //! it. The host memory budget (`vireo host set --memory-budget`) makes host pressure testable
 //! on a big machine: the balancer treats it as the host's memory for VMs.
@@ -17,17 +21,18 @@ const MIB: u64 = 1 << 20;
 
 /// Guest script: installs `/tmp/load.sh MIB`, the elastic load described above (at most MIB
 /// mebibytes), stopped by `/tmp/load.stop`.
-const LOAD_SCRIPT: &str = r#"mkdir -p /mnt/load
+const LOAD_SCRIPT: &str = r#"dmesg -n 7
+mkdir -p /mnt/load
 grep -q ' /mnt/load ' /proc/mounts || mount -t tmpfs -o size=4G tmpfs /mnt/load
-[ -f /tmp/seed ] || dd if=/dev/urandom of=/tmp/seed bs=1M count=8 2>/dev/null
+[ -f /tmp/seed ] || dd if=/dev/urandom of=/tmp/seed bs=1M count=4 2>/dev/null
 cat > /tmp/load.sh <<'END'
 max=$1; i=$(ls /mnt/load | wc -l); rm -f /tmp/load.stop
 while [ ! -f /tmp/load.stop ]; do
   avail=$(awk '/MemAvailable/{print int($2/1024)}' /proc/meminfo)
-  if [ "$avail" -gt 24 ] && [ $((i*8)) -lt $max ]; then
+  if [ "$avail" -gt 24 ] && [ $((i*4)) -lt $max ]; then
     cp /tmp/seed /mnt/load/f$i || break
     i=$((i+1))
-  elif [ "$avail" -lt 12 ] && [ $i -gt 0 ]; then
+  elif [ "$avail" -lt 20 ] && [ $i -gt 0 ]; then
     i=$((i-1)); rm -f /mnt/load/f$i
   else
     usleep 200000
@@ -86,7 +91,7 @@ fn stop_and_check_load(h: &Host, vm: &str) -> u64 {
         f[0] - f[1],
         f[0]
     );
-    f[0] * 8
+    f[0] * 4
 }
 
 /// The guest's kernel log has no OOM; returns its MemTotal and MemAvailable, MiB.
@@ -104,6 +109,41 @@ fn guest_meminfo(h: &Host, vm: &str) -> (u64, u64) {
     assert_eq!(f.len(), 3, "{vm}: unexpected meminfo output {out:?}");
     assert_eq!(f[0], 0, "{vm}: the guest hit OOM");
     (f[1], f[2])
+}
+
+/// Lines of the guest's serial console that show an OOM, a panic or a kernel warning, with the
+/// line before each: the guest reboots at once on a panic (`panic=-1`), after which its dmesg
+/// no longer has them.
+fn console_trouble(h: &Host, vm: &str) -> Vec<String> {
+    let path = h.show(vm)["console_log"].as_str().unwrap_or("").to_string();
+    let text = std::fs::read_to_string(&path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let mut out = Vec::new();
+    for (i, l) in lines.iter().enumerate() {
+        if [
+            "Out of memory",
+            "oom-kill",
+            "Kernel panic",
+            "BUG:",
+            "WARNING:",
+            "page allocation failure",
+        ]
+        .iter()
+        .any(|k| l.contains(k))
+        {
+            if i > 0 {
+                out.push(format!("{vm}: {}", lines[i - 1].trim_end()));
+            }
+            out.push(format!("{vm}: {}", l.trim_end()));
+        }
+    }
+    out
+}
+
+/// No guest's console shows an OOM, a panic or a kernel warning.
+fn assert_consoles_clean(h: &Host, vms: &[&str]) {
+    let t: Vec<String> = vms.iter().flat_map(|v| console_trouble(h, v)).collect();
+    assert!(t.is_empty(), "guest console trouble:\n{}", t.join("\n"));
 }
 
 fn status(h: &Host) -> serde_json::Value {
@@ -136,6 +176,16 @@ fn watch(
             "VMs hold more than the host's VM limit: {s:#}"
         );
         for v in s["vms"].as_array().into_iter().flatten() {
+            if v["status"]
+                .as_str()
+                .is_some_and(|t| t.contains("the guest rebooted"))
+            {
+                let name = v["name"].as_str().unwrap_or("");
+                panic!(
+                    "{name}'s guest rebooted while waiting for: {what}; its console:\n{}\nstatus:\n{s:#}",
+                    console_trouble(h, name).join("\n")
+                );
+            }
             if v["assigned"].is_u64() && v["dynamic"] == true {
                 // Balloon `actual` moves in pages; the targets are 2 MiB aligned.
                 assert!(
@@ -153,10 +203,19 @@ fn watch(
         if done(&s) {
             return (s, t0.elapsed().as_secs_f64());
         }
-        assert!(
-            t0.elapsed() < Duration::from_secs(secs),
-            "timed out after {secs} s waiting for: {what}; last status:\n{s:#}"
-        );
+        if t0.elapsed() >= Duration::from_secs(secs) {
+            let names: Vec<&str> = s["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|v| v["name"].as_str())
+                .collect();
+            let t: Vec<String> = names.iter().flat_map(|v| console_trouble(h, v)).collect();
+            panic!(
+                "timed out after {secs} s waiting for: {what}; last status:\n{s:#}\nguest console trouble:\n{}",
+                t.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -213,7 +272,6 @@ fn set_dynamic(h: &Host, vm: &str, min: &str, max: &str) {
 ///   hold more than the budget; the loads' data is intact, no guest hit OOM;
 /// - `vm show --json` has `memory.{assigned,demand,startup,minimum,maximum}` in bytes.
 #[test]
-#[ignore = "open (2026-11-28 17:52): boot, idle, growth to maximum, the 3 : 1 weight split, give-back (3.7 s) and the agent phase's setup passed in one run; in 2 of 3 runs heavy's guest rebooted in the weight phase (boot generation 0 -> 3 seen; likely an OOM panic while virtio-mem unplugs movable memory under its tmpfs load) and came back idle; run with --ignored and VIREO_E2E_KEEP=1 to read its console"]
 fn dynamic_memory_end_to_end() {
     let t0 = Instant::now();
     let el = || t0.elapsed().as_secs_f64();
@@ -333,6 +391,7 @@ fn dynamic_memory_end_to_end() {
     for n in ["heavy", "light"] {
         guest_meminfo(&h, n);
     }
+    assert_consoles_clean(&h, &["heavy", "light"]);
 
     // --- Loads stop: the memory goes back to the host within seconds.
     let held_g = stop_and_check_load(&h, "heavy");
@@ -381,6 +440,7 @@ fn dynamic_memory_end_to_end() {
     );
     let out = h.ok(&["memory", "status"]);
     assert!(out.contains("stale-demand"), "{out}");
+    assert_consoles_clean(&h, &["heavy", "light"]);
     h.ok(&["vm", "turn-off", "heavy"]);
     h.ok(&["vm", "turn-off", "light"]);
     eprintln!("[{:.0} s] done", el());

@@ -8,7 +8,9 @@
 //! - the balancer ([`balance`]), which turns each VM's demand and the host's free memory into a
 //!   memory target per VM, split into a balloon part (below startup) and a virtio-mem part
 //!   (above startup);
-//! - admission control ([`admit`]), which refuses a VM whose minimum cannot be guaranteed.
+//! - admission control ([`admit`]), which refuses a VM whose minimum cannot be guaranteed;
+//! - how far one virtio-mem unplug step may go ([`unplug_step`]): never below what the guest
+//!   reports available, minus a floor.
 //!
 //! It must not do I/O, read a clock or talk to QEMU: time is passed in as milliseconds, and
 //! vireod / vireo-worker apply the [`Decision`]s through QMP (see `docs/dynamic-memory.md`).
@@ -40,6 +42,7 @@ mod admission;
 mod balancer;
 mod demand;
 mod settings;
+mod unplug;
 
 pub use admission::{admit, AdmissionError};
 pub use balancer::{
@@ -50,6 +53,7 @@ pub use settings::{
     check_live_change, LiveChangeError, MemorySettings, SettingsError, DEFAULT_BUFFER_PERCENT,
     DEFAULT_WEIGHT, MAX_BUFFER_PERCENT, MAX_WEIGHT, MIN_RAM,
 };
+pub use unplug::{unplug_step, UNPLUG_FLOOR};
 
 /// One mebibyte.
 pub const MIB: u64 = 1 << 20;

@@ -53,6 +53,8 @@ const STATS_INTERVAL_SECS: u32 = 1;
 /// booting (loading modules, starting services) changes its needs quickly, and the VM keeps
 /// its startup RAM until then.
 const BOOT_GRACE: Duration = Duration::from_secs(10);
+/// The virtio-mem device's block size (`launch` creates it with 2 MiB blocks).
+const VIRTIO_MEM_BLOCK: u64 = 2 << 20;
 /// How long one agent memory-status call may take.
 const AGENT_TIMEOUT: Duration = Duration::from_millis(1500);
 
@@ -75,6 +77,8 @@ struct Sample {
     balloon: Option<memory::BalloonStats>,
     /// The last target applied (balloon + virtio-mem), reported as `requested`.
     requested: Option<u64>,
+    /// The virtio-mem `requested-size` last set.
+    mem_requested: Option<u64>,
 }
 
 struct MemState {
@@ -148,6 +152,7 @@ async fn run(vm: Arc<Vm>, st: Arc<MemState>) {
             onlined = online_hotplugged(&vm).await;
         }
         sample_once(&vm, &st).await;
+        guard_unplug(&vm, &st).await;
     }
 }
 
@@ -192,6 +197,7 @@ async fn after_reset(vm: &Vm, st: &MemState) {
         s.last_update = old.last_update;
         let startup = base.unwrap_or(old.report.balloon_actual);
         s.requested = Some(startup);
+        s.mem_requested = Some(0);
         // What the new boot has once the commands below are done (the balloon's `actual` is
         // the old boot's until the new driver writes it: `actual_stale`).
         s.report = WorkerMemory {
@@ -321,6 +327,77 @@ async fn sample_once(vm: &Vm, st: &MemState) {
     };
 }
 
+/// The guest's `MemAvailable` as last reported: the agent's once it has answered during this
+/// boot, otherwise the balloon driver's; `None` when neither has.
+fn guest_available(s: &Sample) -> Option<u64> {
+    let agent = s
+        .agent
+        .as_ref()
+        .zip(s.agent_at)
+        .map(|(a, t)| (a.available, t));
+    let balloon = s
+        .balloon
+        .as_ref()
+        .and_then(|b| b.available.or(b.free))
+        .zip(s.balloon_at);
+    // The fresher of the two: the balloon driver keeps reporting when the agent is gone.
+    match (agent, balloon) {
+        (Some((a, ta)), Some((b, tb))) => Some(if tb > ta { b } else { a }),
+        (a, b) => a.or(b).map(|(v, _)| v),
+    }
+}
+
+/// Stops a virtio-mem unplug still in flight when the guest's available memory has fallen
+/// below half the unplug floor (its own allocations, or a load that grew since the step was
+/// decided): `requested-size` goes back to what is plugged now. Without this the guest keeps
+/// migrating pages out of the blocks it was asked to give back into its last free memory,
+/// and, with nothing reclaimable (tmpfs without swap), its OOM killer kills every process and
+/// the kernel panics ("System is deadlocked on memory", seen in the end-to-end test).
+async fn guard_unplug(vm: &Vm, st: &MemState) {
+    if st.region == 0 {
+        return;
+    }
+    let Ok(_g) = st.apply.try_lock() else {
+        return;
+    };
+    let (plugged, balloon_actual, requested, wanted, available) = {
+        let s = lock(&st.sample);
+        (
+            s.report.plugged,
+            s.report.balloon_actual,
+            s.requested,
+            s.mem_requested,
+            guest_available(&s),
+        )
+    };
+    let (Some(available), Some(wanted)) = (available, wanted) else {
+        return;
+    };
+    if wanted >= plugged || available >= memory::UNPLUG_FLOOR / 2 {
+        return;
+    }
+    match vm
+        .qmp
+        .set_virtio_mem_requested(VIRTIO_MEM_ID, plugged)
+        .await
+    {
+        Ok(()) => {
+            tracing::info!(
+                plugged,
+                requested = wanted,
+                available,
+                "virtio-mem unplug stopped: the guest is short of memory"
+            );
+            let mut s = lock(&st.sample);
+            let held = balloon_actual.max(requested.unwrap_or(0).saturating_sub(wanted)) + plugged;
+            s.requested = Some(held);
+            s.report.requested = Some(held);
+            s.mem_requested = Some(plugged);
+        }
+        Err(e) => tracing::warn!("stopping a virtio-mem unplug failed: {e}"),
+    }
+}
+
 /// QEMU's resident set size in bytes.
 fn qemu_rss(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -405,11 +482,40 @@ async fn set(
             ),
         ));
     }
-    let (current, plugged) = {
+    let (current, plugged, balloon_actual, available) = {
         let s = lock(&st.sample);
-        (s.report.assigned, s.report.plugged)
+        (
+            s.report.assigned,
+            s.report.plugged,
+            s.report.balloon_actual,
+            guest_available(&s),
+        )
     };
     let target = req.balloon_target + req.virtio_mem_requested;
+    // Unplugging takes at most what the guest has available now, minus a floor (see
+    // `memory::unplug_step`); the next round asks again from the guest's new report.
+    let mem_step = memory::unplug_step(
+        plugged,
+        req.virtio_mem_requested,
+        available,
+        VIRTIO_MEM_BLOCK,
+    );
+    if mem_step != req.virtio_mem_requested {
+        tracing::info!(
+            plugged,
+            target = req.virtio_mem_requested,
+            step = mem_step,
+            available = available.unwrap_or(0),
+            "virtio-mem unplug limited to what the guest has available"
+        );
+    }
+    // While virtio-mem still holds back, the balloon takes nothing either this step.
+    let balloon_step = if mem_step > req.virtio_mem_requested {
+        req.balloon_target.max(balloon_actual)
+    } else {
+        req.balloon_target
+    };
+    let applied = balloon_step + mem_step;
     let failed =
         |what: &str, e: qemu::QmpError| MemError(ErrorKind::Failed, format!("{what}: {e}"));
     let set_mem = |bytes: u64| {
@@ -427,28 +533,31 @@ async fn set(
     // balloon leaves exactly `balloon_target` of boot RAM to the guest.
     let balloon = || {
         let vm = vm.clone();
-        async move { vm.qmp.balloon(req.balloon_target).await }
+        async move { vm.qmp.balloon(balloon_step).await }
     };
     if target >= current {
         balloon().await.map_err(|e| failed("balloon", e))?;
-        set_mem(req.virtio_mem_requested)
+        set_mem(mem_step)
             .await
             .map_err(|e| failed("virtio-mem requested-size", e))?;
     } else {
-        if req.virtio_mem_requested != plugged {
-            set_mem(req.virtio_mem_requested)
-                .await
-                .map_err(|e| failed("virtio-mem requested-size", e))?;
-        }
+        // Also when the step equals what is plugged: that stops an unplug still in flight.
+        set_mem(mem_step)
+            .await
+            .map_err(|e| failed("virtio-mem requested-size", e))?;
         balloon().await.map_err(|e| failed("balloon", e))?;
     }
     tracing::debug!(
-        balloon = req.balloon_target,
-        virtio_mem = req.virtio_mem_requested,
+        balloon = balloon_step,
+        virtio_mem = mem_step,
+        target,
         "memory target applied"
     );
     let mut s = lock(&st.sample);
-    s.requested = Some(target);
-    s.report.requested = Some(target);
+    s.requested = Some(applied);
+    s.report.requested = Some(applied);
+    if st.region > 0 {
+        s.mem_requested = Some(mem_step);
+    }
     Ok(Json(s.report.clone()))
 }
