@@ -5,7 +5,10 @@
 //! guest); for each step the time from the guest's report that shows the step (vireod gives
 //! its age) to the VM having the memory the balancer decided, and from the start of the step
 //! in the guest to that grant.
-//! (b) **Density**: `memory`'s simulation (the same model as `cargo run -p memory --example
+//! (b) **Density** with real guests (`--density-vms N`): N VMs under a host budget, each in
+//! turn growing a tmpfs load while the others idle; the VMs that ran without OOM versus how
+//! many the budget holds with static allocation of the peak demand seen. And
+//! `memory`'s simulation (the same model as `cargo run -p memory --example
 //! memory-sim`): how many VMs run without OOM-risk under dynamic memory versus static
 //! allocation of their peaks on a fixed host.
 
@@ -36,9 +39,41 @@ pub struct MemoryBenchArgs {
     /// Size of one demand step.
     #[arg(long, default_value = "48M", value_parser = parse_size)]
     step: u64,
+    /// Real-guest density (with `--image`): run this many VMs (copies of the image) under
+    /// `--density-budget`, each loading `--density-load` in turn; 0: skip.
+    #[arg(long, default_value_t = 0)]
+    density_vms: usize,
+    /// Host memory budget for the density run (set with `host set --memory-budget` for the run,
+    /// then restored).
+    #[arg(long, default_value = "1000M", value_parser = parse_size)]
+    density_budget: u64,
+    /// Memory each guest's load takes at its peak (tmpfs, 8 MiB a second).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    density_load: u64,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+/// The real-guest density run.
+#[derive(Debug, Serialize)]
+pub struct DensityResult {
+    /// Host budget, bytes.
+    pub budget: u64,
+    /// VMs run under dynamic memory.
+    pub vms: usize,
+    /// VMs that ran their load without OOM, reboot or data loss.
+    pub vms_ok: usize,
+    /// Largest demand a guest showed during its load, bytes.
+    pub peak_demand: u64,
+    /// Static allocation of the peak: peak demand plus the 32 MiB free floor, bytes.
+    pub static_peak: u64,
+    /// VMs that fit the budget with static allocation of their peaks.
+    pub static_vms: usize,
+    /// Most memory the VMs held together during the run (polled), bytes.
+    pub max_held: u64,
+    /// `vms_ok / static_vms`.
+    pub ratio: f64,
 }
 
 /// One demand step.
@@ -73,6 +108,8 @@ pub struct MemoryBench {
     pub sim_dynamic_oom_risk_rounds: u64,
     /// Density ratio dynamic / static.
     pub sim_density_ratio: f64,
+    /// Real-guest density (with `--image` and `--density-vms`).
+    pub density: Option<DensityResult>,
 }
 
 fn median(mut v: Vec<f64>) -> Option<f64> {
@@ -88,6 +125,11 @@ async fn show(client: &Client, name: &str) -> anyhow::Result<VmInfo> {
 }
 
 async fn exec(client: &Client, name: &str, script: &str) -> anyhow::Result<()> {
+    exec_out(client, name, script).await.map(|_| ())
+}
+
+/// Runs a guest shell command (at most 60 s); returns its stdout.
+async fn exec_out(client: &Client, name: &str, script: &str) -> anyhow::Result<String> {
     let started: api::ExecStarted = client
         .post(
             &format!("/v1/vms/{name}/exec"),
@@ -107,7 +149,7 @@ async fn exec(client: &Client, name: &str, script: &str) -> anyhow::Result<()> {
             if o.exit_code != Some(0) {
                 bail!("guest command failed: {script}: {}", o.stderr.trim());
             }
-            return Ok(());
+            return Ok(o.stdout);
         }
         if Instant::now() > deadline {
             bail!("guest command did not finish in 60 s: {script}");
@@ -236,11 +278,193 @@ async fn real_guest(
     r
 }
 
+/// Guest script: grows a tmpfs load by 8 MiB a second up to `$1` MiB (slower than a balancer
+/// round, as a working set grows), holds it 5 s, checks every copy against the seed's MD5,
+/// frees it and writes `good/total` to `/tmp/dload.done`.
+const DENSITY_LOAD: &str = r#"dmesg -n 7; rm -f /tmp/dload.done; mkdir -p /mnt/dload
+grep -q ' /mnt/dload ' /proc/mounts || mount -t tmpfs -o size=2G tmpfs /mnt/dload
+[ -f /tmp/dseed ] || dd if=/dev/urandom of=/tmp/dseed bs=1M count=8 2>/dev/null
+cat > /tmp/dload.sh <<'END'
+n=$(($1/8)); i=0
+while [ $i -lt $n ]; do cp /tmp/dseed /mnt/dload/f$i || break; i=$((i+1)); sleep 1; done
+sleep 5
+s=$(md5sum < /tmp/dseed | cut -d' ' -f1); good=0
+for f in /mnt/dload/f*; do [ "$(md5sum < $f | cut -d' ' -f1)" = "$s" ] && good=$((good+1)); done
+rm -f /mnt/dload/*; echo "$good/$n" > /tmp/dload.done
+END
+setsid sh /tmp/dload.sh "$0" </dev/null >/dev/null 2>&1 &"#;
+
+/// Real-guest density: `--density-vms` VMs (256 MiB startup, 160 MiB minimum, 512 MiB
+/// maximum) under `--density-budget`; each in turn runs the load above while the others idle.
+/// A VM counts if its load's data is intact, its guest has no OOM in its kernel log and it did
+/// not reboot. The static figure is how many VMs the budget holds when each gets the largest
+/// demand seen plus the 32 MiB free floor.
+async fn density(
+    client: &Client,
+    image: &std::path::Path,
+    a: &MemoryBenchArgs,
+) -> anyhow::Result<DensityResult> {
+    let path =
+        std::fs::canonicalize(image).with_context(|| format!("opening {}", image.display()))?;
+    let old: api::memory::HostMemoryStatus = client.get("/v1/host/memory").await?;
+    let names: Vec<String> = (0..a.density_vms)
+        .map(|i| format!("bench-density-{}-{i}", std::process::id()))
+        .collect();
+    let mut disks = Vec::new();
+    for n in &names {
+        let d = path.with_file_name(format!("{n}.img"));
+        std::fs::copy(&path, &d)
+            .with_context(|| format!("copying the image to {}", d.display()))?;
+        disks.push(d);
+    }
+    let r = async {
+        let _: api::memory::HostMemoryStatus = client
+            .patch(
+                "/v1/host/memory",
+                &api::memory::HostMemoryPatch {
+                    reserve: None,
+                    budget: Some(a.density_budget),
+                },
+            )
+            .await?;
+        for (n, d) in names.iter().zip(&disks) {
+            let _: VmInfo = client
+                .post(
+                    "/v1/vms",
+                    &CreateVm {
+                        name: n.clone(),
+                        generation: 1,
+                        memory: Some(256 * MIB),
+                        disks: vec![CreateDisk {
+                            path: d.clone(),
+                            bus: None,
+                            read_only: false,
+                        }],
+                        ..Default::default()
+                    },
+                )
+                .await?;
+            let _: VmInfo = client
+                .patch(
+                    &format!("/v1/vms/{n}"),
+                    &VmPatch {
+                        dynamic_memory: Some(true),
+                        memory_minimum: Some(160 * MIB),
+                        memory_maximum: Some(512 * MIB),
+                        ..Default::default()
+                    },
+                )
+                .await?;
+        }
+        for n in &names {
+            let _: VmInfo = client.post(&format!("/v1/vms/{n}/start"), &()).await?;
+        }
+        let mut max_held = 0u64;
+        for n in &names {
+            wait(client, n, 900, "the guest's first memory report", |v| {
+                v.memory.demand_source.as_deref() == Some("agent")
+            })
+            .await?;
+        }
+        // Every guest is up from here on: a reboot shows as a shorter uptime.
+        let booted = Instant::now();
+        let mut peak = 0u64;
+        let mut good = vec![false; names.len()];
+        for (i, n) in names.iter().enumerate() {
+            exec(
+                client,
+                n,
+                &DENSITY_LOAD.replace("\"$0\"", &(a.density_load / MIB).to_string()),
+            )
+            .await?;
+            let deadline = Instant::now() + Duration::from_secs(600);
+            let done = loop {
+                let st: api::memory::MemoryStatus = client.get("/v1/memory").await?;
+                max_held = max_held.max(st.host.assigned);
+                if let Some(v) = st.vms.iter().find(|v| &v.name == n) {
+                    peak = peak.max(v.memory.demand.unwrap_or(0));
+                }
+                let d = exec_out(client, n, "cat /tmp/dload.done 2>/dev/null; true")
+                    .await
+                    .unwrap_or_default();
+                if !d.trim().is_empty() {
+                    break d.trim().to_string();
+                }
+                if Instant::now() > deadline {
+                    break "timeout".into();
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            };
+            let want = format!("{0}/{0}", a.density_load / MIB / 8);
+            eprintln!("{n}: load {done} copies intact");
+            good[i] = done == want;
+        }
+        // No OOM in any guest, and none rebooted (uptime covers the whole run).
+        let run = booted.elapsed().as_secs();
+        for (i, n) in names.iter().enumerate() {
+            let o = exec_out(
+                client,
+                n,
+                "dmesg | grep -ci 'out of memory' || true; cut -d. -f1 /proc/uptime",
+            )
+            .await
+            .unwrap_or_default();
+            let f: Vec<u64> = o
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            if f.len() != 2 || f[0] != 0 || f[1] + 2 < run {
+                eprintln!("{n}: OOM or reboot (dmesg OOM lines, uptime s): {o:?}");
+                good[i] = false;
+            }
+        }
+        let ok = good.iter().filter(|&&g| g).count();
+        let static_peak = (peak + ::memory::DEFAULT_MIN_FREE).div_ceil(2 * MIB) * 2 * MIB;
+        let static_vms = (a.density_budget / static_peak.max(1)) as usize;
+        Ok::<_, anyhow::Error>(DensityResult {
+            budget: a.density_budget,
+            vms: names.len(),
+            vms_ok: ok,
+            peak_demand: peak,
+            static_peak,
+            static_vms,
+            max_held,
+            ratio: ok as f64 / static_vms.max(1) as f64,
+        })
+    }
+    .await;
+    for n in &names {
+        let _ = client
+            .post::<_, serde_json::Value>(&format!("/v1/vms/{n}/turn-off"), &())
+            .await;
+        let _ = client
+            .delete::<serde_json::Value>(&format!("/v1/vms/{n}?keep_disks=true"))
+            .await;
+    }
+    for d in &disks {
+        let _ = std::fs::remove_file(d);
+    }
+    let _: Result<api::memory::HostMemoryStatus, _> = client
+        .patch(
+            "/v1/host/memory",
+            &api::memory::HostMemoryPatch {
+                reserve: None,
+                budget: Some(old.budget.unwrap_or(0)),
+            },
+        )
+        .await;
+    r
+}
+
 /// Runs `vireo bench memory`.
 pub async fn run(client: &Client, a: MemoryBenchArgs) -> anyhow::Result<()> {
+    let density = match &a.image {
+        Some(img) if a.density_vms > 0 => Some(density(client, img, &a).await?),
+        _ => None,
+    };
     let steps = match &a.image {
-        Some(img) => real_guest(client, img, &a).await?,
-        None => Vec::new(),
+        Some(img) if a.steps > 0 => real_guest(client, img, &a).await?,
+        _ => Vec::new(),
     };
     let rounds = 3600;
     let traces: Vec<Vec<u64>> = (0..60).map(|s| sim::trace(s, rounds)).collect();
@@ -254,6 +478,7 @@ pub async fn run(client: &Client, a: MemoryBenchArgs) -> anyhow::Result<()> {
         sim_dynamic_vms: best.vms,
         sim_dynamic_oom_risk_rounds: best.oom_risk_rounds,
         sim_density_ratio: best.vms as f64 / static_n.max(1) as f64,
+        density,
     };
     if a.json {
         return output::json(&res);
@@ -289,6 +514,20 @@ pub async fn run(client: &Client, a: MemoryBenchArgs) -> anyhow::Result<()> {
             "median report->grant {:.0} ms (target < 2000), step->grant {:.0} ms",
             res.report_to_grant_median_ms.unwrap_or(0.0),
             res.step_to_grant_median_ms.unwrap_or(0.0)
+        );
+    }
+    if let Some(d) = &res.density {
+        println!(
+            "density (real guests, budget {} MiB): dynamic {} of {} VMs ran their {} load without OOM (most held together {} MiB); static allocation of the peak ({} demand + 32 MiB = {}) fits {} VMs: ratio {:.2} (target >= 1.5)",
+            d.budget / MIB,
+            d.vms_ok,
+            d.vms,
+            format_size(a.density_load),
+            d.max_held / MIB,
+            format_size(d.peak_demand),
+            format_size(d.static_peak),
+            d.static_vms,
+            d.ratio
         );
     }
     println!(
