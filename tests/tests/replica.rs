@@ -330,6 +330,20 @@ fn replicate_verify_and_unplanned_failover() {
     ]);
     let (code, out) = b.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
+    // B's records written before the reverse are untracked: only the compare finds them
+    // (so at least the data disk's first MiB differs).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = b.exec("g", "cat /tmp/counter 2>/dev/null || echo 0");
+        if out.trim().parse::<u64>().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B's writer does not write: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let out = b.ok(&["replica", "reverse", "g"]);
     println!("{out}");
     assert!(out.contains("replication reversed"), "{out}");
