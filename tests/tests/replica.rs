@@ -202,8 +202,14 @@ fn replicate_verify_and_unplanned_failover() {
         primary_sum,
         "point {id} differs from the primary's data disk at the cut"
     );
-    assert_eq!(check_records(&img), stopped_at);
-    println!("point {id} == primary (record {stopped_at}); status on B: {rs}");
+    // The kill may land between a record's write and the counter's update: the record
+    // one past the counter is then on disk (and in the point).
+    let last = check_records(&img);
+    assert!(
+        last == stopped_at || last == stopped_at + 1,
+        "point {id}: last record {last}, the writer's counter {stopped_at}"
+    );
+    println!("point {id} == primary (record {last}); status on B: {rs}");
     let text = b.ok(&["replica", "status"]);
     assert!(text.contains("replica") && text.contains("g"), "{text}");
 
