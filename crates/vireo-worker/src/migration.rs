@@ -302,7 +302,19 @@ async fn finish(State(vm): State<Arc<Vm>>) -> R<Value> {
         clean: true,
         saved: false,
     });
-    let _ = vm.qmp_simple("quit").await;
+    // Not `quit`: the disks were handed over, so QEMU's NBD clients have no server, and a
+    // quit drains them, waiting out their reconnect delay (60 s) before QEMU exits. Nothing
+    // is lost by SIGKILL: QEMU flushed and inactivated its disks when its migration
+    // completed, and the destination owns them now. The main loop sees QMP close and exits.
+    // SAFETY: kill(2) on QEMU, this worker's own child (not reaped yet, so the pid is ours).
+    let rc = unsafe { libc::kill(vm.qemu_pid as libc::pid_t, libc::SIGKILL) };
+    if rc != 0 {
+        tracing::warn!(
+            pid = vm.qemu_pid,
+            "stopping the source QEMU: {}",
+            io::Error::last_os_error()
+        );
+    }
     Ok(Json(Value::Null))
 }
 
