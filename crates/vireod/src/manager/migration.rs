@@ -430,11 +430,13 @@ impl Manager {
             .await?;
         let mut last_bytes = 0u64;
         let mut last_progress = Instant::now();
+        let mut last_mirror = Instant::now();
         loop {
             check_cancel(job)?;
             let s: WorkerMigrateStatus = worker.get("/migration/status").await?;
             self.record(job, &s);
-            if req.include_storage {
+            if req.include_storage && last_mirror.elapsed() >= Duration::from_millis(200) {
+                last_mirror = Instant::now();
                 self.mirror_status(job, &worker).await?;
             }
             match s.status.as_str() {
@@ -457,10 +459,13 @@ impl Manager {
                 )));
             }
             lease.keep(peer, id).await?;
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // QEMU pauses the guest at pre-switchover: every ms until it is seen is downtime.
+            tokio::time::sleep(Duration::from_millis(40)).await;
         }
 
         // Switchover: the VM is paused.
+        let t_pause = Instant::now();
+        let ms = |t: Instant| t.duration_since(t_pause).as_millis() as u64;
         Self::set_phase(job, MigrationPhase::Switchover);
         test_hold(HoldPoint::Switchover, job, &mut lease, peer, id).await?;
         check_cancel(job)?;
@@ -485,14 +490,30 @@ impl Manager {
             test_hold(HoldPoint::Verified, job, &mut lease, peer, id).await?;
             lease.keep_now(peer, id).await?;
         }
+        let t_disks = Instant::now();
         done.disks_released = true;
-        worker
-            .post::<_, serde_json::Value>("/migration/release-disks", &())
-            .await?;
         done.activate_sent = true;
-        let _: IncomingStatus = peer
-            .post(&format!("/peer/v1/migrations/{id}/activate"), &())
-            .await?;
+        let release = async {
+            worker
+                .post::<_, serde_json::Value>("/migration/release-disks", &())
+                .await
+        };
+        let activate = async {
+            peer.post::<_, IncomingStatus>(&format!("/peer/v1/migrations/{id}/activate"), &())
+                .await
+        };
+        if req.include_storage {
+            // Shared-nothing: the destination opens its own copies, which the source never
+            // touches, so both ends switch their disks at the same time.
+            let (r, a) = tokio::join!(release, activate);
+            r?;
+            a?;
+        } else {
+            // Shared storage: the source closes the images before the destination opens them.
+            release.await?;
+            activate.await?;
+        }
+        let t_activated = Instant::now();
         worker
             .post::<_, serde_json::Value>("/migration/continue", &())
             .await?;
@@ -516,6 +537,7 @@ impl Manager {
                 _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+        let t_sent = Instant::now();
         test_hold(HoldPoint::Commit, job, &mut lease, peer, id).await?;
         // From here the destination may run the VM: a vireod that dies now must, when it
         // comes back, ask the destination before it does anything with this VM.
@@ -538,6 +560,14 @@ impl Manager {
         {
             Ok(st) if st.state == IncomingState::Committed => {
                 done.committed = true;
+                tracing::info!(
+                    job = %id,
+                    disks_verified_ms = ms(t_disks),
+                    disks_switched_ms = ms(t_activated),
+                    state_sent_ms = ms(t_sent),
+                    resumed_ms = ms(Instant::now()),
+                    "switchover phases (ms since the pre-switchover pause)"
+                );
                 test_hold(HoldPoint::Committed, job, &mut lease, peer, id).await?;
                 Ok(copied_files)
             }
