@@ -1,6 +1,6 @@
 //! Defining the test VMs the disk-centred end-to-end tests share, written once: a generation 1
 //! guest whose boot disk is converted to VHDX (checkpoints, mirroring and replication need
-//! every disk in VHDX) plus an empty 64 MiB VHDX data disk with 1 MiB blocks.
+//! every disk in VHDX) plus an empty VHDX data disk.
 
 use crate::multihost::NsHost;
 use crate::Host;
@@ -28,24 +28,35 @@ impl VireoCli for NsHost {
 pub struct Gen1Disks {
     /// The VHDX boot disk converted from the raw test image.
     pub boot: PathBuf,
-    /// The empty 64 MiB data disk (1 MiB blocks, 131072 sectors: `guest_io::DISK_64M`).
+    /// The empty data disk.
     pub data: PathBuf,
 }
 
+/// The 64 MiB data disk with 1 MiB blocks most single-host tests use (131072 sectors:
+/// `guest_io::DISK_64M`).
+pub const DATA_64M: &[&str] = &["--size", "64M", "--block-size", "1M"];
+
+/// The 16 MiB data disk the record writer fills (`guest_io::RECORD_WRITER`).
+pub const DATA_16M: &[&str] = &["--size", "16M"];
+
 /// Defines (does not start) VM `name` with generation 1 firmware and `memory`, booting from
-/// `raw_boot` converted into `dir/boot.vhdx`, with a new `dir/data.vhdx` as its second disk.
+/// `raw_boot` converted into `dir/boot.vhdx`, with a new `dir/data.vhdx` made with
+/// `vireo disk new … DATA_OPTS` (e.g. [`DATA_64M`]) as its second disk.
 pub fn define_gen1_vm(
     h: &impl VireoCli,
     name: &str,
     raw_boot: &Path,
     dir: &Path,
     memory: &str,
+    data_opts: &[&str],
 ) -> Gen1Disks {
     let boot = dir.join("boot.vhdx");
     let data = dir.join("data.vhdx");
     let (boot_s, data_s) = (path_str(&boot), path_str(&data));
     h.vireo_ok(&["disk", "convert", path_str(raw_boot), boot_s]);
-    h.vireo_ok(&["disk", "new", data_s, "--size", "64M", "--block-size", "1M"]);
+    let mut new_data = vec!["disk", "new", data_s];
+    new_data.extend_from_slice(data_opts);
+    h.vireo_ok(&new_data);
     h.vireo_ok(&[
         "vm",
         "new",

@@ -7,7 +7,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 use vireo_e2e::guest_io::*;
-use vireo_e2e::vm_setup::define_gen1_vm;
+use vireo_e2e::vm_setup::{define_gen1_vm, DATA_64M};
 use vireo_e2e::*;
 
 const MIB: usize = 1 << 20;
@@ -32,7 +32,7 @@ fn checkpoint_apply_remove_live_merge_kill9() {
     let h = Host::start();
     let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
     // Checkpoints need every disk in VHDX: the raw test image is converted first.
-    let data = define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M").data;
+    let data = define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M", DATA_64M).data;
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
 
@@ -286,7 +286,7 @@ fn host_sums(h: &Host, image: &str, tag: &str) -> Vec<String> {
 fn remove_inner_checkpoint_while_running() {
     let h = Host::start();
     let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
-    define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M");
+    define_gen1_vm(&h, "g1", &raw, h.dir.path(), "256M", DATA_64M);
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
     let mut now: Vec<String> = vec![ZERO_MIB_SHA256.to_string(); 64];

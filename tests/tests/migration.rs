@@ -8,6 +8,7 @@
 use std::time::{Duration, Instant};
 use vireo_e2e::guest_io::*;
 use vireo_e2e::multihost::{Cluster, NsHost};
+use vireo_e2e::vm_setup::{define_gen1_vm, DATA_16M};
 use vireo_e2e::*;
 
 fn counter(h: &NsHost) -> u64 {
@@ -424,28 +425,7 @@ fn shared_nothing_move_and_faults() {
     let src = c.dir.path().join("a-disks");
     std::fs::create_dir_all(&src).expect("source dir");
     let raw = guest_disk_lite(c.dir.path(), 1, GuestAgent::Vireo);
-    let boot = src.join("boot.vhdx");
-    a.ok(&[
-        "disk",
-        "convert",
-        raw.to_str().unwrap(),
-        boot.to_str().unwrap(),
-    ]);
-    let data = src.join("data.vhdx");
-    a.ok(&["disk", "new", data.to_str().unwrap(), "--size", "16M"]);
-    a.ok(&[
-        "vm",
-        "new",
-        "g",
-        "--generation",
-        "1",
-        "--memory",
-        "256M",
-        "--disk",
-        boot.to_str().unwrap(),
-        "--disk",
-        data.to_str().unwrap(),
-    ]);
+    define_gen1_vm(a, "g", &raw, &src, "256M", DATA_16M);
     a.ok(&["vm", "start", "g"]);
     a.wait_heartbeat("g");
     let (code, out) = a.exec("g", RECORD_WRITER);

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use vireo_e2e::guest_io::RECORD_WRITER;
 use vireo_e2e::multihost::{Cluster, NsHost};
 use vireo_e2e::replica_io::*;
+use vireo_e2e::vm_setup::{define_gen1_vm, DATA_16M};
 use vireo_e2e::*;
 
 /// Record checks inside the guest (after a failover): every record's checksum and slot;
@@ -64,28 +65,7 @@ fn replicate_verify_and_unplanned_failover() {
     c.trust(1, 0);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let boot_raw = guest_disk(c.dir.path(), 1, GuestAgent::Vireo);
-    let boot = c.dir.path().join("boot.vhdx");
-    a.ok(&[
-        "disk",
-        "convert",
-        boot_raw.to_str().unwrap(),
-        boot.to_str().unwrap(),
-    ]);
-    let data = c.dir.path().join("data.vhdx");
-    a.ok(&["disk", "new", data.to_str().unwrap(), "--size", "16M"]);
-    a.ok(&[
-        "vm",
-        "new",
-        "g",
-        "--generation",
-        "1",
-        "--memory",
-        "256M",
-        "--disk",
-        boot.to_str().unwrap(),
-        "--disk",
-        data.to_str().unwrap(),
-    ]);
+    define_gen1_vm(a, "g", &boot_raw, c.dir.path(), "256M", DATA_16M);
 
     // Refusals: B allows no replicas yet; nothing is replicated; nothing to commit.
     let e = a.fails(&[

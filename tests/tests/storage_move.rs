@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 use vireo_e2e::guest_io::*;
-use vireo_e2e::vm_setup::define_gen1_vm;
+use vireo_e2e::vm_setup::{define_gen1_vm, DATA_64M};
 use vireo_e2e::*;
 
 /// Starts a guest writer over MiB 16..48 in the background; sums go to /run/sums.
@@ -44,7 +44,7 @@ fn move_storage_while_guest_writes_then_cancelled_move() {
     let src = h.dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
     let raw = guest_disk_lite(h.dir.path(), 1, GuestAgent::Vireo);
-    define_gen1_vm(&h, "g1", &raw, &src, "256M");
+    define_gen1_vm(&h, "g1", &raw, &src, "256M", DATA_64M);
     h.ok(&["vm", "start", "g1"]);
     h.wait_heartbeat("g1");
 
