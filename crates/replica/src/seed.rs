@@ -14,8 +14,9 @@
 //! change tracking attached first, compares checksums ([`crate::resync`]): every block the
 //! guest changed after it was copied (or while) differs and is shipped, the rest is not.
 
+use crate::store::{img as img_err, io as io_err, write_durably, StoreError};
 use serde::{Deserialize, Serialize};
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// Version of `export.json`.
@@ -23,63 +24,6 @@ pub const EXPORT_VERSION: u32 = 1;
 /// Name of the metadata file in an export directory.
 pub const EXPORT_META: &str = "export.json";
 const CHUNK: u64 = 1 << 20;
-
-/// What went wrong with an export or an import.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SeedError {
-    /// A file operation failed.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The file.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: io::Error,
-    },
-    /// An image operation failed.
-    #[error("{op} {path}")]
-    Image {
-        /// What was being done.
-        op: &'static str,
-        /// The image.
-        path: PathBuf,
-        /// Cause.
-        #[source]
-        source: Box<vhdx::Error>,
-    },
-    /// The export does not fit (another VM, damaged metadata, missing disk).
-    #[error("{0}")]
-    Invalid(String),
-}
-
-impl SeedError {
-    /// The class of this error.
-    pub fn kind(&self) -> crate::ErrorKind {
-        match self {
-            SeedError::Invalid(_) => crate::ErrorKind::InvalidInput,
-            _ => crate::ErrorKind::Io,
-        }
-    }
-}
-
-fn io_err<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(io::Error) -> SeedError + 'a {
-    move |source| SeedError::Io {
-        op,
-        path: p.to_path_buf(),
-        source,
-    }
-}
-
-fn img_err<'a>(op: &'static str, p: &'a Path) -> impl FnOnce(vhdx::Error) -> SeedError + 'a {
-    move |source| SeedError::Image {
-        op,
-        path: p.to_path_buf(),
-        source: Box::new(source),
-    }
-}
 
 /// The metadata of an export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,9 +47,9 @@ pub fn export_image(
     size: u64,
     mut read: impl FnMut(u64, &mut [u8]) -> io::Result<()>,
     dst: &Path,
-) -> Result<u64, SeedError> {
+) -> Result<u64, StoreError> {
     if dst.exists() {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{} exists: export into an empty directory",
             dst.display()
         )));
@@ -138,31 +82,23 @@ pub fn export_image(
 
 /// Writes `meta` into `dir` (temp file, fsync, rename, directory fsync): the export is
 /// complete only once this file exists.
-pub fn save_meta(dir: &Path, name: &str, meta: &ExportMeta) -> Result<(), SeedError> {
-    let p = dir.join(name);
-    let tmp = dir.join(format!("{name}.tmp"));
-    let b = serde_json::to_vec_pretty(meta).map_err(|e| SeedError::Invalid(e.to_string()))?;
-    let mut f = std::fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
-    f.write_all(&b).map_err(io_err("writing", &tmp))?;
-    f.sync_all().map_err(io_err("syncing", &tmp))?;
-    std::fs::rename(&tmp, &p).map_err(io_err("renaming into", &p))?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("syncing", dir))
+pub fn save_meta(dir: &Path, name: &str, meta: &ExportMeta) -> Result<(), StoreError> {
+    let b = serde_json::to_vec_pretty(meta).map_err(|e| StoreError::Mismatch(e.to_string()))?;
+    write_durably(dir, name, &b)
 }
 
 /// Reads and checks the metadata `name` in `dir`: version, file names (plain names in
 /// `dir`), one file per disk, each present.
-pub fn load_meta(dir: &Path, name: &str) -> Result<ExportMeta, SeedError> {
+pub fn load_meta(dir: &Path, name: &str) -> Result<ExportMeta, StoreError> {
     let p = dir.join(name);
     let b = std::fs::read(&p).map_err(|e| {
         if e.kind() == io::ErrorKind::NotFound {
-            SeedError::Invalid(format!(
+            StoreError::Mismatch(format!(
                 "{} holds no complete export ({name} is missing)",
                 dir.display()
             ))
         } else {
-            SeedError::Io {
+            StoreError::Io {
                 op: "reading",
                 path: p.clone(),
                 source: e,
@@ -170,16 +106,16 @@ pub fn load_meta(dir: &Path, name: &str) -> Result<ExportMeta, SeedError> {
         }
     })?;
     let m: ExportMeta = serde_json::from_slice(&b)
-        .map_err(|e| SeedError::Invalid(format!("{}: {e}", p.display())))?;
+        .map_err(|e| StoreError::Mismatch(format!("{}: {e}", p.display())))?;
     if m.format_version != EXPORT_VERSION {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{}: format version {} (this build reads {EXPORT_VERSION})",
             p.display(),
             m.format_version
         )));
     }
     if m.files.len() != m.disk_sizes.len() || m.files.is_empty() {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{}: {} files for {} disks",
             p.display(),
             m.files.len(),
@@ -191,13 +127,13 @@ pub fn load_meta(dir: &Path, name: &str) -> Result<ExportMeta, SeedError> {
         let plain = Path::new(f).file_name().is_some_and(|n| n == f.as_str())
             || (name == SEED_META && Path::new(f).is_absolute());
         if !plain {
-            return Err(SeedError::Invalid(format!(
+            return Err(StoreError::Mismatch(format!(
                 "{}: bad file name {f:?}",
                 p.display()
             )));
         }
         if !dir.join(f).is_file() {
-            return Err(SeedError::Invalid(format!(
+            return Err(StoreError::Mismatch(format!(
                 "{}: {f} is missing",
                 dir.display()
             )));
@@ -208,7 +144,7 @@ pub fn load_meta(dir: &Path, name: &str) -> Result<ExportMeta, SeedError> {
 
 /// The seed images in `dir` (`seed.json` written by [`import`]), each checked to open with
 /// the size the metadata gives.
-pub fn seed_paths(dir: &Path) -> Result<(ExportMeta, Vec<PathBuf>), SeedError> {
+pub fn seed_paths(dir: &Path) -> Result<(ExportMeta, Vec<PathBuf>), StoreError> {
     let m = load_meta(dir, SEED_META)?;
     let mut out = Vec::new();
     for (f, &size) in m.files.iter().zip(&m.disk_sizes) {
@@ -216,7 +152,7 @@ pub fn seed_paths(dir: &Path) -> Result<(ExportMeta, Vec<PathBuf>), SeedError> {
         let v = vhdx::Vhdx::open(&p, vhdx::OpenOptions { read_only: true })
             .map_err(img_err("opening", &p))?;
         if v.size() != size {
-            return Err(SeedError::Invalid(format!(
+            return Err(StoreError::Mismatch(format!(
                 "{} has {} bytes, the export says {size}",
                 p.display(),
                 v.size()
@@ -233,17 +169,17 @@ pub const SEED_META: &str = "seed.json";
 /// Replica host: copies the export in `from` (checked) into `seed_dir` (which must not
 /// exist), fsyncs everything and writes `seed.json` last. `vm` must be the export's VM.
 /// Returns the metadata and the bytes copied.
-pub fn import(from: &Path, vm: &str, seed_dir: &Path) -> Result<(ExportMeta, u64), SeedError> {
+pub fn import(from: &Path, vm: &str, seed_dir: &Path) -> Result<(ExportMeta, u64), StoreError> {
     let m = load_meta(from, EXPORT_META)?;
     if m.vm != vm {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{} is an export of VM {:?}, not {vm:?}",
             from.display(),
             m.vm
         )));
     }
     if seed_dir.join(SEED_META).exists() {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{} already holds a seed of {vm}",
             seed_dir.display()
         )));
@@ -271,14 +207,14 @@ pub fn import_existing(
     disks: &[PathBuf],
     vm: &str,
     seed_dir: &Path,
-) -> Result<ExportMeta, SeedError> {
+) -> Result<ExportMeta, StoreError> {
     if disks.is_empty() {
-        return Err(SeedError::Invalid(
+        return Err(StoreError::Mismatch(
             "give the existing copy's disks (--disk FILE, in the VM's disk order)".into(),
         ));
     }
     if seed_dir.join(SEED_META).exists() {
-        return Err(SeedError::Invalid(format!(
+        return Err(StoreError::Mismatch(format!(
             "{} already holds a seed of {vm}",
             seed_dir.display()
         )));

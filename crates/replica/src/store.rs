@@ -71,7 +71,7 @@ pub enum StoreError {
     /// The cycle was refused.
     #[error(transparent)]
     Cycle(#[from] CycleError),
-    /// The cycle does not fit this replica.
+    /// The input does not fit this replica (a cycle, an export, an existing copy).
     #[error("{0}")]
     Mismatch(String),
     /// An image operation failed.
@@ -136,7 +136,10 @@ impl StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+pub(crate) fn io<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
     move |source| StoreError::Io {
         op,
         path: path.to_path_buf(),
@@ -144,12 +147,27 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> St
     }
 }
 
-fn img<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(vhdx::Error) -> StoreError + 'a {
+pub(crate) fn img<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(vhdx::Error) -> StoreError + 'a {
     move |source| StoreError::Image {
         op,
         path: path.to_path_buf(),
         source: Box::new(source),
     }
+}
+
+/// Replaces `dir/name` with `data` so that a crash leaves the old or the new file, never
+/// a part: a temporary file, fsync, rename, directory fsync.
+pub(crate) fn write_durably(dir: &Path, name: &str, data: &[u8]) -> Result<()> {
+    let p = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+    f.write_all(data).map_err(io("writing", &tmp))?;
+    f.sync_all().map_err(io("syncing", &tmp))?;
+    std::fs::rename(&tmp, &p).map_err(io("renaming into", &p))?;
+    sync_dir(dir)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -355,16 +373,11 @@ impl ReplicaStore {
 
     fn save(&self) -> Result<()> {
         let p = self.dir.join(STATE);
-        let tmp = self.dir.join("replica.json.tmp");
         let data = serde_json::to_vec_pretty(&self.st).map_err(|e| StoreError::State {
             path: p.clone(),
             why: e.to_string(),
         })?;
-        let mut f = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        f.write_all(&data).map_err(io("writing", &tmp))?;
-        f.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, &p).map_err(io("renaming into", &p))?;
-        sync_dir(&self.dir)
+        write_durably(&self.dir, STATE, &data)
     }
 
     /// The replicated VM.

@@ -1092,7 +1092,7 @@ impl Manager {
             (None, false) => {
                 replica::seed::import_existing(&req.disks, &name, &seed_dir).map(|m| (m, 0, false))
             }
-            _ => Err(replica::seed::SeedError::Invalid(
+            _ => Err(replica::StoreError::Mismatch(
                 "give --from DIR (an export) or --disk FILE... (an existing copy), not both".into(),
             )),
         })
