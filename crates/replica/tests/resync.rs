@@ -3,27 +3,17 @@
 //! that only the blocks whose checksums differ are shipped (plain bytes counted in the
 //! cycles) and that the resulting point is byte-identical to the primary's disk.
 
+mod common;
+
+use common::{noise, read_chain, read_image, sha};
 use nbd::Export;
 use replica::{resync, ReplicaStore, SUM_BLOCK};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use storage::tracking::{self, ChangeTracker, Resume, TrackedDisk};
 
 const SIZE: u64 = 32 << 20;
 const MIB: u64 = 1 << 20;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = vec![0u8; len];
-    for w in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    out
-}
 
 fn image(p: &Path, data: &[u8]) {
     let v = vhdx::Vhdx::create(
@@ -38,23 +28,6 @@ fn image(p: &Path, data: &[u8]) {
     v.write_at(data, 0).unwrap();
     v.flush().unwrap();
     v.close().unwrap();
-}
-
-fn read_image(p: &Path) -> Vec<u8> {
-    let v = vhdx::Vhdx::open(p, vhdx::OpenOptions { read_only: true }).unwrap();
-    let mut b = vec![0u8; v.size() as usize];
-    v.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn read_chain(c: &storage::DiskChain) -> Vec<u8> {
-    let mut b = vec![0u8; c.size() as usize];
-    c.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn sha(b: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(b))
 }
 
 fn tracked(c: &Arc<storage::DiskChain>, cbt: &Path) -> (Vec<TrackedDisk>, Resume) {

@@ -4,9 +4,11 @@
 //! a checksum compare ships only what changed since (bytes counted); the first point is
 //! byte-identical to the primary's disk.
 
+mod common;
+
+use common::{noise, read_chain, read_image, sha};
 use nbd::Export;
 use replica::{resync, seed, ReplicaStore};
-use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -14,18 +16,6 @@ use storage::tracking::{self, ChangeTracker, TrackedDisk};
 
 const SIZE: u64 = 24 << 20;
 const MIB: u64 = 1 << 20;
-
-fn noise(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed | 1;
-    let mut out = vec![0u8; len];
-    for w in out.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        w.copy_from_slice(&x.to_le_bytes());
-    }
-    out
-}
 
 /// A served disk: 16 MiB of data, the last 8 MiB never written (zeros).
 fn served(dir: &Path) -> Arc<storage::DiskChain> {
@@ -42,23 +32,6 @@ fn served(dir: &Path) -> Arc<storage::DiskChain> {
     v.write_at(&noise(11, (16 * MIB) as usize), 0).unwrap();
     v.close().unwrap();
     Arc::new(storage::DiskChain::open(&p, false).unwrap())
-}
-
-fn read_chain(c: &storage::DiskChain) -> Vec<u8> {
-    let mut b = vec![0u8; c.size() as usize];
-    c.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn read_image(p: &Path) -> Vec<u8> {
-    let v = vhdx::Vhdx::open(p, vhdx::OpenOptions { read_only: true }).unwrap();
-    let mut b = vec![0u8; v.size() as usize];
-    v.read_at(&mut b, 0).unwrap();
-    b
-}
-
-fn sha(b: &[u8]) -> String {
-    format!("{:x}", Sha256::digest(b))
 }
 
 fn export(c: &storage::DiskChain, dir: &Path) -> u64 {
