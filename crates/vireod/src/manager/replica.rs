@@ -460,13 +460,9 @@ impl Manager {
         // Ask the replica now, so a refusal (not allowed, untrusted) is reported here.
         let spec = self.spec(&uuid)?;
         let client = self.peer_client(&rec)?;
-        let mut s = client
-            .open_stream(&StreamHeader {
-                migration: vm.to_string(),
-                channel: "replica-probe".into(),
-            })
+        let mut s = open_channel(&client, vm, &rec.to, "replica-probe")
             .await
-            .map_err(|e| ApiError::failed(format!("replica host {}: {e}", rec.to)))?;
+            .map_err(ApiError::failed)?;
         let _ = replica::write_json(&mut s, &spec.uuid).await;
         let a: Answer<()> = replica::read_json(&mut s, 64 << 10)
             .await
@@ -781,13 +777,9 @@ impl Manager {
         if !r.initialized {
             let spec = self.spec(&r.uuid)?;
             let sizes = st.disk_sizes.clone();
-            let mut s = client
-                .open_stream(&StreamHeader {
-                    migration: r.vm.clone(),
-                    channel: "replica-init".into(),
-                })
+            let mut s = open_channel(&client, &r.vm, &r.to, "replica-init")
                 .await
-                .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+                .map_err(ApiError::failed)?;
             replica::write_json(
                 &mut s,
                 &InitRequest {
@@ -863,13 +855,7 @@ impl Manager {
             let bytes = tokio::fs::read(&file)
                 .await
                 .map_err(|e| format!("reading {}: {e}", file.display()))?;
-            let mut s = client
-                .open_stream(&StreamHeader {
-                    migration: r.vm.clone(),
-                    channel: "replica-cycle".into(),
-                })
-                .await
-                .map_err(|e| format!("replica host {}: {e}", r.to))?;
+            let mut s = open_channel(&client, &r.vm, &r.to, "replica-cycle").await?;
             let seq = replica::send_cycle(&mut s, &bytes)
                 .await
                 .map_err(|e| chain(&e))?;
@@ -920,13 +906,9 @@ impl Manager {
     /// base it seeds), compared by the worker with the live disks (tracking attached
     /// first), which marks the differing blocks; the next cycles ship them.
     async fn resync_compare(&self, r: &mut PrimaryRec, client: &PeerClient) -> ApiResult<()> {
-        let mut s = client
-            .open_stream(&StreamHeader {
-                migration: r.vm.clone(),
-                channel: "replica-sums".into(),
-            })
+        let mut s = open_channel(client, &r.vm, &r.to, "replica-sums")
             .await
-            .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+            .map_err(ApiError::failed)?;
         let info = match replica::read_json::<_, Answer<SumsInfo>>(&mut s, 64 << 10)
             .await
             .map_err(|e| ApiError::failed(chain(&e)))?
@@ -1256,13 +1238,9 @@ impl Manager {
             r.state = ReplicaState::FailedOver;
             self.save_primary(&r)?;
             let client = self.peer_client(&r)?;
-            let mut s = client
-                .open_stream(&StreamHeader {
-                    migration: vm.to_string(),
-                    channel: "replica-failover".into(),
-                })
+            let mut s = open_channel(&client, vm, &r.to, "replica-failover")
                 .await
-                .map_err(|e| ApiError::failed(format!("replica host {}: {e}", r.to)))?;
+                .map_err(ApiError::failed)?;
             replica::write_json(
                 &mut s,
                 &FailoverRequest {
@@ -2076,4 +2054,21 @@ impl Manager {
         let spec = self.spec(&r.uuid).map_err(|e| refuse(e.message))?;
         Ok((r.uuid, spec.disks.iter().map(|d| d.path.clone()).collect()))
     }
+}
+
+/// Opens replica channel `channel` (`replica-init`, `replica-cycle`, ...) for `vm` on the
+/// replica host `to`; the error names the host.
+async fn open_channel(
+    client: &PeerClient,
+    vm: &str,
+    to: &str,
+    channel: &str,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    client
+        .open_stream(&StreamHeader {
+            migration: vm.to_string(),
+            channel: channel.into(),
+        })
+        .await
+        .map_err(|e| format!("replica host {to}: {e}"))
 }
