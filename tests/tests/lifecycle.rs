@@ -6,27 +6,32 @@ use vireo_e2e::*;
 const COUNTER: &str = "setsid sh -c 'i=0; while :; do i=$((i+1)); echo $i > /run/counter; sleep 0.1; done' </dev/null >/dev/null 2>&1 & echo $! > /run/counter.pid; echo started";
 
 /// The guest's counter value, the counter's pid and the guest's uptime in seconds (the
-/// guest's own clock, which stands still while the VM is saved).
+/// guest's own clock, which stands still while the VM is saved). One line, written by one
+/// `echo`; read again when it catches the counter between its file's truncation and its
+/// write (an empty value).
 fn counter(h: &Host, vm: &str) -> (u64, String, f64) {
-    let (code, out) = h.exec(
-        vm,
-        "cat /run/counter; cat /run/counter.pid; cat /proc/uptime",
-    );
-    assert_eq!(code, 0, "reading the counter failed: {out}");
-    let mut lines = out.lines();
-    let n = lines
-        .next()
-        .unwrap_or("")
-        .trim()
-        .parse()
-        .expect("counter value");
-    let pid = lines.next().unwrap_or("").trim().to_string();
-    let uptime = lines
-        .next()
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|u| u.parse().ok())
-        .expect("guest uptime");
-    (n, pid, uptime)
+    let mut last = String::new();
+    for _ in 0..5 {
+        let (code, out) = h.exec(
+            vm,
+            "echo \"counter=$(cat /run/counter) pid=$(cat /run/counter.pid) uptime=$(cut -d' ' -f1 /proc/uptime)\"",
+        );
+        assert_eq!(code, 0, "reading the counter failed: {out}");
+        let field = |k: &str| {
+            out.split_whitespace()
+                .find_map(|w| w.strip_prefix(k))
+                .unwrap_or("")
+                .to_string()
+        };
+        if let (Ok(n), Ok(up)) = (field("counter=").parse(), field("uptime=").parse()) {
+            let pid = field("pid=");
+            assert!(!pid.is_empty(), "no counter pid in the guest's answer {out:?}");
+            return (n, pid, up);
+        }
+        last = out;
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    panic!("the guest's counter could not be read: last answer {last:?}");
 }
 
 /// Checks that the counter process survived a save/restore and counted only while the guest
