@@ -39,6 +39,11 @@ pub struct CutRequest {
     pub max_grains: u64,
     /// Where the cycle file goes.
     pub path: PathBuf,
+    /// Freeze the guest's file systems through the agent for the cut (an
+    /// application-consistent point); a cut that cannot freeze is crash-consistent and
+    /// says why.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// Worker `POST /replica/resync` body: compare the tracked disks with the replica's
@@ -102,7 +107,19 @@ pub struct EnableReplica {
     /// Initial replication bandwidth limit, bytes per second (0: none).
     #[serde(default)]
     pub bandwidth: u64,
+    /// Seconds between application-consistent points (the guest's file systems frozen
+    /// through the agent for the cut); 0 or absent: crash-consistent points only.
+    #[serde(default)]
+    pub app_consistent_every_secs: u64,
+    /// Unix milliseconds at which the initial replication starts by itself (absent: at
+    /// `vireo replica start`, or now with `--start`).
+    #[serde(default)]
+    pub start_at_unix_ms: Option<u64>,
 }
+
+/// Shortest period between application-consistent points: a freeze stalls the guest's
+/// writers for the cut, which an administrator plans in hours, not seconds.
+pub const MIN_APP_CONSISTENT_SECS: u64 = 10;
 
 fn default_points() -> usize {
     4
@@ -174,6 +191,10 @@ pub struct RecoveryPoint {
     pub id: u64,
     /// Unix milliseconds of its cut.
     pub cut_unix_ms: u64,
+    /// Cut with the guest's file systems frozen (application-consistent); otherwise
+    /// crash-consistent.
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 /// One line of `vireo replica status`.
@@ -224,6 +245,16 @@ pub struct ReplicaStatus {
     /// Last checksum resync (primary): blocks that differed and were shipped.
     #[serde(default)]
     pub resync_differing_blocks: Option<u64>,
+    /// Seconds between application-consistent points (0: none) (primary).
+    #[serde(default)]
+    pub app_consistent_every_secs: u64,
+    /// Unix milliseconds of the last application-consistent cut shipped (primary).
+    #[serde(default)]
+    pub last_app_consistent_unix_ms: Option<u64>,
+    /// When the initial replication starts by itself, Unix milliseconds (primary, while
+    /// it waits).
+    #[serde(default)]
+    pub start_at_unix_ms: Option<u64>,
 }
 
 /// `POST /v1/replica/{vm}/failover` body.

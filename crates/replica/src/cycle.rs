@@ -43,6 +43,10 @@ pub struct CycleHeader {
     /// into the base, not a recovery point.
     #[serde(default)]
     pub partial: bool,
+    /// Cut with the guest's file systems frozen through its agent (application-consistent).
+    /// Left out when false, so replicas that predate it accept crash-consistent cycles.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub app_consistent: bool,
 }
 
 /// One changed range.
@@ -290,6 +294,7 @@ mod tests {
             cut_unix_ms: 1,
             disk_sizes: vec![1 << 20, 2 << 20],
             partial: false,
+            app_consistent: false,
         };
         let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
         w.add(0, 0, &[7u8; 65536]).unwrap();

@@ -27,7 +27,7 @@ pub mod store;
 pub mod transport;
 
 pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
-pub use primary::{cut_to_file, CutError, CutStats};
+pub use primary::{cut_to_file, cut_to_file_marked, CutError, CutStats};
 pub use resync::{ResyncError, ResyncStats, Sums, SUM_BLOCK};
 pub use store::{points_to_drop, ErrorKind, Point, ReplicaStore, StoreError};
 pub use transport::{

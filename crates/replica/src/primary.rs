@@ -57,6 +57,16 @@ pub struct CutStats {
     pub pause_us: u64,
     /// Grains still changed after this cycle (left for the next ones).
     pub remaining_grains: u64,
+    /// Cut with the guest's file systems frozen (application-consistent).
+    #[serde(default)]
+    pub app_consistent: bool,
+    /// Why an application-consistent cut was asked for and not made (the cut is then
+    /// crash-consistent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_consistent_error: Option<String>,
+    /// How long the guest's file systems stayed frozen, milliseconds.
+    #[serde(default)]
+    pub frozen_ms: u64,
 }
 
 fn now_ms() -> u64 {
@@ -76,6 +86,20 @@ pub fn cut_to_file(
     max_grains: u64,
     path: &Path,
 ) -> Result<CutStats, CutError> {
+    cut_to_file_marked(disks, vm, seq, max_grains, path, false)
+}
+
+/// [`cut_to_file`] of a cut made while the guest's file systems were frozen: a complete
+/// (not partial) cycle is marked application-consistent (`app_consistent`), and its
+/// recovery point says so.
+pub fn cut_to_file_marked(
+    disks: &[TrackedDisk],
+    vm: &str,
+    seq: u64,
+    max_grains: u64,
+    path: &Path,
+    app_consistent: bool,
+) -> Result<CutStats, CutError> {
     let partial = tracking::dirty_total(disks) > max_grains;
     let header = CycleHeader {
         vm: vm.to_string(),
@@ -83,6 +107,7 @@ pub fn cut_to_file(
         cut_unix_ms: now_ms(),
         disk_sizes: disks.iter().map(|d| d.tracker.disk_size()).collect(),
         partial,
+        app_consistent: app_consistent && !partial,
     };
     let tmp = path.with_extension("tmp");
     let r = (|| {
@@ -137,6 +162,9 @@ pub fn cut_to_file(
             cut_unix_ms: header.cut_unix_ms,
             pause_us: stats.pause.as_micros() as u64,
             remaining_grains: tracking::dirty_total(disks),
+            app_consistent: header.app_consistent,
+            app_consistent_error: None,
+            frozen_ms: 0,
         })
     })();
     if r.is_err() {

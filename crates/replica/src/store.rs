@@ -20,7 +20,8 @@
 //! excludes it).
 //!
 //! Retention ([`points_to_drop`]): the latest point, plus the newest point of each of the
-//! newest `max_points` buckets (an hour in production), plus pinned points. A dropped
+//! newest `max_points` buckets (an hour in production), plus the newest
+//! application-consistent point of each of those buckets, plus pinned points. A dropped
 //! point's layers are absorbed by the next point's layers, which are re-pointed below it
 //! (`vhdx::absorb_parent`): the cost is the dropped layer's own data, never the base's.
 
@@ -44,6 +45,9 @@ pub struct Point {
     pub dir: String,
     /// File name of each disk's layer in `dir`.
     pub files: Vec<String>,
+    /// Cut with the guest's file systems frozen (application-consistent).
+    #[serde(default)]
+    pub app_consistent: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -215,6 +219,7 @@ impl ReplicaStore {
                     cut_unix_ms: 0,
                     dir: "base".into(),
                     files,
+                    app_consistent: false,
                 }],
                 initializing,
                 bucket_ms: 0,
@@ -514,6 +519,7 @@ impl ReplicaStore {
             cut_unix_ms: h.cut_unix_ms,
             dir: dir_name,
             files,
+            app_consistent: h.app_consistent,
         };
         self.st.points.push(point.clone());
         let was_initializing = self.st.initializing;
@@ -679,9 +685,13 @@ fn absorb(child: &Path, expected_parent: &Path) -> vhdx::Result<bool> {
 
 /// Retention policy (pure): the sequence numbers of `points` (oldest first) to drop when
 /// the newest point of each of the newest `keep` buckets of `bucket_ms` is kept (bucket 0:
-/// each point is its own bucket), plus the latest point and the `pinned` ones.
+/// each point is its own bucket), plus the latest point and the `pinned` ones. A bucket
+/// whose newest point is crash-consistent also keeps its newest application-consistent
+/// point, so the schedule of those is never thinned away by the hourly one.
 pub fn points_to_drop(points: &[Point], keep: usize, bucket_ms: u64, pinned: &[u64]) -> Vec<u64> {
     let mut kept_buckets: Vec<u64> = Vec::new();
+    // Buckets (among the kept ones) that already hold an application-consistent point.
+    let mut app_buckets: Vec<u64> = Vec::new();
     let mut drop = Vec::new();
     for (n, p) in points.iter().rev().enumerate() {
         let bucket = p.cut_unix_ms.checked_div(bucket_ms).unwrap_or(p.seq);
@@ -689,13 +699,16 @@ pub fn points_to_drop(points: &[Point], keep: usize, bucket_ms: u64, pinned: &[u
             kept_buckets.push(bucket);
             true
         } else if kept_buckets.contains(&bucket) {
-            false
+            p.app_consistent && !app_buckets.contains(&bucket)
         } else if kept_buckets.len() < keep.max(1) {
             kept_buckets.push(bucket);
             true
         } else {
             false
         };
+        if keep_it && p.app_consistent {
+            app_buckets.push(bucket);
+        }
         if !keep_it && !pinned.contains(&p.seq) {
             drop.push(p.seq);
         }

@@ -40,6 +40,7 @@ impl Primary {
             cut_unix_ms: self.seq * 1000,
             disk_sizes: vec![SIZE, SIZE],
             partial: false,
+            app_consistent: false,
         };
         let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
         for &(d, g) in grains {
@@ -167,6 +168,7 @@ fn bad_cycles_are_refused_and_change_nothing() {
         cut_unix_ms: 0,
         disk_sizes: vec![SIZE, SIZE],
         partial: false,
+        app_consistent: false,
     };
     let e = s
         .apply(&CycleWriter::new(Vec::new(), &h).unwrap().finish().unwrap()[..])
@@ -178,6 +180,7 @@ fn bad_cycles_are_refused_and_change_nothing() {
         cut_unix_ms: 0,
         disk_sizes: vec![SIZE],
         partial: false,
+        app_consistent: false,
     };
     let e = s
         .apply(&CycleWriter::new(Vec::new(), &h).unwrap().finish().unwrap()[..])

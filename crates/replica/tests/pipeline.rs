@@ -83,6 +83,7 @@ fn tracked_disks_replicate_consistently() {
             cut_unix_ms: seq,
             disk_sizes: vec![SIZE, SIZE],
             partial: false,
+            app_consistent: false,
         };
         let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
         for ((i, off), data) in &blocks {
@@ -162,6 +163,7 @@ fn tracked_disks_replicate_consistently() {
         cut_unix_ms: 6,
         disk_sizes: vec![SIZE, SIZE],
         partial: false,
+        app_consistent: false,
     };
     let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
     for (i, off, data) in &blocks {

@@ -18,6 +18,7 @@ fn cycle(seq: u64, fill: u8) -> Vec<u8> {
         cut_unix_ms: seq,
         disk_sizes: vec![SIZE],
         partial: false,
+        app_consistent: false,
     };
     let mut w = CycleWriter::new(Vec::new(), &h).unwrap();
     w.add(0, 65536, &[fill; 65536]).unwrap();

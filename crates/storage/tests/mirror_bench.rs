@@ -146,12 +146,30 @@ fn storage_migration_vs_cp() {
                 let m = svc
                     .mirror_disk(0, Box::new(DirSink::new(&d)), MirrorOptions::default())
                     .unwrap();
-                let _ = m.wait_converged(std::time::Duration::from_secs(600));
+                // Timeline: when the frozen layers were done and when the active layer
+                // converged (polled every 10 ms), then the switch and the removal.
+                let mut frozen_done = None;
+                loop {
+                    let p = m.progress();
+                    if frozen_done.is_none() && p.phase != storage::mirror::MirrorPhase::Frozen {
+                        frozen_done = Some(t.elapsed().as_secs_f64());
+                    }
+                    if p.converged || m.is_finished() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                let converged = t.elapsed().as_secs_f64();
                 let out = svc.complete_move(0, m).unwrap();
+                let switched = t.elapsed().as_secs_f64();
                 for f in &out.source_files {
                     std::fs::remove_file(f).unwrap();
                 }
                 mv_t = t.elapsed().as_secs_f64();
+                println!(
+                    "  move timeline: frozen layers {:.2} s, active converged {converged:.2} s, switched {switched:.2} s, old files removed {mv_t:.2} s",
+                    frozen_done.unwrap_or(converged)
+                );
                 held = out.io_pause.as_millis();
                 here = d;
             }

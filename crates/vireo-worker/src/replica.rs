@@ -8,6 +8,7 @@ use api::replica::{
     CutRequest, ExportReplica, ExportedDisks, ResyncRequest, TrackRequest, TrackStatus,
 };
 use api::{ErrorBody, ErrorKind};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -161,15 +162,62 @@ fn tracked() -> Result<Vec<TrackedDisk>, ReplicaError> {
     Ok(t)
 }
 
-async fn cut(Json(req): Json<CutRequest>) -> Result<Json<CutStats>, ReplicaError> {
+/// Cuts a cycle into `req.path`. An application-consistent cut freezes the guest's file
+/// systems through the agent first (they flush their dirty data and stop writing) and
+/// thaws them as soon as the cut is written, whatever happened; when the freeze fails the
+/// cut is crash-consistent and says why, so replication never stops over an agent.
+async fn cut(
+    State(vm): State<Arc<Vm>>,
+    Json(req): Json<CutRequest>,
+) -> Result<Json<CutStats>, ReplicaError> {
     let disks = tracked()?;
-    tokio::task::spawn_blocking(move || {
-        replica::cut_to_file(&disks, &req.vm, req.seq, req.max_grains, &req.path)
+    // Partial cycles (initial replication) are never recovery points: no freeze for them.
+    let want_freeze = req.app_consistent && tracking::dirty_total(&disks) <= req.max_grains;
+    let mut freeze_error = None;
+    let frozen_at = if want_freeze {
+        match vm.agent.fsfreeze_freeze().await {
+            Ok(n) => {
+                tracing::info!(
+                    filesystems = n,
+                    seq = req.seq,
+                    "guest file systems frozen for the cut"
+                );
+                Some(std::time::Instant::now())
+            }
+            Err(e) => {
+                // A freeze that failed half way thaws what it froze; make sure of it.
+                let _ = vm.agent.fsfreeze_thaw().await;
+                freeze_error = Some(format!("freezing the guest's file systems failed: {e}"));
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let frozen = frozen_at.is_some();
+    let r = tokio::task::spawn_blocking(move || {
+        replica::cut_to_file_marked(&disks, &req.vm, req.seq, req.max_grains, &req.path, frozen)
     })
-    .await
-    .map_err(|e| failed(&e))?
-    .map(Json)
-    .map_err(|e| failed(&e))
+    .await;
+    let frozen_ms = match frozen_at {
+        Some(t) => {
+            let thawed = vm.agent.fsfreeze_thaw().await;
+            let ms = t.elapsed().as_millis() as u64;
+            match thawed {
+                Ok(_) => tracing::info!(frozen_ms = ms, "guest file systems thawed"),
+                Err(e) => tracing::warn!("thawing the guest file systems after the cut: {e}"),
+            }
+            ms
+        }
+        None => 0,
+    };
+    let mut stats = r.map_err(|e| failed(&e))?.map_err(|e| failed(&e))?;
+    stats.frozen_ms = frozen_ms;
+    if let Some(e) = freeze_error {
+        tracing::warn!(seq = stats.seq, "{e}: the cut is crash-consistent");
+        stats.app_consistent_error = Some(e);
+    }
+    Ok(Json(stats))
 }
 
 async fn commit(Json(seq): Json<u64>) -> Result<Json<TrackStatus>, ReplicaError> {

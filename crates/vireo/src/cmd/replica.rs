@@ -4,7 +4,7 @@
 use super::output;
 use api::replica::{
     interval_name, parse_interval, EnableReplica, FailoverReport, FailoverRequest,
-    ReplicaHostSettings, ReplicaStatus,
+    ReplicaHostSettings, ReplicaStatus, MIN_APP_CONSISTENT_SECS,
 };
 use api::units::format_size;
 use api::Client;
@@ -36,8 +36,17 @@ pub enum ReplicaCommand {
         #[arg(long, value_parser = api::units::parse_size)]
         bandwidth: Option<u64>,
         /// Start the initial replication now (else `vireo replica start VM`).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "start_at")]
         start: bool,
+        /// Start the initial replication by itself at this time: RFC 3339
+        /// (`2026-12-01T02:00:00Z`, UTC) or a delay from now (`2h`, `30m`).
+        #[arg(long, value_parser = parse_start_at)]
+        start_at: Option<u64>,
+        /// Make an application-consistent recovery point this often (`4h`, `30m`): the
+        /// guest's file systems are frozen through its agent for the cut; the points in
+        /// between are crash-consistent. Default: crash-consistent points only.
+        #[arg(long, value_parser = parse_app_consistent_every)]
+        app_consistent_every: Option<u64>,
     },
     /// Start the initial replication.
     Start {
@@ -138,6 +147,39 @@ pub enum ReplicaCommand {
     },
 }
 
+/// `--start-at`: an RFC 3339 time or a delay from now, as Unix milliseconds.
+fn parse_start_at(s: &str) -> Result<u64, String> {
+    let at = match humantime::parse_duration(s) {
+        Ok(d) => std::time::SystemTime::now() + d,
+        Err(_) => humantime::parse_rfc3339_weak(s).map_err(|_| {
+            format!(
+                "{s:?}: use an RFC 3339 time in UTC (2026-12-01T02:00:00Z) or a delay (2h, 30m)"
+            )
+        })?,
+    };
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .map_err(|_| format!("{s:?} is before 1970"))
+}
+
+/// `--app-consistent-every`: a duration of at least [`MIN_APP_CONSISTENT_SECS`], in seconds.
+fn parse_app_consistent_every(s: &str) -> Result<u64, String> {
+    let d =
+        humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (use e.g. 4h, 1h, 30m)"))?;
+    if d.as_secs() < MIN_APP_CONSISTENT_SECS {
+        return Err(format!(
+            "{s:?} is too often: each application-consistent point freezes the guest's file systems (at least {MIN_APP_CONSISTENT_SECS}s; hours are usual)"
+        ));
+    }
+    Ok(d.as_secs())
+}
+
+/// Unix milliseconds as an RFC 3339 time (seconds).
+fn rfc3339_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
 fn path_part(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -175,6 +217,8 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
             initial,
             bandwidth,
             start,
+            start_at,
+            app_consistent_every,
         } => {
             let req = EnableReplica {
                 to,
@@ -182,17 +226,31 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 recovery_points,
                 initial,
                 bandwidth: bandwidth.unwrap_or(0),
+                app_consistent_every_secs: app_consistent_every.unwrap_or(0),
+                start_at_unix_ms: start_at,
             };
             let s: ReplicaStatus = client
                 .post(&format!("/v1/replica/{}/enable", path_part(&vm)), &req)
                 .await?;
             println!(
-                "replication of {vm} to {} enabled (interval {}, {} recovery points)",
+                "replication of {vm} to {} enabled (interval {}, {} recovery points{})",
                 s.peer,
                 interval_name(interval),
-                recovery_points
+                recovery_points,
+                match app_consistent_every {
+                    Some(secs) => format!(
+                        ", application-consistent every {}",
+                        humantime::format_duration(std::time::Duration::from_secs(secs))
+                    ),
+                    None => String::new(),
+                }
             );
-            if start {
+            if let Some(at) = s.start_at_unix_ms {
+                println!(
+                    "initial replication starts by itself at {} (`vireo replica start {vm}` starts it now)",
+                    rfc3339_ms(at)
+                );
+            } else if start {
                 let _: ReplicaStatus = client
                     .post(&format!("/v1/replica/{}/start", path_part(&vm)), &())
                     .await?;
@@ -238,12 +296,21 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
                             .unwrap_or_else(|| "-".into()),
                         format_size(s.bytes_shipped),
                         match (s.initial_progress, s.points.is_empty()) {
+                            _ if s.start_at_unix_ms.is_some() => format!(
+                                "starts {}",
+                                rfc3339_ms(s.start_at_unix_ms.unwrap_or_default())
+                            ),
                             (Some(p), _) if p < 1.0 => format!("initial {:.0}%", p * 100.0),
+                            // Application-consistent points are marked with `*`.
                             (_, false) => format!(
                                 "points {}",
                                 s.points
                                     .iter()
-                                    .map(|p| p.id.to_string())
+                                    .map(|p| format!(
+                                        "{}{}",
+                                        p.id,
+                                        if p.app_consistent { "*" } else { "" }
+                                    ))
                                     .collect::<Vec<_>>()
                                     .join(",")
                             ),
@@ -263,6 +330,12 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
                 ],
                 &rows,
             );
+            if list
+                .iter()
+                .any(|s| s.points.iter().any(|p| p.app_consistent))
+            {
+                println!("(* application-consistent recovery point)");
+            }
             for s in &list {
                 if let Some(w) = &s.warning {
                     eprintln!("warning: {}: {w}", s.vm);

@@ -90,6 +90,22 @@ struct PrimaryRec {
     /// Initial replication from a seed on the replica host (`--initial export|existing`).
     #[serde(default)]
     seed: bool,
+    /// Seconds between application-consistent points (0: none).
+    #[serde(default)]
+    app_consistent_secs: u64,
+    /// Unix milliseconds of the last cut that tried to be application-consistent (the
+    /// schedule runs from it, so a guest whose agent cannot freeze is not asked each cycle).
+    #[serde(default)]
+    app_attempt_ms: Option<u64>,
+    /// Unix milliseconds of the last application-consistent cut the replica applied.
+    #[serde(default)]
+    last_app_consistent_ms: Option<u64>,
+    /// Why the last application-consistent cut could not freeze the guest.
+    #[serde(default)]
+    app_consistent_error: Option<String>,
+    /// The initial replication starts by itself at this Unix millisecond.
+    #[serde(default)]
+    start_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +136,9 @@ struct ReplicaRec {
     /// Recovery points asked by the primary.
     #[serde(default = "default_points")]
     recovery_points: usize,
+    /// Application-consistent schedule of the primary (kept for a reverse replication).
+    #[serde(default)]
+    app_consistent_secs: u64,
     /// A planned failover made the VM run here and replication was reversed.
     #[serde(default)]
     reversed: bool,
@@ -161,6 +180,9 @@ struct InitRequest {
     /// an existing copy).
     #[serde(default)]
     seed: bool,
+    /// The primary's application-consistent schedule, seconds (0: none).
+    #[serde(default)]
+    app_consistent_secs: u64,
 }
 
 /// Replica's answer on `replica-sums`, followed by `len` bytes of `replica::Sums`.
@@ -423,6 +445,14 @@ impl Manager {
         if req.recovery_points == 0 || req.recovery_points > 24 {
             return Err(ApiError::invalid("--recovery-points: 1 to 24"));
         }
+        if req.app_consistent_every_secs != 0
+            && req.app_consistent_every_secs < api::replica::MIN_APP_CONSISTENT_SECS
+        {
+            return Err(ApiError::invalid(format!(
+                "--app-consistent-every: at least {}s (each point freezes the guest's file systems)",
+                api::replica::MIN_APP_CONSISTENT_SECS
+            )));
+        }
         let p = peers::get()?;
         let peer = p.trust.find(&req.to).ok_or_else(|| {
             ApiError::invalid(format!(
@@ -456,6 +486,11 @@ impl Manager {
             diverged: false,
             last_resync: None,
             seed,
+            app_consistent_secs: req.app_consistent_every_secs,
+            app_attempt_ms: None,
+            last_app_consistent_ms: None,
+            app_consistent_error: None,
+            start_at_ms: req.start_at_unix_ms,
         };
         // Ask the replica now, so a refusal (not allowed, untrusted) is reported here.
         let spec = self.spec(&uuid)?;
@@ -479,7 +514,10 @@ impl Manager {
     pub fn replica_set_state(&self, vm: &str, action: &str) -> ApiResult<ReplicaStatus> {
         let mut r = self.primary_rec(vm)?;
         r.state = match (action, r.state) {
-            ("start", ReplicaState::Enabled) => ReplicaState::Initial,
+            ("start", ReplicaState::Enabled) => {
+                r.start_at_ms = None;
+                ReplicaState::Initial
+            }
             ("start", s) => {
                 return Err(ApiError::wrong_state(format!(
                     "replication of {vm} is already started ({s:?})"
@@ -554,7 +592,12 @@ impl Manager {
             _ => r
                 .last_error
                 .as_ref()
-                .map(|e| format!("last attempt failed: {e}")),
+                .map(|e| format!("last attempt failed: {e}"))
+                .or_else(|| {
+                    r.app_consistent_error.as_ref().map(|e| {
+                        format!("the last application-consistent point is crash-consistent: {e} (is the guest agent running?)")
+                    })
+                }),
         };
         ReplicaStatus {
             vm: r.vm.clone(),
@@ -581,6 +624,9 @@ impl Manager {
             rpo_last_hour_secs: achieved_rpo(&r.uuid),
             resync_blocks: r.last_resync.as_ref().map(|x| x.blocks),
             resync_differing_blocks: r.last_resync.as_ref().map(|x| x.differing_blocks),
+            app_consistent_every_secs: r.app_consistent_secs,
+            last_app_consistent_unix_ms: r.last_app_consistent_ms,
+            start_at_unix_ms: r.start_at_ms.filter(|_| r.state == ReplicaState::Enabled),
         }
     }
 
@@ -601,6 +647,7 @@ impl Manager {
                         .map(|p| RecoveryPoint {
                             id: p.seq,
                             cut_unix_ms: p.cut_unix_ms,
+                            app_consistent: p.app_consistent,
                         })
                         .collect()
                 })
@@ -656,6 +703,9 @@ impl Manager {
                 rpo_last_hour_secs: None,
                 resync_blocks: None,
                 resync_differing_blocks: None,
+                app_consistent_every_secs: 0,
+                last_app_consistent_unix_ms: None,
+                start_at_unix_ms: None,
             });
         }
         out
@@ -665,7 +715,18 @@ impl Manager {
     pub async fn replica_scheduler(self: Arc<Self>) {
         loop {
             tokio::time::sleep(Duration::from_millis(250)).await;
-            for r in self.primary_recs() {
+            for mut r in self.primary_recs() {
+                if r.state == ReplicaState::Enabled && r.start_at_ms.is_some_and(|t| t <= now_ms())
+                {
+                    // The scheduled start of the initial replication.
+                    r.start_at_ms = None;
+                    r.state = ReplicaState::Initial;
+                    if let Err(e) = self.save_primary(&r) {
+                        tracing::warn!(vm = %r.vm, "starting the scheduled initial replication: {}", e.message);
+                        continue;
+                    }
+                    tracing::info!(vm = %r.vm, "scheduled initial replication started");
+                }
                 if !matches!(r.state, ReplicaState::Initial | ReplicaState::Replicating) {
                     continue;
                 }
@@ -786,6 +847,7 @@ impl Manager {
                     spec,
                     disk_sizes: sizes,
                     recovery_points: r.recovery_points,
+                    app_consistent_secs: r.app_consistent_secs,
                     interval_secs: r.interval_secs,
                     reverse_point: r.reverse_point,
                     diverged: r.diverged,
@@ -821,7 +883,14 @@ impl Manager {
                 ApiError::failed(format!("asking the worker for change tracking: {e}"))
             })?;
         }
+        // An application-consistent point is due (complete cycles only, once replicating).
+        let app_due = r.app_consistent_secs > 0
+            && r.state == ReplicaState::Replicating
+            && r.app_attempt_ms.is_none_or(|t| {
+                now_ms().saturating_sub(t) >= r.app_consistent_secs.saturating_mul(1000)
+            });
         if !final_cut
+            && !app_due
             && st.dirty_grains == 0
             && r.state == ReplicaState::Replicating
             && r.interval_secs == 0
@@ -847,10 +916,18 @@ impl Manager {
                     seq: r.seq + 1,
                     max_grains,
                     path: file.clone(),
+                    app_consistent: app_due,
                 },
             )
             .await
             .map_err(|e| ApiError::failed(format!("cutting cycle {}: {e}", r.seq + 1)))?;
+        if app_due {
+            r.app_attempt_ms = Some(cut.cut_unix_ms);
+            r.app_consistent_error = cut.app_consistent_error.clone();
+            if cut.app_consistent {
+                tracing::info!(vm = %r.vm, seq = cut.seq, frozen_ms = cut.frozen_ms, "application-consistent cut");
+            }
+        }
         let shipped = async {
             let bytes = tokio::fs::read(&file)
                 .await
@@ -877,6 +954,9 @@ impl Manager {
                 } else {
                     r.initial_done = r.initial_total;
                     r.last_cut_unix_ms = Some(cut.cut_unix_ms);
+                    if cut.app_consistent {
+                        r.last_app_consistent_ms = Some(cut.cut_unix_ms);
+                    }
                     record_applied(r.uuid, cut.cut_unix_ms);
                     if r.state == ReplicaState::Initial {
                         r.state = ReplicaState::Replicating;
@@ -1554,6 +1634,11 @@ impl Manager {
             diverged: point.is_none(),
             last_resync: None,
             seed: false,
+            app_consistent_secs: rec.app_consistent_secs,
+            app_attempt_ms: None,
+            last_app_consistent_ms: None,
+            app_consistent_error: None,
+            start_at_ms: None,
         };
         self.save_primary(&r)?;
         tracing::info!(vm, to = %r.to, ?point, "replication reversed");
@@ -1982,6 +2067,7 @@ impl Manager {
             committed: false,
             store: store_name,
             recovery_points: points,
+            app_consistent_secs: req.app_consistent_secs,
             reversed: false,
         };
         if let Err(e) = save_json(&rec_path, &rec) {

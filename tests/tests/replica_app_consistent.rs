@@ -1,0 +1,208 @@
+//! Application-consistent recovery points and a scheduled initial replication, between two
+//! vireod hosts in network namespaces. The guest mounts an ext4 data disk and writes a
+//! file that stays in its page cache (periodic write-back off): a crash-consistent point
+//! cannot hold it, the application-consistent one (file systems frozen through the agent
+//! for the cut, which flushes them) must. Read host-side from the replica's VHDX layers
+//! with `debugfs`. Also: the initial replication waits for `--start-at`, the guest writes
+//! again after the thaw, and bad settings are refused with nothing enabled.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+use vireo_e2e::multihost::Cluster;
+use vireo_e2e::replica_io::*;
+use vireo_e2e::vm_setup::{define_gen1_vm, DATA_64M};
+use vireo_e2e::*;
+
+/// `/app.txt` of the ext4 file system in the raw image bytes `img` (empty when absent).
+fn ext4_file(img: &[u8], scratch: &Path) -> Vec<u8> {
+    let raw = scratch.join("point-fs.raw");
+    std::fs::write(&raw, img).expect("writing the point's image");
+    let o = Command::new("debugfs")
+        .args(["-R", "cat /app.txt"])
+        .arg(&raw)
+        .output()
+        .expect("debugfs (e2fsprogs)");
+    let _ = std::fs::remove_file(&raw);
+    o.stdout
+}
+
+#[test]
+fn application_consistent_point_and_scheduled_start() {
+    let t0 = Instant::now();
+    let env: &[(&str, &str)] = &[("VIREO_TEST_REPLICA_BUCKET_MS", "1")];
+    let c = Cluster::start(2, &[env, env]);
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let (a, b) = (&c.hosts[0], &c.hosts[1]);
+    let boot_raw = guest_disk_lite(c.dir.path(), 1, GuestAgent::Vireo);
+    let disks = define_gen1_vm(a, "g", &boot_raw, c.dir.path(), "256M", DATA_64M);
+    // The data disk holds an ext4 file system made host-side.
+    let fs_raw = c.dir.path().join("data-fs.raw");
+    std::fs::write(&fs_raw, vec![0u8; 64 << 20]).unwrap();
+    let o = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "appdata"])
+        .arg(&fs_raw)
+        .output()
+        .expect("mkfs.ext4");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    std::fs::remove_file(&disks.data).unwrap();
+    a.ok(&[
+        "disk",
+        "convert",
+        fs_raw.to_str().unwrap(),
+        disks.data.to_str().unwrap(),
+    ]);
+    let _ = std::fs::remove_file(&fs_raw);
+    let rpath = c.dir.path().join("replicas");
+    b.ok(&[
+        "host",
+        "set",
+        "--allow-replica-from",
+        "10.77.0.1",
+        "--replica-path",
+        rpath.to_str().unwrap(),
+    ]);
+
+    // Refusals: nothing is enabled by them.
+    let e = a.fails(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        &b.addr,
+        "--interval",
+        "continuous",
+        "--app-consistent-every",
+        "2s",
+    ]);
+    assert!(e.contains("too often") && e.contains("freezes"), "{e}");
+    let e = a.fails(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        &b.addr,
+        "--interval",
+        "continuous",
+        "--start-at",
+        "tomorrow-ish",
+    ]);
+    assert!(e.contains("RFC 3339"), "{e}");
+    assert!(status(a).is_empty(), "a refused enable left a record");
+
+    a.ok(&["vm", "start", "g"]);
+    a.wait_heartbeat("g");
+    // Mount the data disk; no periodic write-back, so a file written now stays in the
+    // page cache until something flushes it.
+    let (code, out) = a.exec(
+        "g",
+        r#"set -e
+echo 0 > /proc/sys/vm/dirty_writeback_centisecs
+echo 360000 > /proc/sys/vm/dirty_expire_centisecs
+D=$(for d in /sys/block/sd* /sys/block/vd*; do [ "$(cat $d/size 2>/dev/null)" = 131072 ] && echo /dev/${d##*/}; done | head -1)
+mkdir -p /mnt && mount -t ext4 $D /mnt && sync
+head -c 3000 /dev/urandom | base64 > /mnt/app.txt
+sha256sum /mnt/app.txt | cut -c1-64"#,
+    );
+    assert_eq!(code, 0, "{out}");
+    let want = out.trim().to_string();
+    assert_eq!(want.len(), 64, "{out}");
+
+    // Scheduled start: enabled now, the initial replication waits 12 s.
+    let out = a.ok(&[
+        "replica",
+        "enable",
+        "g",
+        "--to",
+        &b.addr,
+        "--interval",
+        "continuous",
+        "--recovery-points",
+        "24",
+        "--app-consistent-every",
+        "1h",
+        "--start-at",
+        "12s",
+    ]);
+    assert!(
+        out.contains("application-consistent every 1h") && out.contains("starts by itself"),
+        "{out}"
+    );
+    let enabled_at = Instant::now();
+    let st = wait_status(a, "the scheduled state", 5, |v| v["state"] == "enabled");
+    assert!(st["start_at_unix_ms"].as_u64().is_some(), "{st}");
+    assert_eq!(st["bytes_shipped"], 0, "{st}");
+    assert_eq!(st["app_consistent_every_secs"], 3600, "{st}");
+    let table = a.ok(&["replica", "status"]);
+    assert!(table.contains("starts "), "{table}");
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    let st = wait_status(a, "still waiting", 2, |v| v["state"] == "enabled");
+    assert_eq!(st["bytes_shipped"], 0, "started before its time: {st}");
+
+    // Initial replication (crash-consistent), then the first application-consistent cut.
+    let st = wait_status(a, "an application-consistent point", 180, |v| {
+        v["state"] == "replicating" && v["last_app_consistent_unix_ms"].as_u64().is_some()
+    });
+    assert!(
+        enabled_at.elapsed().as_secs() >= 11,
+        "the initial replication did not wait for --start-at"
+    );
+    assert!(st["warning"].is_null(), "{st}");
+    println!("primary: {st}");
+    let rs = wait_status(
+        b,
+        "the application-consistent point on the replica",
+        30,
+        |v| {
+            v["points"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|p| p["app_consistent"] == true))
+        },
+    );
+    let points = rs["points"].as_array().cloned().unwrap_or_default();
+    println!("replica points: {points:?}");
+    let app = points
+        .iter()
+        .find(|p| p["app_consistent"] == true)
+        .and_then(|p| p["id"].as_u64())
+        .unwrap();
+    let crash = points
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .filter(|&id| id < app)
+        .max()
+        .expect("a crash-consistent point before the application-consistent one");
+    let table = b.ok(&["replica", "status"]);
+    assert!(
+        table.contains(&format!("{app}*")) && table.contains("application-consistent"),
+        "{table}"
+    );
+
+    // Host-side: the crash-consistent point lacks the cached file, the
+    // application-consistent one holds it whole.
+    let store = rpath.join("g").join("store");
+    let scratch = c.dir.path();
+    let before = ext4_file(&point_data(&store, crash, scratch), scratch);
+    assert_ne!(
+        sha256_hex(&before),
+        want,
+        "the crash-consistent point {crash} already held the file: the test proves nothing"
+    );
+    let got = ext4_file(&point_data(&store, app, scratch), scratch);
+    assert_eq!(
+        sha256_hex(&got),
+        want,
+        "application-consistent point {app}: /app.txt ({} bytes) is not what the guest wrote",
+        got.len()
+    );
+
+    // The guest was thawed: it writes and syncs again.
+    let (code, out) = a.exec(
+        "g",
+        "echo after > /mnt/after.txt && sync && cat /mnt/after.txt",
+    );
+    assert_eq!((code, out.trim()), (0, "after"), "the guest stayed frozen");
+    a.ok(&["replica", "disable", "g"]);
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+}
