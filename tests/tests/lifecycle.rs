@@ -25,7 +25,10 @@ fn counter(h: &Host, vm: &str) -> (u64, String, f64) {
         };
         if let (Ok(n), Ok(up)) = (field("counter=").parse(), field("uptime=").parse()) {
             let pid = field("pid=");
-            assert!(!pid.is_empty(), "no counter pid in the guest's answer {out:?}");
+            assert!(
+                !pid.is_empty(),
+                "no counter pid in the guest's answer {out:?}"
+            );
             return (n, pid, up);
         }
         last = out;
