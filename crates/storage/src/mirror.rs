@@ -1342,6 +1342,9 @@ fn copy_frozen(
         // SAFETY: advice on a descriptor we own; no memory is passed.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
     }
+    if copy_frozen_in_kernel(s, sink, i, &f, chunk, io("reading"))? {
+        return Ok(());
+    }
     type Filled = std::io::Result<(u64, Vec<u8>, usize)>;
     let (full_tx, full_rx) = sync_channel::<Filled>(1);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
@@ -1399,6 +1402,54 @@ fn copy_frozen(
     let (len, crc) =
         read.map_err(|_| MirrorError::Protocol("the frozen-layer reader panicked".into()))?;
     sink.file_end(i, len, crc)
+}
+
+/// Copies frozen layer `i` with the sink's in-kernel copy (`copy_file_range` between local
+/// files, as `cp` does: no user-space pass over the bytes to write them), chunk by chunk
+/// for progress, cancel and the bandwidth limit. The sender's CRC32C is then computed from
+/// the source chunk just copied, which the copy left in the page cache. Returns `false`
+/// (nothing sent) when the sink cannot copy in the kernel.
+fn copy_frozen_in_kernel(
+    s: &Shared,
+    sink: &mut dyn MirrorSink,
+    i: usize,
+    f: &std::fs::File,
+    chunk: usize,
+    read_err: impl Fn(std::io::Error) -> MirrorError,
+) -> MirrorResult<bool> {
+    let len = f.metadata().map_err(&read_err)?.len();
+    let mut buf = vec![0u8; chunk];
+    let mut off = 0u64;
+    let mut crc = 0u32;
+    while off < len {
+        s.checkpoint()?;
+        let n = (len - off).min(chunk as u64);
+        if !sink.file_copy(i, f, off, n)? {
+            if off == 0 {
+                return Ok(false);
+            }
+            return Err(MirrorError::Protocol(
+                "the sink stopped copying in the kernel half way".into(),
+            ));
+        }
+        let got = read_full(f, &mut buf[..n as usize], off).map_err(&read_err)?;
+        if got as u64 != n {
+            return Err(MirrorError::Protocol(format!(
+                "a frozen layer shrank while being copied ({got} of {n} bytes at {off})"
+            )));
+        }
+        crc = crc32c::crc32c_append(crc, &buf[..got]);
+        s.copied.fetch_add(n, Ordering::Relaxed);
+        let _ = s
+            .frozen_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        s.throttle();
+        off += n;
+    }
+    sink.file_end(i, len, crc)?;
+    Ok(true)
 }
 
 impl crate::DiskService {

@@ -96,7 +96,16 @@ fn storage_migration_vs_cp() {
     let drop_caches = std::env::var("MIRROR_BENCH_DROP_CACHES")
         .ok()
         .is_none_or(|v| v != "0");
+    // Optional quiet time after the sync (MIRROR_BENCH_SETTLE_MS, default 0). On these VMs
+    // (free page reporting to the host, `discard` mount) a pause makes both sides slower
+    // and far noisier (page cache refaulted from the host), so the default has none.
+    let settle_ms: u64 = std::env::var("MIRROR_BENCH_SETTLE_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let settle = || {
+        assert!(Command::new("sync").status().unwrap().success());
+        std::thread::sleep(std::time::Duration::from_millis(settle_ms));
         assert!(Command::new("sync").status().unwrap().success());
         if drop_caches {
             std::fs::write("/proc/sys/vm/drop_caches", "3\n")

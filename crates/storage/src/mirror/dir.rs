@@ -15,8 +15,9 @@ use std::sync::Arc;
 use vhdx::{CreateOptions, DiskType, Vhdx};
 
 /// Writes a mirrored chain into a directory: frozen layers as byte copies (the CRC32C of
-/// the bytes received, written with their write-back started at once and made durable at
-/// the layer's end, checked against the sender's; a layer copied in the kernel with
+/// the bytes received, written with their write-back started at once, checked against the
+/// sender's at the layer's end and made durable at the next `flush` (so that the last of
+/// their write-back overlaps the active layer's copy); a layer copied in the kernel with
 /// `file_copy` is re-read for its check instead), the active layer as a new image of the same
 /// format filled with the copied ranges. Refuses to overwrite any file; `abort` removes
 /// every file it created (and the directory, if it created it and it is empty).
@@ -30,6 +31,8 @@ pub struct DirSink {
     /// Per frozen layer: `Some(next offset)` while every byte arrived through `file_data`
     /// in order (its CRC is in `crcs`); `None` once it must be re-read to be checked.
     received: Vec<Option<u64>>,
+    /// Frozen layers complete and checked, whose `fsync` waits for the next `flush`.
+    unsynced: Vec<(File, PathBuf)>,
     active: Option<Image>,
 }
 
@@ -44,8 +47,17 @@ impl DirSink {
             files: Vec::new(),
             crcs: Vec::new(),
             received: Vec::new(),
+            unsynced: Vec::new(),
             active: None,
         }
+    }
+
+    /// Makes the completed frozen layers durable.
+    fn sync_frozen(&mut self) -> MirrorResult<()> {
+        for (f, p) in std::mem::take(&mut self.unsynced) {
+            f.sync_all().map_err(|e| self.io("syncing", &p, e))?;
+        }
+        Ok(())
     }
 
     /// The destination directory.
@@ -188,6 +200,16 @@ impl MirrorSink for DirSink {
             *r = None;
         }
         let n = copy().map_err(|e| self.io("copying into", &p, e))?;
+        // Start the write-back of what the kernel copied (see `file_data`).
+        // SAFETY: sync_file_range on a descriptor we own; it reads no memory of ours.
+        unsafe {
+            libc::sync_file_range(
+                f.as_raw_fd(),
+                off as libc::off64_t,
+                n as libc::off64_t,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
         if n != len {
             return Err(MirrorError::Protocol(format!(
                 "{} ended while being copied ({n} of {len} bytes at {off})",
@@ -211,7 +233,6 @@ impl MirrorSink for DirSink {
             .and_then(Option::take)
             .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
         f.set_len(len).map_err(|e| self.io("sizing", &p, e))?;
-        f.sync_all().map_err(|e| self.io("syncing", &p, e))?;
         let got = match self.received.get(layer).copied().flatten() {
             // Every byte arrived in order: their CRC was computed on the way in.
             Some(next) if next == len => self.crcs[layer],
@@ -238,6 +259,7 @@ impl MirrorSink for DirSink {
             )));
         }
         self.crcs[layer] = got;
+        self.unsynced.push((f, p));
         Ok(())
     }
 
@@ -340,6 +362,7 @@ impl MirrorSink for DirSink {
     }
 
     fn flush(&mut self) -> MirrorResult<()> {
+        self.sync_frozen()?;
         let a = self.active()?;
         a.flush().map_err(|e| self.io("flushing", a.path(), e))
     }
@@ -366,6 +389,7 @@ impl MirrorSink for DirSink {
 
     fn commit(&mut self) -> MirrorResult<Vec<PathBuf>> {
         let plan = self.plan()?.clone();
+        self.sync_frozen()?;
         let a = self
             .active
             .take()
@@ -396,6 +420,7 @@ impl MirrorSink for DirSink {
         self.active = None;
         self.files.clear();
         self.received.clear();
+        self.unsynced.clear();
         for p in self.created.drain(..) {
             if let Err(e) = std::fs::remove_file(&p) {
                 if e.kind() != std::io::ErrorKind::NotFound {
