@@ -4,7 +4,11 @@
 //! cannot hold it, the application-consistent one (file systems frozen through the agent
 //! for the cut, which flushes them) must. Read host-side from the replica's VHDX layers
 //! with `debugfs`. Also: the initial replication waits for `--start-at`, the guest writes
-//! again after the thaw, and bad settings are refused with nothing enabled.
+//! again after the thaw, and bad settings are refused with nothing enabled. Network
+//! adapters follow the replica: a test failover puts the copy's adapter on the test switch
+//! (same MAC, refused for a missing switch with nothing created), an unplanned failover
+//! connects it to the switch of the same name with the primary's VLAN, and the guest sees
+//! its MAC.
 
 use std::path::Path;
 use std::process::Command;
@@ -54,6 +58,16 @@ fn application_consistent_point_and_scheduled_start() {
         disks.data.to_str().unwrap(),
     ]);
     let _ = std::fs::remove_file(&fs_raw);
+    // A network adapter on switch `prod`, VLAN 10; the same switch exists on B.
+    for h in [a, b] {
+        h.ok(&["switch", "new", "prod", "--type", "private"]);
+    }
+    b.ok(&["switch", "new", "testnet", "--type", "private"]);
+    a.ok(&["vm", "nic", "add", "g", "--switch", "prod"]);
+    a.ok(&["vm", "nic", "set", "g", "nic0", "--vlan", "10"]);
+    let nics: serde_json::Value =
+        serde_json::from_str(&a.ok(&["vm", "nic", "list", "g", "--json"])).unwrap();
+    let mac = nics[0]["mac"].as_str().expect("nic0's MAC").to_string();
     let rpath = c.dir.path().join("replicas");
     b.ok(&[
         "host",
@@ -203,6 +217,39 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
         "echo after > /mnt/after.txt && sync && cat /mnt/after.txt",
     );
     assert_eq!((code, out.trim()), (0, "after"), "the guest stayed frozen");
+
+    // Test failover: refused for a switch B does not have (nothing created), then on the
+    // test switch with the primary's MAC.
+    let e = b.fails(&["replica", "test-failover", "g", "--switch", "nosuch"]);
+    assert!(
+        e.contains("does not exist") && e.contains("switch new"),
+        "{e}"
+    );
+    assert!(
+        b.vm_names().iter().all(|n| n != "g-test"),
+        "a refused test failover left a VM"
+    );
+    let out = b.ok(&["replica", "test-failover", "g", "--switch", "testnet"]);
+    assert!(out.contains("on test switch testnet"), "{out}");
+    let nics: serde_json::Value =
+        serde_json::from_str(&b.ok(&["vm", "nic", "list", "g-test", "--json"])).unwrap();
+    assert_eq!(nics[0]["switch"], "testnet", "{nics}");
+    assert_eq!(nics[0]["mac"], mac.as_str(), "{nics}");
+    b.ok(&["replica", "test-stop", "g"]);
+
+    // Unplanned failover (the primary's VM is off): the adapter joins B's `prod` with VLAN 10.
     a.ok(&["replica", "disable", "g"]);
+    a.ok(&["vm", "turn-off", "g"]);
+    let out = b.ok(&["replica", "failover", "g"]);
+    assert!(out.contains("on switch prod"), "{out}");
+    let nics: serde_json::Value =
+        serde_json::from_str(&b.ok(&["vm", "nic", "list", "g", "--json"])).unwrap();
+    assert_eq!(nics[0]["switch"], "prod", "{nics}");
+    assert_eq!(nics[0]["mac"], mac.as_str(), "{nics}");
+    let vlan = nics[0]["port"]["vlan"].to_string();
+    assert!(vlan.contains("10"), "VLAN of the primary not kept: {nics}");
+    b.wait_heartbeat("g");
+    let (code, out) = b.exec("g", "cat /sys/class/net/eth0/address");
+    assert_eq!((code, out.trim()), (0, mac.as_str()), "the guest's adapter");
     println!("total {:.1} s", t0.elapsed().as_secs_f64());
 }

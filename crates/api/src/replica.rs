@@ -267,6 +267,9 @@ pub struct FailoverRequest {
     /// Recovery point (replica; default the latest).
     #[serde(default)]
     pub point: Option<u64>,
+    /// Test failover: the switch the test copy's adapters join (absent: disconnected).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_switch: Option<String>,
 }
 
 /// What a failover step did.

@@ -90,7 +90,7 @@ async fn action(
         "failover" => v(m.replica_failover(&vm, req).await?),
         "commit" => v(m.replica_commit(&vm).await?),
         "cancel-failover" => v(m.replica_cancel_failover(&vm).await?),
-        "test-failover" => v(m.replica_test_failover(&vm, req.point).await?),
+        "test-failover" => v(m.replica_test_failover(&vm, req.point, req.test_switch).await?),
         "test-stop" => v(m.replica_test_stop(&vm).await?),
         "reverse" => v(m.replica_reverse(&vm).await?),
         "resync" => v(m.replica_resync(&vm)?),

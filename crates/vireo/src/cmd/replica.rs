@@ -99,13 +99,17 @@ pub enum ReplicaCommand {
         /// The VM.
         vm: String,
     },
-    /// Start an isolated copy (`VM-test`, no network) from a point; replication continues.
+    /// Start an isolated copy (`VM-test`) from a point; replication continues. Its network
+    /// adapters are disconnected, or on the test switch given by --switch.
     TestFailover {
         /// The VM.
         vm: String,
         /// Recovery point id (default the latest).
         #[arg(long)]
         point: Option<u64>,
+        /// Connect the copy's adapters to this (isolated) switch, e.g. a private switch.
+        #[arg(long)]
+        switch: Option<String>,
     },
     /// Remove the test copy.
     TestStop {
@@ -349,7 +353,17 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
             point,
             json,
         } => {
-            let r = action(client, &vm, "failover", &FailoverRequest { planned, point }).await?;
+            let r = action(
+                client,
+                &vm,
+                "failover",
+                &FailoverRequest {
+                    planned,
+                    point,
+                    test_switch: None,
+                },
+            )
+            .await?;
             if json {
                 return output::json(&r);
             }
@@ -366,10 +380,11 @@ pub async fn run(client: &Client, cmd: ReplicaCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ReplicaCommand::TestFailover { vm, point } => {
+        ReplicaCommand::TestFailover { vm, point, switch } => {
             let req = FailoverRequest {
                 planned: false,
                 point,
+                test_switch: switch,
             };
             print_report(&action(client, &vm, "test-failover", &req).await?);
             Ok(())

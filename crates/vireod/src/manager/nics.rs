@@ -97,12 +97,12 @@ fn switch_err(sw: &str, e: api::ClientError) -> ApiError {
 }
 
 impl Manager {
-    fn vm_by_name(&self, name: &str) -> ApiResult<(Uuid, VmSpec)> {
+    pub(super) fn vm_by_name(&self, name: &str) -> ApiResult<(Uuid, VmSpec)> {
         let (uuid, _) = self.find(name)?;
         Ok((uuid, self.spec(&uuid)?))
     }
 
-    fn save_spec(&self, uuid: &Uuid, spec: VmSpec) -> ApiResult<()> {
+    pub(super) fn save_spec(&self, uuid: &Uuid, spec: VmSpec) -> ApiResult<()> {
         api::validate::check_spec(&spec, &|p| p.is_file())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         self.store.save(&spec)?;

@@ -157,8 +157,9 @@ fn default_points() -> usize {
 enum Start {
     /// Unplanned failover (the primary is lost).
     Failover,
-    /// A test copy; replication continues.
-    Test,
+    /// A test copy; replication continues. Its adapters are connected to this test
+    /// switch, or left disconnected.
+    Test(Option<String>),
     /// Planned failover asked by the primary (certificate fingerprint): the VM starts
     /// with change tracking attached and replication is reversed to that host.
     Planned(String),
@@ -1326,6 +1327,7 @@ impl Manager {
                 &FailoverRequest {
                     planned: true,
                     point: Some(cut.seq),
+                    test_switch: None,
                 },
             )
             .await
@@ -1393,7 +1395,14 @@ impl Manager {
         point: Option<u64>,
         how: Start,
     ) -> ApiResult<FailoverReport> {
-        let test = how == Start::Test;
+        let test = matches!(how, Start::Test(_));
+        if let Start::Test(Some(sw)) = &how {
+            if self.switch_show(sw).await.is_err() {
+                return Err(ApiError::invalid(format!(
+                    "test switch {sw:?} does not exist on this host: create an isolated one first (`vireo switch new {sw} --type private`)"
+                )));
+            }
+        }
         let l = replica_lock(vm);
         let _g = l.lock().await;
         let (dir, mut rec) = self.replica_rec(vm)?;
@@ -1536,14 +1545,20 @@ impl Manager {
             }
         }
         steps.push(format!(
-            "defined VM {name} ({}; network adapters are not connected: {})",
-            if test { "test copy" } else { "replica" },
-            if test {
-                "isolated from every network"
-            } else {
-                "add them with `vireo nic add`"
-            }
+            "defined VM {name} ({})",
+            if test { "test copy" } else { "replica" }
         ));
+        let test_switch = match &how {
+            Start::Test(sw) => Some(sw.clone()),
+            _ => None,
+        };
+        match self.replica_nics(&name, &rec.spec.nics, test_switch).await {
+            Ok(notes) => steps.extend(notes),
+            Err(e) => {
+                self.remove_copy(&dir, &running).await;
+                return Err(e);
+            }
+        }
         if test {
             rec.test = Some(running);
         } else {
@@ -1724,8 +1739,68 @@ impl Manager {
         &self,
         vm: &str,
         point: Option<u64>,
+        test_switch: Option<String>,
     ) -> ApiResult<FailoverReport> {
-        self.failover_local(vm, point, Start::Test).await
+        self.failover_local(vm, point, Start::Test(test_switch))
+            .await
+    }
+
+    /// Gives the VM `name` (defined from a replica, not started) the primary's network
+    /// adapters: same names, MACs, models and port settings (VLAN, security, ACL, QoS).
+    /// A failover connects each to the switch of the same name here, or leaves it
+    /// disconnected when there is none; a test copy (`test_switch` is `Some`) connects
+    /// them to the test switch, or to nothing, so it never reaches production networks.
+    /// Returns one line per adapter for the failover's steps.
+    async fn replica_nics(
+        &self,
+        name: &str,
+        primary: &[api::NicSpec],
+        test_switch: Option<Option<String>>,
+    ) -> ApiResult<Vec<String>> {
+        if primary.is_empty() {
+            return Ok(vec!["no network adapters (the primary has none)".into()]);
+        }
+        let mut notes = Vec::new();
+        let mut nics = Vec::new();
+        for n in primary {
+            let mut n = n.clone();
+            let vlan = serde_json::to_string(&n.port.vlan).unwrap_or_default();
+            let target = match &test_switch {
+                Some(sw) => sw.clone(),
+                None => match &n.switch {
+                    Some(sw) if self.switch_show(sw).await.is_ok() => Some(sw.clone()),
+                    Some(sw) => {
+                        notes.push(format!(
+                            "adapter {} ({}): switch {sw} does not exist on this host, left disconnected (`vireo switch new {sw} ...`, then `vireo vm nic set {name} {} --switch {sw}`)",
+                            n.name, n.mac, n.name
+                        ));
+                        None
+                    }
+                    None => None,
+                },
+            };
+            match (&test_switch, &target) {
+                (Some(_), Some(sw)) => notes.push(format!(
+                    "adapter {} ({}) on test switch {sw} (VLAN {vlan}); production networks are not reachable",
+                    n.name, n.mac
+                )),
+                (Some(_), None) => notes.push(format!(
+                    "adapter {} ({}) disconnected: the test copy is isolated (`--switch NAME` puts test copies on a test switch)",
+                    n.name, n.mac
+                )),
+                (None, Some(sw)) => notes.push(format!(
+                    "adapter {} ({}) on switch {sw}, VLAN {vlan}, port settings of the primary",
+                    n.name, n.mac
+                )),
+                (None, None) => {}
+            }
+            n.switch = target;
+            nics.push(n);
+        }
+        let (uuid, mut spec) = self.vm_by_name(name)?;
+        spec.nics = nics;
+        self.save_spec(&uuid, spec)?;
+        Ok(notes)
     }
 
     /// `vireo replica test-stop VM`.
