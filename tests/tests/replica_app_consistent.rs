@@ -4,7 +4,10 @@
 //! cannot hold it, the application-consistent one (file systems frozen through the agent
 //! for the cut, which flushes them) must. Read host-side from the replica's VHDX layers
 //! with `debugfs`. Also: the initial replication waits for `--start-at`, the guest writes
-//! again after the thaw, and bad settings are refused with nothing enabled. Network
+//! again after the thaw, and bad settings are refused with nothing enabled. The initial
+//! replication (throttled to 4 MiB/s, 40 MiB of random data on the file system) is cut off
+//! half way by taking A's link down for 5 s: it resumes where it was (progress never goes
+//! back) instead of starting over. Network
 //! adapters follow the replica: a test failover puts the copy's adapter on the test switch
 //! (same MAC, refused for a missing switch with nothing created), an unplanned failover
 //! connects it to the switch of the same name with the primary's VLAN, and the guest sees
@@ -41,11 +44,20 @@ fn application_consistent_point_and_scheduled_start() {
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let boot_raw = guest_disk_lite(c.dir.path(), 1, GuestAgent::Vireo);
     let disks = define_gen1_vm(a, "g", &boot_raw, c.dir.path(), "256M", DATA_64M);
-    // The data disk holds an ext4 file system made host-side.
+    // The data disk holds an ext4 file system made host-side, with 40 MiB of random data
+    // (so the initial replication takes several throttled chunks).
     let fs_raw = c.dir.path().join("data-fs.raw");
+    let fs_dir = c.dir.path().join("data-fs");
+    std::fs::create_dir_all(&fs_dir).unwrap();
+    let o = Command::new("head")
+        .args(["-c", "40M", "/dev/urandom"])
+        .output()
+        .expect("head");
+    std::fs::write(fs_dir.join("seed.bin"), &o.stdout).unwrap();
     std::fs::write(&fs_raw, vec![0u8; 64 << 20]).unwrap();
     let o = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "appdata"])
+        .args(["-q", "-F", "-L", "appdata", "-d"])
+        .arg(&fs_dir)
         .arg(&fs_raw)
         .output()
         .expect("mkfs.ext4");
@@ -138,6 +150,8 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
         "1h",
         "--start-at",
         "12s",
+        "--bandwidth",
+        "4M",
     ]);
     assert!(
         out.contains("application-consistent every 1h") && out.contains("starts by itself"),
@@ -153,6 +167,46 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
     std::thread::sleep(std::time::Duration::from_secs(6));
     let st = wait_status(a, "still waiting", 2, |v| v["state"] == "enabled");
     assert_eq!(st["bytes_shipped"], 0, "started before its time: {st}");
+
+    // The initial replication, cut off half way: A's link goes down for 5 s once some
+    // chunks have landed; it resumes from where it was.
+    let st = wait_status(a, "the initial replication under way", 60, |v| {
+        v["initial_progress"].as_f64().is_some_and(|p| p >= 0.2)
+    });
+    let at_cut = st["initial_progress"].as_f64().unwrap();
+    assert!(
+        at_cut < 0.9,
+        "the initial replication went too fast to interrupt: {st}"
+    );
+    a.link(false);
+    let cut_at = Instant::now();
+    let mut seen = vec![at_cut];
+    while cut_at.elapsed().as_secs() < 5 {
+        if let Some(p) = status(a)
+            .first()
+            .and_then(|v| v["initial_progress"].as_f64())
+        {
+            seen.push(p);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    a.link(true);
+    let resumed = Instant::now();
+    while resumed.elapsed().as_secs() < 120 {
+        let v = status(a).first().cloned().unwrap_or_default();
+        if let Some(p) = v["initial_progress"].as_f64() {
+            seen.push(p);
+        }
+        if v["state"] == "replicating" {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(250));
+    }
+    println!("initial progress around the cut: {seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[1] >= w[0]),
+        "the initial replication went back (restarted?): {seen:?}"
+    );
 
     // Initial replication (crash-consistent), then the first application-consistent cut.
     let st = wait_status(a, "an application-consistent point", 180, |v| {
