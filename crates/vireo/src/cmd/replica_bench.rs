@@ -158,6 +158,8 @@ pub fn run(a: ReplicaBenchArgs) -> anyhow::Result<()> {
     let blocks = (a.delta_mib << 20) / BLOCK;
     let mut block = vec![0u8; BLOCK as usize];
     let (mut v_ms, mut r_ms, mut q_ms) = (Vec::new(), Vec::new(), Vec::new());
+    // Apply alone (the replica's side): MiB of changed data per second.
+    let mut apply_mib_s = Vec::new();
     let (mut v_bytes, mut r_bytes, mut changed) = (0u64, 0u64, 0u64);
     println!(
         "run  changed_MiB  vireo_ms  vireo_wire_B  wire/changed  rsync_ms  rsync_sent_B  full_copy_ms"
@@ -179,7 +181,9 @@ pub fn run(a: ReplicaBenchArgs) -> anyhow::Result<()> {
         let t0 = Instant::now();
         let cut = replica::cut_to_file(&disks, "bench", run as u64, u64::MAX, &cyc)?;
         let f = std::fs::File::open(&cyc)?;
+        let ta = Instant::now();
         let p = store.apply(std::io::BufReader::new(f))?;
+        apply_mib_s.push(cut.plain_bytes as f64 / (1 << 20) as f64 / ta.elapsed().as_secs_f64());
         replica::primary::commit(&disks, run as u64)?;
         let vms = t0.elapsed().as_secs_f64() * 1000.0;
         if p.seq != run as u64 {
@@ -251,6 +255,10 @@ pub fn run(a: ReplicaBenchArgs) -> anyhow::Result<()> {
     })?;
     let same = files_equal(&check, &prim_raw)?;
     let (vm, rm, qm) = (median(v_ms), median(r_ms), median(q_ms));
+    println!(
+        "apply on the replica (read + check + decompress + write the new point, fsync, rename): median {:.0} MiB/s of changed data",
+        median(apply_mib_s)
+    );
     println!(
         "median: vireo {vm:.0} ms, rsync {rm:.0} ms ({:.1}x vireo), full copy {qm:.0} ms ({:.1}x vireo); wire/changed: vireo {:.3}, rsync {:.3}; latest point == primary: {same}",
         rm / vm,
