@@ -170,6 +170,27 @@ pub const SEED_META: &str = "seed.json";
 /// exist), fsyncs everything and writes `seed.json` last. `vm` must be the export's VM.
 /// Returns the metadata and the bytes copied.
 pub fn import(from: &Path, vm: &str, seed_dir: &Path) -> Result<(ExportMeta, u64), StoreError> {
+    // Say what to give instead: the directory an export wrote, once it finished.
+    let hint = format!(
+        "give the directory `vireo replica export {vm} --to DIR` wrote on the primary, once it has finished (it writes {EXPORT_META} last)"
+    );
+    if !from.is_dir() {
+        return Err(StoreError::Mismatch(format!(
+            "{} {}: {hint}",
+            from.display(),
+            if from.exists() {
+                "is not a directory"
+            } else {
+                "does not exist"
+            }
+        )));
+    }
+    if !from.join(EXPORT_META).exists() {
+        return Err(StoreError::Mismatch(format!(
+            "{} holds no complete export ({EXPORT_META} is missing): {hint}",
+            from.display()
+        )));
+    }
     let m = load_meta(from, EXPORT_META)?;
     if m.vm != vm {
         return Err(StoreError::Mismatch(format!(
@@ -222,6 +243,17 @@ pub fn import_existing(
     let mut files = Vec::new();
     let mut sizes = Vec::new();
     for d in disks {
+        if !d.is_file() {
+            return Err(StoreError::Mismatch(format!(
+                "{} {}: give the existing copy's VHDX images on this host (--disk FILE per disk, in the VM's disk order; `vireo disk convert` turns other formats into VHDX)",
+                d.display(),
+                if d.exists() {
+                    "is not a file"
+                } else {
+                    "does not exist"
+                }
+            )));
+        }
         let p = d.canonicalize().map_err(io_err("finding", d))?;
         let v = vhdx::Vhdx::open(&p, vhdx::OpenOptions { read_only: true })
             .map_err(img_err("opening", &p))?;

@@ -556,30 +556,8 @@ enum Op {
     Zero(u64, u64),
 }
 
-/// Buffers of applied [`Op::Data`], reused by the next reads: fresh memory for every run
-/// costs page faults (on a VM whose host reclaims freed guest pages, a fault per 4 KiB),
-/// more than the copy itself.
-#[derive(Default)]
-struct BufPool(Vec<Vec<u8>>);
-
-impl BufPool {
-    /// A buffer of `len` bytes (contents unspecified: the caller overwrites them).
-    fn take(&mut self, len: usize) -> Vec<u8> {
-        let mut b = self.0.pop().unwrap_or_default();
-        b.resize(len, 0);
-        b
-    }
-
-    fn give(&mut self, b: Vec<u8>) {
-        // A few buffers of at most RUN_BYTES are enough for one run in flight.
-        if self.0.len() < 4 {
-            self.0.push(b);
-        }
-    }
-}
-
 /// Reads `[off, off+len)` of the active layer itself (not its parents).
-fn read_ops(img: &Image, off: u64, len: u64, pool: &mut BufPool) -> MirrorResult<Vec<Op>> {
+fn read_ops(img: &Image, off: u64, len: u64) -> MirrorResult<Vec<Op>> {
     let mut out = Vec::new();
     match img {
         Image::Vhdx(v) => {
@@ -589,7 +567,7 @@ fn read_ops(img: &Image, off: u64, len: u64, pool: &mut BufPool) -> MirrorResult
             {
                 match e.state {
                     vhdx::ExtentState::Data => {
-                        let mut buf = pool.take(e.len as usize);
+                        let mut buf = vec![0u8; e.len as usize];
                         v.read_at(&mut buf, e.off)
                             .map_err(StorageError::image("reading", v.path()))?;
                         out.push(Op::Data(e.off, buf));
@@ -609,7 +587,7 @@ fn read_ops(img: &Image, off: u64, len: u64, pool: &mut BufPool) -> MirrorResult
                 if e.zero {
                     out.push(Op::Zero(e.offset, e.len));
                 } else {
-                    let mut buf = pool.take(e.len as usize);
+                    let mut buf = vec![0u8; e.len as usize];
                     img.read_at(&mut buf, e.offset)
                         .map_err(StorageError::io("reading", path))?;
                     out.push(Op::Data(e.offset, buf));
@@ -620,19 +598,13 @@ fn read_ops(img: &Image, off: u64, len: u64, pool: &mut BufPool) -> MirrorResult
     Ok(out)
 }
 
-fn apply(
-    sink: &mut dyn MirrorSink,
-    ops: Vec<Op>,
-    copied: &AtomicU64,
-    pool: &mut BufPool,
-) -> MirrorResult<u64> {
+fn apply(sink: &mut dyn MirrorSink, ops: Vec<Op>, copied: &AtomicU64) -> MirrorResult<u64> {
     let mut n = 0;
     for op in ops {
         match op {
             Op::Data(off, buf) => {
                 sink.write(off, &buf)?;
                 n += buf.len() as u64;
-                pool.give(buf);
             }
             Op::Zero(off, len) => sink.zero(off, len)?,
         }
@@ -1084,11 +1056,10 @@ fn finish_locked(
         .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
     let before = s.copied.load(Ordering::Relaxed);
     let mut from = 0;
-    let mut pool = BufPool::default();
     while let Some((a, b)) = s.dirty.take_run(from) {
         let off = a * DIRTY_GRAIN;
         let len = (b * DIRTY_GRAIN).min(s.size) - off;
-        apply(sink, read_ops(top, off, len, &mut pool)?, &s.copied, &mut pool)?;
+        apply(sink, read_ops(top, off, len)?, &s.copied)?;
         from = b;
     }
     let final_pass_bytes = s.copied.load(Ordering::Relaxed) - before;
@@ -1285,7 +1256,6 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
     sink.activate()?;
     s.set_phase(MirrorPhase::Active, None);
     // Active layer: dirty passes until told to stop.
-    let mut pool = BufPool::default();
     loop {
         let mut from = 0;
         let mut copied = 0;
@@ -1303,7 +1273,7 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
                     .top
                     .as_ref()
                     .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
-                read_ops(top, off, len, &mut pool)
+                read_ops(top, off, len)
             };
             let ops = match ops {
                 Ok(o) => o,
@@ -1312,7 +1282,7 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
                     return Err(e);
                 }
             };
-            copied += apply(sink, ops, &s.copied, &mut pool)?;
+            copied += apply(sink, ops, &s.copied)?;
             from = b;
             s.throttle();
             if s.stop.load(Ordering::SeqCst) {
