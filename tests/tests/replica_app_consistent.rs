@@ -7,7 +7,10 @@
 //! again after the thaw, and bad settings are refused with nothing enabled. The initial
 //! replication (throttled to 4 MiB/s, 40 MiB of random data on the file system) is cut off
 //! half way by taking A's link down for 5 s: it resumes where it was (progress never goes
-//! back) instead of starting over. Network
+//! back) instead of starting over. The replica host is killed (-9) in the middle of
+//! applying a cycle (its layers written, not yet a point): after its restart the
+//! half-applied cycle is gone, the same cycle is applied again, and the new point holds
+//! what the guest wrote. Network
 //! adapters follow the replica: a test failover puts the copy's adapter on the test switch
 //! (same MAC, refused for a missing switch with nothing created), an unplanned failover
 //! connects it to the switch of the same name with the primary's VLAN, and the guest sees
@@ -271,6 +274,70 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
         "echo after > /mnt/after.txt && sync && cat /mnt/after.txt",
     );
     assert_eq!((code, out.trim()), (0, "after"), "the guest stayed frozen");
+
+    // kill -9 of the replica host mid-apply: no half-applied cycle, the cycle comes again.
+    let latest = |v: &serde_json::Value| {
+        v["points"]
+            .as_array()
+            .and_then(|p| p.iter().filter_map(|p| p["id"].as_u64()).max())
+            .unwrap_or(0)
+    };
+    let before = latest(&status(b).into_iter().next().unwrap_or_default());
+    b.hold("replica-apply", 30_000);
+    let (code, out) = a.exec(
+        "g",
+        "dd if=/dev/urandom of=/mnt/blob bs=64k count=16 2>/dev/null && sync && sha256sum /mnt/blob | cut -c1-64",
+    );
+    assert_eq!(code, 0, "{out}");
+    let blob_sum = out.trim().to_string();
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    let incoming = loop {
+        let found = std::fs::read_dir(&store)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with("incoming-"))
+            })
+            .unwrap_or(None);
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cycle reached the apply on B:\n{}",
+            tail(&b.log(), 30)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // The layers are written (held before the rename): strike.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    b.kill9();
+    b.unhold();
+    b.spawn();
+    let rs = wait_status(b, "a point after the restart", 60, |v| latest(v) > before);
+    let after = latest(&rs);
+    assert!(
+        !store.join(&incoming).exists(),
+        "the half-applied {incoming} is still in the store"
+    );
+    let got = {
+        let img = point_data(&store, after, scratch);
+        let raw = scratch.join("blob-fs.raw");
+        std::fs::write(&raw, &img).unwrap();
+        let o = Command::new("debugfs")
+            .args(["-R", "cat /blob"])
+            .arg(&raw)
+            .output()
+            .expect("debugfs");
+        let _ = std::fs::remove_file(&raw);
+        o.stdout
+    };
+    assert_eq!(
+        sha256_hex(&got),
+        blob_sum,
+        "point {after} after the restart lacks what the guest wrote (half-applied {incoming})"
+    );
+    println!("replica killed mid-apply ({incoming}); point {before} -> {after} after the restart");
 
     // Test failover: refused for a switch B does not have (nothing created), then on the
     // test switch with the primary's MAC.

@@ -448,16 +448,28 @@ impl ReplicaStore {
 
     /// Reads, validates and applies a cycle atomically; returns the new point.
     pub fn apply(&mut self, r: impl Read) -> Result<Point> {
-        self.apply_inner(r, None)
+        self.apply_inner(r, None, None)
     }
 
     /// [`ReplicaStore::apply`] that fails after writing `blocks` blocks (tests of atomicity).
     #[doc(hidden)]
     pub fn apply_with_fault(&mut self, r: impl Read, blocks: usize) -> Result<Point> {
-        self.apply_inner(r, Some(blocks))
+        self.apply_inner(r, Some(blocks), None)
     }
 
-    fn apply_inner(&mut self, r: impl Read, fault: Option<usize>) -> Result<Point> {
+    /// [`ReplicaStore::apply`] that waits `pause` once the new layers are written and
+    /// before they become the point (tests that kill the host mid-apply).
+    #[doc(hidden)]
+    pub fn apply_with_pause(&mut self, r: impl Read, pause: std::time::Duration) -> Result<Point> {
+        self.apply_inner(r, None, Some(pause))
+    }
+
+    fn apply_inner(
+        &mut self,
+        r: impl Read,
+        fault: Option<usize>,
+        pause: Option<std::time::Duration>,
+    ) -> Result<Point> {
         let (h, blocks) = read_cycle(r)?;
         if h.partial {
             return self.apply_partial(&h, &blocks, fault);
@@ -505,6 +517,9 @@ impl ReplicaStore {
             v.close().map_err(img("closing", &p))?;
         }
         sync_dir(&inc)?;
+        if let Some(p) = pause {
+            std::thread::sleep(p);
+        }
         let dir_name = format!("p-{}", h.seq);
         let dst = self.dir.join(&dir_name);
         if dst.exists() {

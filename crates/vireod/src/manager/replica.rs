@@ -1926,8 +1926,12 @@ impl Manager {
                     Some(mut r) => {
                         let sdir = dir.join(&r.store);
                         let len = buf.len() as u64;
+                        let pause = test_apply_pause();
                         let res = tokio::task::spawn_blocking(move || {
-                            ReplicaStore::open(&sdir).and_then(|mut s| s.apply(&buf[..]))
+                            ReplicaStore::open(&sdir).and_then(|mut s| match pause {
+                                Some(p) => s.apply_with_pause(&buf[..], p),
+                                None => s.apply(&buf[..]),
+                            })
                         })
                         .await;
                         match res {
@@ -2215,6 +2219,21 @@ impl Manager {
         let spec = self.spec(&r.uuid).map_err(|e| refuse(e.message))?;
         Ok((r.uuid, spec.disks.iter().map(|d| d.path.clone()).collect()))
     }
+}
+
+/// Test hook: `replica-apply MS` in the file named by `VIREO_TEST_HOLD_FILE` makes this
+/// replica host wait `MS` in the middle of applying each cycle (its layers written, not yet
+/// a point), so a test can kill it there. Without the variable it does nothing.
+fn test_apply_pause() -> Option<Duration> {
+    let f = std::env::var_os("VIREO_TEST_HOLD_FILE")?;
+    let text = std::fs::read_to_string(f).ok()?;
+    let mut w = text.split_whitespace();
+    if w.next() != Some("replica-apply") {
+        return None;
+    }
+    let ms = w.next()?.parse::<u64>().ok()?;
+    tracing::warn!(ms, "test hook: holding the apply of a cycle");
+    Some(Duration::from_millis(ms))
 }
 
 /// Opens replica channel `channel` (`replica-init`, `replica-cycle`, ...) for `vm` on the
