@@ -287,7 +287,7 @@ pub fn mark_differences(disks: &[TrackedDisk], remote: &Sums) -> Result<ResyncSt
     let diff = local.differing(remote)?;
     for (d, ranges) in disks.iter().zip(&diff) {
         d.tracker
-            .mark_resynced(&[])
+            .mark_resynced(ranges)
             .map_err(ResyncError::Tracking)?;
         st.differing_blocks += ranges
             .iter()
