@@ -205,10 +205,9 @@ fn export_import_initial_and_resync() {
     std::fs::write(&file, b"not a directory\n").unwrap();
     let e = a.fails(&["replica", "export", "g", "--to", s(&file)]);
     println!("export to a file: {e}");
-    // The message names the path and the cause; it does not say what to give instead
-    // (vireod's replica_export passes create_dir_all's error through).
+    // The message names the path and says what to give instead.
     assert!(
-        e.contains(&format!("--to {}", s(&file))) && e.contains("File exists"),
+        e.contains(&format!("--to {}", s(&file))) && e.contains("give a new or empty directory"),
         "{e}"
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"not a directory\n");
@@ -336,7 +335,15 @@ fn export_import_initial_and_resync() {
         "{out}"
     );
     let row = status(a).into_iter().find(|v| v["vm"] == "g").unwrap();
-    assert_eq!(row["state"], "resyncing", "{row}");
+    // Still paused (a pause wins), with the resync announced.
+    assert_eq!(row["state"], "paused", "{row}");
+    assert!(
+        row["warning"]
+            .as_str()
+            .unwrap_or("")
+            .contains("checksum resync runs when replication resumes"),
+        "{row}"
+    );
     assert_eq!(row["last_seq"].as_u64(), Some(seq0), "{row}");
     let t_resume = now_ms();
     a.ok(&["replica", "resume", "g"]);

@@ -595,6 +595,11 @@ impl Manager {
                 .as_ref()
                 .map(|e| format!("last attempt failed: {e}"))
                 .or_else(|| {
+                    (r.resync && r.state == ReplicaState::Paused).then(|| {
+                        format!("paused: a checksum resync runs when replication resumes (`vireo replica resume {}`)", r.vm)
+                    })
+                })
+                .or_else(|| {
                     r.app_consistent_error.as_ref().map(|e| {
                         format!("the last application-consistent point is crash-consistent: {e} (is the guest agent running?)")
                     })
@@ -604,7 +609,10 @@ impl Manager {
             vm: r.vm.clone(),
             role: ReplicaRole::Primary,
             peer: r.to.clone(),
-            state: if r.resync && r.state != ReplicaState::FailedOver {
+            // A pause wins: the compare waits for `resume` like every cycle.
+            state: if r.resync
+                && !matches!(r.state, ReplicaState::FailedOver | ReplicaState::Paused)
+            {
                 ReplicaState::Resyncing
             } else {
                 r.state
@@ -1062,8 +1070,18 @@ impl Manager {
                 dir.display()
             )));
         }
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| ApiError::invalid(format!("--to {}: {e}", dir.display())))?;
+        if dir.exists() && !dir.is_dir() {
+            return Err(ApiError::invalid(format!(
+                "--to {} is a file, not a directory: give a new or empty directory (e.g. on the removable disk)",
+                dir.display()
+            )));
+        }
+        std::fs::create_dir_all(&dir).map_err(|e| {
+            ApiError::invalid(format!(
+                "--to {}: {e} (give a directory this host can create and write)",
+                dir.display()
+            ))
+        })?;
         let started = now_ms();
         let out: api::replica::ExportedDisks = if self.qemu_pid(&uuid).is_some() {
             let worker = api::Client::new(self.run_dir(&uuid).join("worker.sock"))
