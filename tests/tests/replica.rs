@@ -6,7 +6,8 @@
 //! writer stops, the latest point is byte-identical to the primary's disk at that cut
 //! (read host-side from the VHDX chain); unplanned failover after kill -9 of A's vireod,
 //! worker and QEMU and a cut link starts the VM on B from the latest point with every
-//! record valid and nothing older than the verified cut; commit; then A comes back with
+//! record valid and nothing older than the verified cut; the choice is revised to an
+//! older point (the guest holds exactly that point's records) and back; commit; then A comes back with
 //! its diverged copy and `vireo replica reverse` on B replicates back by a checksum
 //! resync: only the differing MiBs are shipped and A's point equals B's data disk;
 //! a 6 s link cut during cycles is caught up without a full resync;
@@ -288,6 +289,45 @@ fn replicate_verify_and_unplanned_failover() {
     assert!(
         max >= stopped_at,
         "the failed-over VM lost records: max {max} < verified {stopped_at}"
+    );
+    // The choice stays revisable until commit: an older point (its records are exactly
+    // those of that point, read host-side), then the latest again.
+    let row = status(b).into_iter().find(|v| v["vm"] == "g").unwrap();
+    let ids: Vec<u64> = row["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["id"].as_u64())
+        .collect();
+    assert!(ids.len() >= 2, "one recovery point only: {row}");
+    let (older, latest) = (ids[ids.len() - 2], ids[ids.len() - 1]);
+    let want_max = check_records(&point_data(&store, older, c.dir.path()));
+    let out = b.ok(&["replica", "failover", "g", "--point", &older.to_string()]);
+    assert!(
+        out.contains("choice revised") && out.contains("started VM g"),
+        "{out}"
+    );
+    b.wait_heartbeat("g");
+    let (code, out) = b.exec("g", CHECK);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().take(2).collect::<Vec<_>>(),
+        ["OK", want_max.to_string().as_str()],
+        "the VM on the older point {older}: {out}"
+    );
+    let out = b.ok(&["replica", "failover", "g", "--point", &latest.to_string()]);
+    assert!(out.contains("choice revised"), "{out}");
+    b.wait_heartbeat("g");
+    let (code, out) = b.exec("g", CHECK);
+    assert_eq!(code, 0, "{out}");
+    let max_again: u64 = out
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    assert_eq!(max_again, max, "back on the latest point {latest}: {out}");
+    println!(
+        "failover revised: point {older} (records up to {want_max}), then {latest} (up to {max})"
     );
     let e = b.fails(&["replica", "test-stop", "g"]);
     assert!(e.contains("no test failover"), "{e}");
