@@ -7,9 +7,10 @@
 //!    from host A to host B (`--interval 30s`, no bandwidth limit). Timed from
 //!    `replica enable --start` to state `replicating` (A's status polled every 200 ms);
 //!    bytes shipped from A's status; each round into a new replica path on B. Anchor in the
-//!    same run, on the same link between the same namespaces, interleaved: a plain copy of the same VM disk files over mutual
-//!    TLS (`openssl s_server -WWW` in A's namespace, `curl` with a client certificate in
-//!    B's, the files fsynced on arrival), and the raw TCP capacity of the link (`iperf3`).
+//!    same run, on the same link between the same namespaces, interleaved: a plain copy of
+//!    the same VM disk files over mutual TLS (`openssl s_server -WWW` in A's namespace,
+//!    `curl` with a client certificate in B's, the files fsynced on arrival), and the raw
+//!    TCP capacity of the link (`iperf3`).
 //! 2. Achieved RPO with a steady guest write load: the guest (TCG) writes 1 MiB blocks of a
 //!    pre-generated random file at random offsets of its data disk (`conv=fsync`), paced
 //!    to 10 MiB/s; A's `lag_secs` is sampled every 250 ms for each interval (continuous,
