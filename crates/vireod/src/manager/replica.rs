@@ -765,8 +765,23 @@ impl Manager {
                     let m = self.clone();
                     tokio::spawn(async move {
                         let uuid = r.uuid;
-                        if let Err(e) = m.replica_cycle(uuid, false).await {
-                            tracing::warn!(vm = %r.vm, "replication cycle: {}", e.message);
+                        // The initial replication's chunks follow each other at once
+                        // (the bandwidth limit paces them inside the cycle); waiting for
+                        // the next scheduler pass capped it at 4 chunks a second.
+                        loop {
+                            match m.replica_cycle(uuid, false).await {
+                                Ok(Some(cut)) if cut.partial => {}
+                                Ok(_) => break,
+                                Err(e) => {
+                                    tracing::warn!(vm = %r.vm, "replication cycle: {}", e.message);
+                                    break;
+                                }
+                            }
+                            let still_initial = read_json::<PrimaryRec>(&m.primary_path(&uuid))
+                                .is_some_and(|now| now.state == ReplicaState::Initial);
+                            if !still_initial || m.qemu_pid(&uuid).is_none() {
+                                break;
+                            }
                         }
                         lock(&SCHED).busy.remove(&uuid);
                     });
