@@ -1,11 +1,29 @@
 //! Helpers shared by the replica end-to-end tests: the status rows, host-side reads of a
 //! VHDX chain, and the check of the guest's checksummed 4 KiB records.
 
-use crate::multihost::NsHost;
+use crate::multihost::{Cluster, NsHost};
 use crate::{bin, tail};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
+
+/// Hosts A and B (each daemon with its `env`), trusting each other, B accepting replicas
+/// from A into the returned directory.
+pub fn replica_pair(env: &[&[(&str, &str)]]) -> (Cluster, std::path::PathBuf) {
+    let c = Cluster::start(2, env);
+    c.trust(0, 1);
+    c.trust(1, 0);
+    let rpath = c.dir.path().join("replicas");
+    c.hosts[1].ok(&[
+        "host",
+        "set",
+        "--allow-replica-from",
+        c.hosts[0].addr.split(':').next().expect("A's address"),
+        "--replica-path",
+        rpath.to_str().expect("test paths are UTF-8"),
+    ]);
+    (c, rpath)
+}
 
 /// `vireo replica status --json` on `h`.
 pub fn status(h: &NsHost) -> Vec<serde_json::Value> {

@@ -19,17 +19,16 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
-use vireo_e2e::multihost::Cluster;
 use vireo_e2e::replica_io::*;
 use vireo_e2e::vm_setup::{define_gen1_vm, DATA_64M};
 use vireo_e2e::*;
 
-/// `/app.txt` of the ext4 file system in the raw image bytes `img` (empty when absent).
-fn ext4_file(img: &[u8], scratch: &Path) -> Vec<u8> {
+/// File `name` of the ext4 file system in the raw image bytes `img` (empty when absent).
+fn ext4_file(img: &[u8], name: &str, scratch: &Path) -> Vec<u8> {
     let raw = scratch.join("point-fs.raw");
     std::fs::write(&raw, img).expect("writing the point's image");
     let o = Command::new("debugfs")
-        .args(["-R", "cat /app.txt"])
+        .args(["-R", &format!("cat {name}")])
         .arg(&raw)
         .output()
         .expect("debugfs (e2fsprogs)");
@@ -41,9 +40,7 @@ fn ext4_file(img: &[u8], scratch: &Path) -> Vec<u8> {
 fn application_consistent_point_and_scheduled_start() {
     let t0 = Instant::now();
     let env: &[(&str, &str)] = &[("VIREO_TEST_REPLICA_BUCKET_MS", "1")];
-    let c = Cluster::start(2, &[env, env]);
-    c.trust(0, 1);
-    c.trust(1, 0);
+    let (c, rpath) = replica_pair(&[env, env]);
     let (a, b) = (&c.hosts[0], &c.hosts[1]);
     let boot_raw = guest_disk_lite(c.dir.path(), 1, GuestAgent::Vireo);
     let disks = define_gen1_vm(a, "g", &boot_raw, c.dir.path(), "256M", DATA_64M);
@@ -83,15 +80,6 @@ fn application_consistent_point_and_scheduled_start() {
     let nics: serde_json::Value =
         serde_json::from_str(&a.ok(&["vm", "nic", "list", "g", "--json"])).unwrap();
     let mac = nics[0]["mac"].as_str().expect("nic0's MAC").to_string();
-    let rpath = c.dir.path().join("replicas");
-    b.ok(&[
-        "host",
-        "set",
-        "--allow-replica-from",
-        "10.77.0.1",
-        "--replica-path",
-        rpath.to_str().unwrap(),
-    ]);
 
     // Refusals: nothing is enabled by them.
     let e = a.fails(&[
@@ -254,13 +242,13 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
     // application-consistent one holds it whole.
     let store = rpath.join("g").join("store");
     let scratch = c.dir.path();
-    let before = ext4_file(&point_data(&store, crash, scratch), scratch);
+    let before = ext4_file(&point_data(&store, crash, scratch), "/app.txt", scratch);
     assert_ne!(
         sha256_hex(&before),
         want,
         "the crash-consistent point {crash} already held the file: the test proves nothing"
     );
-    let got = ext4_file(&point_data(&store, app, scratch), scratch);
+    let got = ext4_file(&point_data(&store, app, scratch), "/app.txt", scratch);
     assert_eq!(
         sha256_hex(&got),
         want,
@@ -320,18 +308,7 @@ sha256sum /mnt/app.txt | cut -c1-64"#,
         !store.join(&incoming).exists(),
         "the half-applied {incoming} is still in the store"
     );
-    let got = {
-        let img = point_data(&store, after, scratch);
-        let raw = scratch.join("blob-fs.raw");
-        std::fs::write(&raw, &img).unwrap();
-        let o = Command::new("debugfs")
-            .args(["-R", "cat /blob"])
-            .arg(&raw)
-            .output()
-            .expect("debugfs");
-        let _ = std::fs::remove_file(&raw);
-        o.stdout
-    };
+    let got = ext4_file(&point_data(&store, after, scratch), "/blob", scratch);
     assert_eq!(
         sha256_hex(&got),
         blob_sum,

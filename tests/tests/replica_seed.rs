@@ -116,21 +116,10 @@ fn turn_off(h: &NsHost) {
 /// Two hosts, A trusting B and B trusting A, B accepting replicas from A into
 /// `<dir>/replicas`; VM `g` defined on A (off). Returns its disks and their total size.
 fn setup() -> (Cluster, PathBuf, Gen1Disks, u64) {
-    let c = Cluster::start(2, &[&[], &[]]);
-    c.trust(0, 1);
-    c.trust(1, 0);
+    let (c, rpath) = replica_pair(&[&[], &[]]);
     let boot_raw = guest_disk_lite(c.dir.path(), 1, GuestAgent::Vireo);
     let boot_bytes = std::fs::metadata(&boot_raw).unwrap().len();
     let disks = define_gen1_vm(&c.hosts[0], "g", &boot_raw, c.dir.path(), "256M", DATA_16M);
-    let rpath = c.dir.path().join("replicas");
-    c.hosts[1].ok(&[
-        "host",
-        "set",
-        "--allow-replica-from",
-        "10.77.0.1",
-        "--replica-path",
-        s(&rpath),
-    ]);
     (c, rpath, disks, boot_bytes + 16 * MIB)
 }
 

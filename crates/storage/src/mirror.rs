@@ -529,6 +529,17 @@ impl Shared {
         Ok(())
     }
 
+    /// `n` bytes of a frozen layer reached the sink: progress, then the bandwidth limit.
+    fn frozen_sent(&self, n: u64) {
+        self.copied.fetch_add(n, Ordering::Relaxed);
+        let _ = self
+            .frozen_left
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(n))
+            });
+        self.throttle();
+    }
+
     fn throttle(&self) {
         if let Some(limit) = self.opts.max_bytes_per_sec.filter(|l| *l > 0) {
             let due =
@@ -1385,13 +1396,7 @@ fn copy_frozen(
                 s.checkpoint()?;
                 let (off, buf, n) = msg.map_err(io("reading"))?;
                 sink.file_data(i, off, &buf[..n])?;
-                s.copied.fetch_add(n as u64, Ordering::Relaxed);
-                let _ = s
-                    .frozen_left
-                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                        Some(v.saturating_sub(n as u64))
-                    });
-                s.throttle();
+                s.frozen_sent(n as u64);
                 let _ = free_tx.send(buf);
             }
             Ok(())
@@ -1439,13 +1444,7 @@ fn copy_frozen_in_kernel(
             )));
         }
         crc = crc32c::crc32c_append(crc, &buf[..got]);
-        s.copied.fetch_add(n, Ordering::Relaxed);
-        let _ = s
-            .frozen_left
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
-                Some(v.saturating_sub(n))
-            });
-        s.throttle();
+        s.frozen_sent(n);
         off += n;
     }
     sink.file_end(i, len, crc)?;

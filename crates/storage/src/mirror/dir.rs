@@ -92,6 +92,21 @@ impl DirSink {
     }
 }
 
+/// Starts the write-back of `[off, off+len)` of a frozen layer now, so that it overlaps
+/// the next reads and the layer's deferred `fsync` finds little left
+/// (`SYNC_FILE_RANGE_WRITE` waits for nothing). Best effort.
+fn start_writeback(f: &File, off: u64, len: u64) {
+    // SAFETY: sync_file_range on a descriptor the caller owns; it reads no memory of ours.
+    unsafe {
+        libc::sync_file_range(
+            f.as_raw_fd(),
+            off as libc::off64_t,
+            len as libc::off64_t,
+            libc::SYNC_FILE_RANGE_WRITE,
+        )
+    };
+}
+
 impl MirrorSink for DirSink {
     fn begin(&mut self, plan: &ChainPlan) -> MirrorResult<()> {
         plan.validate()?;
@@ -152,17 +167,7 @@ impl MirrorSink for DirSink {
             .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
         f.write_all_at(data, off)
             .map_err(|e| self.io("writing", &p, e))?;
-        // Start the write-back now, so that it overlaps the next reads and `file_end`'s
-        // sync finds little left (SYNC_FILE_RANGE_WRITE waits for nothing).
-        // SAFETY: sync_file_range on a descriptor we own; it reads no memory of ours.
-        unsafe {
-            libc::sync_file_range(
-                f.as_raw_fd(),
-                off as libc::off64_t,
-                data.len() as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        start_writeback(f, off, data.len() as u64);
         let next = &mut self.received[layer];
         if *next == Some(off) {
             *next = Some(off + data.len() as u64);
@@ -200,16 +205,7 @@ impl MirrorSink for DirSink {
             *r = None;
         }
         let n = copy().map_err(|e| self.io("copying into", &p, e))?;
-        // Start the write-back of what the kernel copied (see `file_data`).
-        // SAFETY: sync_file_range on a descriptor we own; it reads no memory of ours.
-        unsafe {
-            libc::sync_file_range(
-                f.as_raw_fd(),
-                off as libc::off64_t,
-                n as libc::off64_t,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
+        start_writeback(f, off, n);
         if n != len {
             return Err(MirrorError::Protocol(format!(
                 "{} ended while being copied ({n} of {len} bytes at {off})",

@@ -1608,6 +1608,19 @@ enum RecoveryOutcome {
 
 /// Renews the destination's lease about once a second; fails after the lease time without
 /// an answer.
+/// Test hook shared by migrations and replica applies: `MS` when the file named by
+/// `VIREO_TEST_HOLD_FILE` contains `POINT MS` for this `point` (read at each call, so a
+/// test can move the hold without restarting the daemon). Without the variable: `None`.
+pub(super) fn test_hold_ms(point: &str) -> Option<u64> {
+    let f = std::env::var_os("VIREO_TEST_HOLD_FILE")?;
+    let text = std::fs::read_to_string(f).ok()?;
+    let mut w = text.split_whitespace();
+    if w.next() != Some(point) {
+        return None;
+    }
+    w.next()?.parse().ok()
+}
+
 /// Where the test hook [`test_hold`] can keep a migration waiting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum HoldPoint {
@@ -1654,13 +1667,7 @@ async fn test_hold(
             .ok()
             .and_then(|v| v.parse::<u64>().ok());
     }
-    if let Some(f) = std::env::var_os("VIREO_TEST_HOLD_FILE") {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        let mut w = text.split_whitespace();
-        if w.next() == Some(point.name()) {
-            ms = w.next().and_then(|v| v.parse().ok()).or(ms);
-        }
-    }
+    ms = test_hold_ms(point.name()).or(ms);
     let Some(ms) = ms else { return Ok(()) };
     tracing::info!(job = %id, point = point.name(), ms, "test hook: holding the migration");
     peers::lock(&job.info).message = Some(format!("test hook: held at {}", point.name()));

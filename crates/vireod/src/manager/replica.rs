@@ -1581,11 +1581,7 @@ impl Manager {
             "defined VM {name} ({})",
             if test { "test copy" } else { "replica" }
         ));
-        let test_switch = match &how {
-            Start::Test(sw) => Some(sw.clone()),
-            _ => None,
-        };
-        match self.replica_nics(&name, &rec.spec.nics, test_switch).await {
+        match self.replica_nics(&name, &rec.spec.nics, &how).await {
             Ok(notes) => steps.extend(notes),
             Err(e) => {
                 self.remove_copy(&dir, &running).await;
@@ -1781,15 +1777,19 @@ impl Manager {
     /// Gives the VM `name` (defined from a replica, not started) the primary's network
     /// adapters: same names, MACs, models and port settings (VLAN, security, ACL, QoS).
     /// A failover connects each to the switch of the same name here, or leaves it
-    /// disconnected when there is none; a test copy (`test_switch` is `Some`) connects
-    /// them to the test switch, or to nothing, so it never reaches production networks.
+    /// disconnected when there is none; a test copy ([`Start::Test`]) connects them to its
+    /// test switch, or to nothing, so it never reaches production networks.
     /// Returns one line per adapter for the failover's steps.
     async fn replica_nics(
         &self,
         name: &str,
         primary: &[api::NicSpec],
-        test_switch: Option<Option<String>>,
+        how: &Start,
     ) -> ApiResult<Vec<String>> {
+        let test_switch = match how {
+            Start::Test(sw) => Some(sw),
+            _ => None,
+        };
         if primary.is_empty() {
             return Ok(vec!["no network adapters (the primary has none)".into()]);
         }
@@ -1798,7 +1798,7 @@ impl Manager {
         for n in primary {
             let mut n = n.clone();
             let vlan = serde_json::to_string(&n.port.vlan).unwrap_or_default();
-            let target = match &test_switch {
+            let target = match test_switch {
                 Some(sw) => sw.clone(),
                 None => match &n.switch {
                     Some(sw) if self.switch_show(sw).await.is_ok() => Some(sw.clone()),
@@ -1812,7 +1812,7 @@ impl Manager {
                     None => None,
                 },
             };
-            match (&test_switch, &target) {
+            match (test_switch, &target) {
                 (Some(_), Some(sw)) => notes.push(format!(
                     "adapter {} ({}) on test switch {sw} (VLAN {vlan}); production networks are not reachable",
                     n.name, n.mac
@@ -2258,13 +2258,7 @@ impl Manager {
 /// replica host wait `MS` in the middle of applying each cycle (its layers written, not yet
 /// a point), so a test can kill it there. Without the variable it does nothing.
 fn test_apply_pause() -> Option<Duration> {
-    let f = std::env::var_os("VIREO_TEST_HOLD_FILE")?;
-    let text = std::fs::read_to_string(f).ok()?;
-    let mut w = text.split_whitespace();
-    if w.next() != Some("replica-apply") {
-        return None;
-    }
-    let ms = w.next()?.parse::<u64>().ok()?;
+    let ms = super::migration::test_hold_ms("replica-apply")?;
     tracing::warn!(ms, "test hook: holding the apply of a cycle");
     Some(Duration::from_millis(ms))
 }
