@@ -7,6 +7,10 @@
 //!            CRC32C of the bytes read checked against the CRC of the bytes the sink got)
 //!        ──> Active (the leaf's allocated ranges, from its BAT; holes skipped)
 //!        ──> dirty passes (every guest change since is re-copied) ── converged ──┐
+//!  A local destination ([`DirSink`]) overlaps the first two: the frozen files are copied
+//!  in the kernel (`copy_file_range`, each chunk read back from both files and compared)
+//!  on a second thread while the active layer, created over the *source's* parent, gets
+//!  its first pass; at commit the new leaf is re-pointed at its copied parent.
 //!                                                                                 │
 //!  complete(): exclusive I/O lock (requests drain, new ones wait) ─> final dirty pass
 //!     ─> flush ─> verify (CRC32C of every MiB either active layer holds, source vs
@@ -26,6 +30,7 @@
 mod dir;
 mod stream;
 
+use dir::start_writeback;
 pub use dir::DirSink;
 pub use stream::{receive_chain, StreamSink, MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
@@ -301,17 +306,18 @@ pub trait MirrorSink: Send {
     fn begin(&mut self, plan: &ChainPlan) -> MirrorResult<()>;
     /// Bytes of frozen layer `layer` at file offset `off` (sequential).
     fn file_data(&mut self, layer: usize, off: u64, data: &[u8]) -> MirrorResult<()>;
-    /// Copies `len` bytes of frozen layer `layer` at file offset `off` straight from `src`
-    /// (the same offset), in the kernel (`copy_file_range`) when the sink is a local file.
-    /// `Ok(false)`: the sink cannot, the caller sends the bytes with `file_data`.
-    fn file_copy(
+    /// A local destination: creates the active layer at once, reading its parent from
+    /// `source_parent` (the source chain's copy of that frozen layer, byte-identical to
+    /// what the destination's will hold) until `commit` re-points it at the destination's,
+    /// and returns the destination files of the frozen layers (plan order) for the caller
+    /// to fill in the kernel on another thread while the active layer is copied; each is
+    /// then closed with `file_end`. `None` (the default, a stream): frozen layers go through
+    /// `file_data`/`file_copy`, then `activate`.
+    fn open_local(
         &mut self,
-        _layer: usize,
-        _src: &std::fs::File,
-        _off: u64,
-        _len: u64,
-    ) -> MirrorResult<bool> {
-        Ok(false)
+        _source_parent: Option<&Path>,
+    ) -> MirrorResult<Option<Vec<std::fs::File>>> {
+        Ok(None)
     }
     /// Frozen layer `layer` is complete: `len` bytes whose CRC32C is `crc`.
     fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()>;
@@ -839,6 +845,11 @@ impl DiskMirror {
             return Err(e);
         }
         let frozen_total: u64 = plan.frozen.iter().map(|f| f.len).sum();
+        let parent_idx = plan
+            .active
+            .parent
+            .as_ref()
+            .and_then(|n| plan.frozen.iter().position(|f| &f.name == n));
         let shared = Arc::new(Shared {
             chain,
             dirty,
@@ -858,7 +869,7 @@ impl DiskMirror {
         let thread = std::thread::Builder::new()
             .name("vireo-mirror".into())
             .spawn(move || {
-                let r = run(&s, sink.as_mut(), &frozen_paths);
+                let r = run(&s, sink.as_mut(), &frozen_paths, parent_idx);
                 if let Err(e) = &r {
                     let cancelled = matches!(e, MirrorError::Cancelled);
                     if !cancelled {
@@ -1253,53 +1264,40 @@ fn mark_allocated(top: &Image, size: u64, dirty: &Dirty) -> MirrorResult<()> {
     for_each_held(top, size, |off, len| dirty.mark(off, len))
 }
 
-fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResult<()> {
-    // Frozen layers: file by file.
+fn run(
+    s: &Shared,
+    sink: &mut dyn MirrorSink,
+    frozen: &[PathBuf],
+    parent: Option<usize>,
+) -> MirrorResult<()> {
     // Under a bandwidth limit, small chunks keep the rate (and the progress) smooth.
     let chunk = match s.opts.max_bytes_per_sec {
         Some(l) => (l / 8).clamp(256 << 10, FILE_CHUNK as u64) as usize,
         None => FILE_CHUNK,
     };
-    for (i, p) in frozen.iter().enumerate() {
-        copy_frozen(s, sink, i, p, chunk)?;
+    let source_parent = parent.and_then(|i| frozen.get(i)).map(PathBuf::as_path);
+    match sink.open_local(source_parent)? {
+        // A local destination: the frozen layers are copied in the kernel on another
+        // thread while this one copies the active layer (its first pass), so the two
+        // overlap instead of following each other.
+        Some(targets) => {
+            let ends = copy_frozen_beside_first_pass(s, sink, frozen, &targets, chunk)?;
+            for (i, (len, crc)) in ends.into_iter().enumerate() {
+                sink.file_end(i, len, crc)?;
+            }
+        }
+        None => {
+            for (i, p) in frozen.iter().enumerate() {
+                copy_frozen(s, sink, i, p, chunk)?;
+            }
+            sink.activate()?;
+        }
     }
     s.frozen_left.store(0, Ordering::Relaxed);
-    sink.activate()?;
     s.set_phase(MirrorPhase::Active, None);
     // Active layer: dirty passes until told to stop.
     loop {
-        let mut from = 0;
-        let mut copied = 0;
-        while let Some((a, b)) = s.dirty.take_run(from) {
-            s.checkpoint()?;
-            let off = a * DIRTY_GRAIN;
-            let len = (b * DIRTY_GRAIN).min(s.size) - off;
-            let ops = {
-                let g = s
-                    .chain
-                    .layers
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner);
-                let top = g
-                    .top
-                    .as_ref()
-                    .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
-                read_ops(top, off, len)
-            };
-            let ops = match ops {
-                Ok(o) => o,
-                Err(e) => {
-                    s.dirty.mark(off, len);
-                    return Err(e);
-                }
-            };
-            copied += apply(sink, ops, &s.copied)?;
-            from = b;
-            s.throttle();
-            if s.stop.load(Ordering::SeqCst) {
-                break;
-            }
-        }
+        let copied = dirty_pass(s, sink)?;
         s.passes.fetch_add(1, Ordering::Relaxed);
         sink.flush()?;
         let left = s.dirty.count() * DIRTY_GRAIN;
@@ -1310,9 +1308,271 @@ fn run(s: &Shared, sink: &mut dyn MirrorSink, frozen: &[PathBuf]) -> MirrorResul
             return Ok(());
         }
         if copied == 0 {
-            std::thread::sleep(Duration::from_millis(20));
+            // Idle: wait for new writes, but answer a stop at once (the switchover waits
+            // for this thread).
+            for _ in 0..10 {
+                if s.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
         }
     }
+}
+
+/// One pass over the dirty runs of the active layer (read under the shared chain lock,
+/// written to the sink outside it); stops early when the mirror is told to stop. Returns
+/// the bytes copied.
+fn dirty_pass(s: &Shared, sink: &mut dyn MirrorSink) -> MirrorResult<u64> {
+    let mut from = 0;
+    let mut copied = 0;
+    while let Some((a, b)) = s.dirty.take_run(from) {
+        s.checkpoint()?;
+        let off = a * DIRTY_GRAIN;
+        let len = (b * DIRTY_GRAIN).min(s.size) - off;
+        let ops = {
+            let g = s
+                .chain
+                .layers
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            let top = g
+                .top
+                .as_ref()
+                .ok_or_else(|| MirrorError::Busy("the disk was closed".into()))?;
+            read_ops(top, off, len)
+        };
+        let ops = match ops {
+            Ok(o) => o,
+            Err(e) => {
+                s.dirty.mark(off, len);
+                return Err(e);
+            }
+        };
+        copied += apply(sink, ops, &s.copied)?;
+        from = b;
+        s.throttle();
+        if s.stop.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    Ok(copied)
+}
+
+/// Copies the frozen layers `frozen` into `targets` (the local sink's files) in the
+/// kernel on a second thread while this thread makes the first pass over the active
+/// layer into the sink. Returns each layer's length and the CRC32C of the source bytes
+/// copied, for `file_end`. A failure on either side stops the other.
+fn copy_frozen_beside_first_pass(
+    s: &Shared,
+    sink: &mut dyn MirrorSink,
+    frozen: &[PathBuf],
+    targets: &[std::fs::File],
+    chunk: usize,
+) -> MirrorResult<Vec<(u64, u32)>> {
+    if targets.len() != frozen.len() {
+        return Err(MirrorError::Protocol(format!(
+            "the destination opened {} frozen layers, the chain has {}",
+            targets.len(),
+            frozen.len()
+        )));
+    }
+    let abort = AtomicBool::new(false);
+    let (ends, first) = std::thread::scope(|sc| {
+        let copier = std::thread::Builder::new()
+            .name("vireo-mirror-frozen".into())
+            .spawn_scoped(sc, || {
+                let r = frozen
+                    .iter()
+                    .zip(targets)
+                    .map(|(p, t)| copy_frozen_file(s, p, t, chunk, &abort))
+                    .collect::<MirrorResult<Vec<_>>>();
+                if r.is_err() {
+                    abort.store(true, Ordering::SeqCst);
+                }
+                r
+            });
+        let first = match &copier {
+            Ok(_) => dirty_pass(s, sink),
+            Err(_) => Ok(0),
+        };
+        if first.is_err() {
+            abort.store(true, Ordering::SeqCst);
+        }
+        let ends = match copier {
+            Ok(h) => h.join().unwrap_or_else(|_| {
+                Err(MirrorError::Protocol(
+                    "the frozen-layer copier panicked".into(),
+                ))
+            }),
+            Err(e) => Err(MirrorError::Io {
+                op: "starting the frozen-layer copier",
+                path: PathBuf::new(),
+                source: e,
+            }),
+        };
+        (ends, first)
+    });
+    // The first error is the cause; the other side only stopped because of it.
+    match (ends, first) {
+        (Err(e), _) if !abort_only(&e) => Err(e),
+        (_, Err(e)) => Err(e),
+        (Err(e), Ok(_)) => Err(e),
+        (Ok(ends), Ok(_)) => Ok(ends),
+    }
+}
+
+fn abort_only(e: &MirrorError) -> bool {
+    matches!(e, MirrorError::Protocol(m) if m == ABORTED)
+}
+
+/// What the frozen-layer copier returns when the other side failed first.
+const ABORTED: &str = "stopped: the active-layer copy failed";
+
+/// Copies frozen file `p` into `target` chunk by chunk in the kernel (`copy_file_range`),
+/// with progress, cancel and the bandwidth limit per chunk. A checker thread reads each
+/// chunk back from both files (from the page cache the copy left them in) and compares
+/// their CRC32C while the next chunk is copied. Returns (length, CRC32C of the source).
+fn copy_frozen_file(
+    s: &Shared,
+    p: &Path,
+    target: &std::fs::File,
+    chunk: usize,
+    abort: &AtomicBool,
+) -> MirrorResult<(u64, u32)> {
+    let io = |op| {
+        move |e| MirrorError::Io {
+            op,
+            path: p.to_path_buf(),
+            source: e,
+        }
+    };
+    let f = std::fs::File::open(p).map_err(io("opening"))?;
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: advice on a descriptor we own; no memory is passed.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    }
+    let len = f.metadata().map_err(io("reading"))?.len();
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(2);
+    std::thread::scope(|sc| {
+        let f = &f;
+        let checker = sc.spawn(move || -> MirrorResult<u32> {
+            let mut src = vec![0u8; chunk];
+            let mut dst = vec![0u8; chunk];
+            let mut crc = 0u32;
+            for (off, n) in rx {
+                let a = read_full(f, &mut src[..n], off).map_err(io("reading"))?;
+                let b =
+                    read_full(target, &mut dst[..n], off).map_err(io("verifying the copy of"))?;
+                let (sc, dc) = (crc32c::crc32c(&src[..a]), crc32c::crc32c(&dst[..b]));
+                if a != n || b != n || sc != dc {
+                    return Err(MirrorError::Verify(format!(
+                        "the copy of {} differs from it at offset {off}",
+                        p.display()
+                    )));
+                }
+                crc = crc32c::crc32c_append(crc, &src[..a]);
+            }
+            Ok(crc)
+        });
+        let copied = (|| -> MirrorResult<()> {
+            let mut off = 0u64;
+            while off < len {
+                s.checkpoint()?;
+                if abort.load(Ordering::SeqCst) {
+                    return Err(MirrorError::Protocol(ABORTED.into()));
+                }
+                let n = (len - off).min(chunk as u64);
+                let got = copy_range(f, target, off, n)
+                    .map_err(|e| MirrorError::dest(format!("copying {}", p.display()), e))?;
+                if got != n {
+                    return Err(MirrorError::Protocol(format!(
+                        "{} shrank while being copied ({got} of {n} bytes at {off})",
+                        p.display()
+                    )));
+                }
+                start_writeback(target, off, n);
+                if tx.send((off, n as usize)).is_err() {
+                    // The checker stopped on an error: it is returned below.
+                    break;
+                }
+                s.frozen_sent(n);
+                off += n;
+            }
+            Ok(())
+        })();
+        drop(tx);
+        let crc = checker
+            .join()
+            .unwrap_or_else(|_| Err(MirrorError::Protocol("the copy checker panicked".into())));
+        copied?;
+        Ok((len, crc?))
+    })
+}
+
+/// Copies `[off, off+len)` of `src` to the same offsets of `dst` in the kernel
+/// (`copy_file_range`), falling back to reads and writes where the kernel cannot (another
+/// file system type, old kernels). Returns the bytes copied (less only at `src`'s end).
+fn copy_range(
+    src: &std::fs::File,
+    dst: &std::fs::File,
+    off: u64,
+    len: u64,
+) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut done = 0u64;
+    while done < len {
+        let mut from = (off + done) as libc::loff_t;
+        let mut to = from;
+        // SAFETY: both descriptors are open for the call; the offsets are ours.
+        let r = unsafe {
+            libc::copy_file_range(
+                src.as_raw_fd(),
+                &mut from,
+                dst.as_raw_fd(),
+                &mut to,
+                (len - done) as usize,
+                0,
+            )
+        };
+        match r {
+            0 => break,
+            n if n > 0 => done += n as u64,
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL) => {
+                        return copy_range_by_reads(src, dst, off + done, len - done)
+                            .map(|n| done + n)
+                    }
+                    _ => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(done)
+}
+
+fn copy_range_by_reads(
+    src: &std::fs::File,
+    dst: &std::fs::File,
+    off: u64,
+    len: u64,
+) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; (len.min(FILE_CHUNK as u64)) as usize];
+    let mut done = 0u64;
+    while done < len {
+        let want = (len - done).min(buf.len() as u64) as usize;
+        let n = read_full(src, &mut buf[..want], off + done)?;
+        if n == 0 {
+            break;
+        }
+        dst.write_all_at(&buf[..n], off + done)?;
+        done += n as u64;
+    }
+    Ok(done)
 }
 
 /// Reads a frozen file into `buf` at `off` until `buf` is full or the file ends.
@@ -1352,9 +1612,6 @@ fn copy_frozen(
         use std::os::fd::AsRawFd;
         // SAFETY: advice on a descriptor we own; no memory is passed.
         unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-    }
-    if copy_frozen_in_kernel(s, sink, i, &f, chunk, io("reading"))? {
-        return Ok(());
     }
     type Filled = std::io::Result<(u64, Vec<u8>, usize)>;
     let (full_tx, full_rx) = sync_channel::<Filled>(1);
@@ -1407,48 +1664,6 @@ fn copy_frozen(
     let (len, crc) =
         read.map_err(|_| MirrorError::Protocol("the frozen-layer reader panicked".into()))?;
     sink.file_end(i, len, crc)
-}
-
-/// Copies frozen layer `i` with the sink's in-kernel copy (`copy_file_range` between local
-/// files, as `cp` does: no user-space pass over the bytes to write them), chunk by chunk
-/// for progress, cancel and the bandwidth limit. The sender's CRC32C is then computed from
-/// the source chunk just copied, which the copy left in the page cache. Returns `false`
-/// (nothing sent) when the sink cannot copy in the kernel.
-fn copy_frozen_in_kernel(
-    s: &Shared,
-    sink: &mut dyn MirrorSink,
-    i: usize,
-    f: &std::fs::File,
-    chunk: usize,
-    read_err: impl Fn(std::io::Error) -> MirrorError,
-) -> MirrorResult<bool> {
-    let len = f.metadata().map_err(&read_err)?.len();
-    let mut buf = vec![0u8; chunk];
-    let mut off = 0u64;
-    let mut crc = 0u32;
-    while off < len {
-        s.checkpoint()?;
-        let n = (len - off).min(chunk as u64);
-        if !sink.file_copy(i, f, off, n)? {
-            if off == 0 {
-                return Ok(false);
-            }
-            return Err(MirrorError::Protocol(
-                "the sink stopped copying in the kernel half way".into(),
-            ));
-        }
-        let got = read_full(f, &mut buf[..n as usize], off).map_err(&read_err)?;
-        if got as u64 != n {
-            return Err(MirrorError::Protocol(format!(
-                "a frozen layer shrank while being copied ({got} of {n} bytes at {off})"
-            )));
-        }
-        crc = crc32c::crc32c_append(crc, &buf[..got]);
-        s.frozen_sent(n);
-        off += n;
-    }
-    sink.file_end(i, len, crc)?;
-    Ok(true)
 }
 
 impl crate::DiskService {

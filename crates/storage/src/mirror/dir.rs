@@ -7,7 +7,6 @@ use super::{
 };
 use crate::image::Image;
 use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,9 +16,10 @@ use vhdx::{CreateOptions, DiskType, Vhdx};
 /// Writes a mirrored chain into a directory: frozen layers as byte copies (the CRC32C of
 /// the bytes received, written with their write-back started at once, checked against the
 /// sender's at the layer's end and made durable at the next `flush` (so that the last of
-/// their write-back overlaps the active layer's copy); a layer copied in the kernel with
-/// `file_copy` is re-read for its check instead), the active layer as a new image of the same
-/// format filled with the copied ranges. Refuses to overwrite any file; `abort` removes
+/// their write-back overlaps the active layer's copy); or, in a local storage move
+/// ([`MirrorSink::open_local`]), handed to the mirror to fill in the kernel and check
+/// itself), the active layer as a new image of the same format filled with the copied
+/// ranges (created over the source's parent in a local move, re-pointed at commit). Refuses to overwrite any file; `abort` removes
 /// every file it created (and the directory, if it created it and it is empty).
 pub struct DirSink {
     dir: PathBuf,
@@ -34,6 +34,12 @@ pub struct DirSink {
     /// Frozen layers complete and checked, whose `fsync` waits for the next `flush`.
     unsynced: Vec<(File, PathBuf)>,
     active: Option<Image>,
+    /// The active layer was created over the source's parent ([`MirrorSink::open_local`]):
+    /// at commit it is re-pointed at this file (the destination's copy of that parent).
+    repoint_to: Option<PathBuf>,
+    /// The frozen layers were copied and checked chunk by chunk by the caller
+    /// ([`MirrorSink::open_local`]): `file_end` takes their CRC as given.
+    caller_checked: bool,
 }
 
 impl DirSink {
@@ -49,6 +55,8 @@ impl DirSink {
             received: Vec::new(),
             unsynced: Vec::new(),
             active: None,
+            repoint_to: None,
+            caller_checked: false,
         }
     }
 
@@ -95,7 +103,7 @@ impl DirSink {
 /// Starts the write-back of `[off, off+len)` of a frozen layer now, so that it overlaps
 /// the next reads and the layer's deferred `fsync` finds little left
 /// (`SYNC_FILE_RANGE_WRITE` waits for nothing). Best effort.
-fn start_writeback(f: &File, off: u64, len: u64) {
+pub(super) fn start_writeback(f: &File, off: u64, len: u64) {
     // SAFETY: sync_file_range on a descriptor the caller owns; it reads no memory of ours.
     unsafe {
         libc::sync_file_range(
@@ -105,6 +113,104 @@ fn start_writeback(f: &File, off: u64, len: u64) {
             libc::SYNC_FILE_RANGE_WRITE,
         )
     };
+}
+
+impl DirSink {
+    /// Creates the active layer, a differencing one over `parent`.
+    fn create_active(&mut self, parent: Option<PathBuf>) -> MirrorResult<()> {
+        let plan = self.plan()?.clone();
+        let p = self.dir.join(&plan.active.name);
+        let img = match &plan.active.format {
+            LayerFormat::Vhdx {
+                disk_type,
+                block_size,
+                logical_sector_size,
+                physical_sector_size,
+            } => {
+                let disk_type = match disk_type.as_str() {
+                    "fixed" => DiskType::Fixed,
+                    "dynamic" => DiskType::Dynamic,
+                    "differencing" => DiskType::Differencing,
+                    t => return Err(MirrorError::InvalidInput(format!("unknown disk type {t}"))),
+                };
+                let opts = CreateOptions {
+                    size: if disk_type == DiskType::Differencing {
+                        0
+                    } else {
+                        plan.size
+                    },
+                    disk_type,
+                    block_size: *block_size,
+                    logical_sector_size: *logical_sector_size,
+                    physical_sector_size: *physical_sector_size,
+                    parent,
+                };
+                self.created.push(p.clone());
+                let v = Vhdx::create(&p, &opts)
+                    .map_err(|e| MirrorError::dest(format!("creating {}", p.display()), e))?;
+                if self.repoint_to.is_none() {
+                    self.check_chain_here(&v)?;
+                }
+                if v.size() != plan.size {
+                    return Err(MirrorError::Verify(format!(
+                        "the new leaf has {} bytes, the source {}",
+                        v.size(),
+                        plan.size
+                    )));
+                }
+                Image::Vhdx(Arc::new(v))
+            }
+            LayerFormat::Raw => {
+                let f = File::options()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&p)
+                    .map_err(|e| self.io("creating", &p, e))?;
+                self.created.push(p.clone());
+                f.set_len(plan.size).map_err(|e| self.io("sizing", &p, e))?;
+                Image::Raw {
+                    file: nbd::FileExport::from_file(f, false)
+                        .map_err(|e| self.io("opening", &p, e))?,
+                    path: p.clone(),
+                }
+            }
+        };
+        self.active = Some(img);
+        Ok(())
+    }
+
+    /// Every parent of `v` must be a file of this directory (the parent locators' relative
+    /// paths resolve here).
+    fn check_chain_here(&self, v: &Vhdx) -> MirrorResult<()> {
+        for c in v.chain().iter().skip(1) {
+            if c.path.parent() != Some(self.dir.as_path()) {
+                return Err(MirrorError::Verify(format!(
+                    "the copied chain resolves its parent to {} outside {}; chains spanning directories cannot be moved",
+                    c.path.display(),
+                    self.dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-points the active layer (created over the source's parent) at the destination's
+    /// copy of it (byte-identical: same DataWriteGuid), closes it, and checks that the
+    /// reopened chain stays in this directory.
+    fn repoint_and_close(&mut self, v: Vhdx, parent: &Path) -> MirrorResult<()> {
+        let leaf = v.path().to_path_buf();
+        let dest =
+            |what: &str, e: vhdx::Error| MirrorError::dest(format!("{what} {}", leaf.display()), e);
+        let p = Vhdx::open(parent, vhdx::OpenOptions { read_only: true })
+            .map_err(|e| dest("opening the parent of", e))?;
+        v.set_parent(&p).map_err(|e| dest("re-pointing", e))?;
+        drop(p);
+        v.close().map_err(|e| dest("closing", e))?;
+        let reopened = Vhdx::open(&leaf, vhdx::OpenOptions { read_only: true })
+            .map_err(|e| dest("reopening", e))?;
+        self.check_chain_here(&reopened)
+    }
 }
 
 impl MirrorSink for DirSink {
@@ -178,43 +284,6 @@ impl MirrorSink for DirSink {
         Ok(())
     }
 
-    fn file_copy(&mut self, layer: usize, src: &File, off: u64, len: u64) -> MirrorResult<bool> {
-        let p = self.dir.join(
-            &self
-                .plan()?
-                .frozen
-                .get(layer)
-                .ok_or_else(|| MirrorError::Protocol(format!("no layer {layer}")))?
-                .name,
-        );
-        let f = self
-            .files
-            .get(layer)
-            .and_then(|f| f.as_ref())
-            .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
-        // std's io::copy between files is copy_file_range on Linux (with its own fallback
-        // to read/write); clones of the descriptors keep the offsets apart from the caller's.
-        let copy = || -> std::io::Result<u64> {
-            let mut from = src.try_clone()?;
-            from.seek(SeekFrom::Start(off))?;
-            let mut to = f.try_clone()?;
-            to.seek(SeekFrom::Start(off))?;
-            std::io::copy(&mut from.take(len), &mut to)
-        };
-        if let Some(r) = self.received.get_mut(layer) {
-            *r = None;
-        }
-        let n = copy().map_err(|e| self.io("copying into", &p, e))?;
-        start_writeback(f, off, n);
-        if n != len {
-            return Err(MirrorError::Protocol(format!(
-                "{} ended while being copied ({n} of {len} bytes at {off})",
-                p.display()
-            )));
-        }
-        Ok(true)
-    }
-
     fn file_end(&mut self, layer: usize, len: u64, crc: u32) -> MirrorResult<()> {
         let fl = self
             .plan()?
@@ -230,6 +299,7 @@ impl MirrorSink for DirSink {
             .ok_or_else(|| MirrorError::Protocol(format!("layer {layer} is closed")))?;
         f.set_len(len).map_err(|e| self.io("sizing", &p, e))?;
         let got = match self.received.get(layer).copied().flatten() {
+            _ if self.caller_checked => crc,
             // Every byte arrived in order: their CRC was computed on the way in.
             Some(next) if next == len => self.crcs[layer],
             _ => {
@@ -260,81 +330,52 @@ impl MirrorSink for DirSink {
     }
 
     fn activate(&mut self) -> MirrorResult<()> {
-        let plan = self.plan()?.clone();
         if self.files.iter().any(Option::is_some) {
             return Err(MirrorError::Protocol(
                 "the active layer comes after every frozen layer".into(),
             ));
         }
-        let p = self.dir.join(&plan.active.name);
-        let img = match &plan.active.format {
-            LayerFormat::Vhdx {
-                disk_type,
-                block_size,
-                logical_sector_size,
-                physical_sector_size,
-            } => {
-                let disk_type = match disk_type.as_str() {
-                    "fixed" => DiskType::Fixed,
-                    "dynamic" => DiskType::Dynamic,
-                    "differencing" => DiskType::Differencing,
-                    t => return Err(MirrorError::InvalidInput(format!("unknown disk type {t}"))),
-                };
-                let opts = CreateOptions {
-                    size: if disk_type == DiskType::Differencing {
-                        0
-                    } else {
-                        plan.size
-                    },
-                    disk_type,
-                    block_size: *block_size,
-                    logical_sector_size: *logical_sector_size,
-                    physical_sector_size: *physical_sector_size,
-                    parent: plan.active.parent.as_ref().map(|n| self.dir.join(n)),
-                };
-                self.created.push(p.clone());
-                let v = Vhdx::create(&p, &opts)
-                    .map_err(|e| MirrorError::dest(format!("creating {}", p.display()), e))?;
-                // Every parent must be a file of this directory (the parent locators'
-                // relative paths resolve here).
-                for c in v.chain().iter().skip(1) {
-                    if c.path.parent() != Some(self.dir.as_path()) {
-                        return Err(MirrorError::Verify(format!(
-                            "the copied chain resolves its parent to {} outside {}; chains spanning directories cannot be moved",
-                            c.path.display(),
-                            self.dir.display()
-                        )));
-                    }
-                }
-                if v.size() != plan.size {
-                    return Err(MirrorError::Verify(format!(
-                        "the new leaf has {} bytes, the source {}",
-                        v.size(),
-                        plan.size
-                    )));
-                }
-                Image::Vhdx(Arc::new(v))
-            }
-            LayerFormat::Raw => {
-                let f = File::options()
-                    .read(true)
-                    .write(true)
-                    .create_new(true)
-                    .open(&p)
-                    .map_err(|e| self.io("creating", &p, e))?;
-                self.created.push(p.clone());
-                f.set_len(plan.size).map_err(|e| self.io("sizing", &p, e))?;
-                Image::Raw {
-                    file: nbd::FileExport::from_file(f, false)
-                        .map_err(|e| self.io("opening", &p, e))?,
-                    path: p.clone(),
-                }
-            }
-        };
-        self.active = Some(img);
-        Ok(())
+        let parent = self
+            .plan()?
+            .active
+            .parent
+            .as_ref()
+            .map(|n| self.dir.join(n));
+        self.create_active(parent)
     }
 
+    fn open_local(&mut self, source_parent: Option<&Path>) -> MirrorResult<Option<Vec<File>>> {
+        let plan = self.plan()?.clone();
+        if self.active.is_some() || self.received.iter().any(|r| *r != Some(0)) {
+            return Err(MirrorError::Protocol(
+                "the destination was opened for local copies after data arrived".into(),
+            ));
+        }
+        let parent = match (&plan.active.parent, source_parent) {
+            (Some(_), None) => {
+                return Err(MirrorError::Protocol(
+                    "the active layer's parent in the source chain was not given".into(),
+                ))
+            }
+            (Some(name), Some(src)) => {
+                self.repoint_to = Some(self.dir.join(name));
+                Some(src.to_path_buf())
+            }
+            (None, _) => None,
+        };
+        let mut targets = Vec::with_capacity(self.files.len());
+        for (i, f) in self.files.iter().enumerate() {
+            let p = self.dir.join(&plan.frozen[i].name);
+            let f = f
+                .as_ref()
+                .ok_or_else(|| MirrorError::Protocol(format!("layer {i} is closed")))?;
+            targets.push(f.try_clone().map_err(|e| self.io("opening", &p, e))?);
+        }
+        // Filled and checked by the caller (it reads every chunk back from both files).
+        self.caller_checked = true;
+        self.create_active(parent)?;
+        Ok(Some(targets))
+    }
     fn write(&mut self, off: u64, data: &[u8]) -> MirrorResult<()> {
         let a = self.active()?;
         if off
@@ -392,11 +433,14 @@ impl MirrorSink for DirSink {
             .ok_or_else(|| MirrorError::Protocol("the active layer is not created".into()))?;
         let leaf = a.path().to_path_buf();
         match a {
-            Image::Vhdx(v) => match Arc::try_unwrap(v) {
-                Ok(v) => v
+            Image::Vhdx(v) => match (Arc::try_unwrap(v), self.repoint_to.take()) {
+                (Ok(v), Some(parent)) => self.repoint_and_close(v, &parent)?,
+                (Ok(v), None) => v
                     .close()
                     .map_err(|e| MirrorError::dest(format!("closing {}", leaf.display()), e))?,
-                Err(_) => return Err(MirrorError::Busy("the new leaf is still in use".into())),
+                (Err(_), _) => {
+                    return Err(MirrorError::Busy("the new leaf is still in use".into()))
+                }
             },
             Image::Raw { file, .. } => {
                 nbd::Export::flush(&file).map_err(|e| self.io("flushing", &leaf, e))?
@@ -414,6 +458,8 @@ impl MirrorSink for DirSink {
 
     fn abort(&mut self) {
         self.active = None;
+        self.repoint_to = None;
+        self.caller_checked = false;
         self.files.clear();
         self.received.clear();
         self.unsynced.clear();
