@@ -35,11 +35,11 @@ pub(crate) struct Ctx<'a> {
     pub closing: &'a AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn same(a: &Path, b: &Path) -> bool {
+pub(crate) fn same(a: &Path, b: &Path) -> bool {
     a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
 }
 
@@ -54,6 +54,7 @@ pub(crate) fn new_job(c: &Checkpoint) -> MergeJob {
         target: PathBuf::new(),
         finished: Vec::new(),
         obsolete: Vec::new(),
+        absorbed: Vec::new(),
         total_blocks: 0,
         state: MergeState::Copying { next_block: 0 },
         started: now_unix(),
@@ -124,7 +125,7 @@ fn next_item(
     Ok(None)
 }
 
-fn update(ctx: &Ctx<'_>, id: &str, f: impl FnOnce(&mut MergeJob)) -> Result<MergeJob> {
+pub(crate) fn update(ctx: &Ctx<'_>, id: &str, f: impl FnOnce(&mut MergeJob)) -> Result<MergeJob> {
     let mut st = lock(ctx.state);
     let j = st
         .jobs
@@ -196,7 +197,7 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str) -> Result<()> {
     }
 }
 
-fn vhdx_size(p: &Path) -> Result<u64> {
+pub(crate) fn vhdx_size(p: &Path) -> Result<u64> {
     vhdx::Vhdx::open(p, vhdx::OpenOptions { read_only: true })
         .map(|v| v.size())
         .map_err(StorageError::image("opening", p))
@@ -204,7 +205,7 @@ fn vhdx_size(p: &Path) -> Result<u64> {
 
 /// Fills `k` (in the running chain) with `x`'s data and re-points it. `Ok(false)`: stopped
 /// (cancelled, or the service is closing) before the end.
-fn fill_live(
+pub(crate) fn fill_live(
     ctx: &Ctx<'_>,
     id: &str,
     ch: &DiskChain,
@@ -244,7 +245,7 @@ fn fill_live(
 }
 
 /// Fills the closed image `k` with `x`'s data and re-points it.
-fn fill_offline(ctx: &Ctx<'_>, id: &str, x: &Path, k: &Path) -> Result<bool> {
+pub(crate) fn fill_offline(ctx: &Ctx<'_>, id: &str, x: &Path, k: &Path) -> Result<bool> {
     let last = std::sync::atomic::AtomicU64::new(0);
     let progress = |done: u64, _total: u64| {
         let mib = done >> 20;
@@ -314,7 +315,8 @@ fn commit(ctx: &Ctx<'_>, id: &str, c: &Checkpoint) -> Result<()> {
 /// state still uses).
 pub(crate) fn collect_garbage(st: &DiskState) {
     for j in &st.jobs {
-        if j.state != MergeState::Done {
+        // A consolidation's absorbed layers are never the service's to delete.
+        if j.state != MergeState::Done || j.kind == MergeKind::Consolidate {
             continue;
         }
         for f in &j.obsolete {

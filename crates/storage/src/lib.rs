@@ -17,6 +17,7 @@
 
 mod absorb;
 mod chain;
+mod consolidate;
 mod error;
 mod image;
 mod journal;

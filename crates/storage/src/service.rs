@@ -173,10 +173,8 @@ impl DiskService {
         let id = uuid::Uuid::new_v4().simple().to_string()[..12].to_string();
         {
             let st = lock(&self.state);
-            if st.active_merge().is_some() {
-                return Err(StorageError::Busy(
-                    "a checkpoint is being removed (merge job running); wait or cancel it".into(),
-                ));
+            if let Some(j) = st.active_merge() {
+                return Err(busy_with(j));
             }
             let name = name.as_deref().unwrap_or("");
             if !name.is_empty() && st.find(name).is_some() {
@@ -241,10 +239,8 @@ impl DiskService {
     pub fn remove_checkpoint(self: &Arc<Self>, name: &str) -> Result<Option<MergeJob>> {
         let _op = lock(&self.op);
         let mut st = lock(&self.state);
-        if st.active_merge().is_some() {
-            return Err(StorageError::Busy(
-                "another merge job is running; wait or cancel it".into(),
-            ));
+        if let Some(j) = st.active_merge() {
+            return Err(busy_with(j));
         }
         match plan_remove(&st, name)? {
             Removal::DeleteFiles(cp, files) => {
@@ -272,6 +268,7 @@ impl DiskService {
                     target: c.images[disk].clone(),
                     finished: Vec::new(),
                     obsolete: Vec::new(),
+                    absorbed: Vec::new(),
                     total_blocks: 0,
                     state: MergeState::Copying { next_block: 0 },
                     started: now_unix(),
@@ -297,6 +294,81 @@ impl DiskService {
                 Ok(Some(job))
             }
         }
+    }
+
+    /// Consolidates every writable disk's running chain: a background job
+    /// ([`MergeKind::Consolidate`]) has the leaf absorb its parents one after another, live
+    /// while the guest does I/O, until it sits directly on the bottom image (the one without
+    /// a parent) or on the first checkpoint image of this VM (kept: the checkpoint restores
+    /// it and what is under it). The absorbed layers are listed in the job's
+    /// [`MergeJob::absorbed`] and left in place. Progress, [`DiskService::cancel_job`],
+    /// [`DiskService::resume_job`] and resuming after a restart work as for the other merge
+    /// jobs; checkpoint creation and removal are refused while it runs.
+    ///
+    /// `Ok(None)`: nothing to do, every chain is already consolidated. Refused (busy) while
+    /// another merge job is unfinished or a disk is being mirrored (storage migration).
+    pub fn consolidate(self: &Arc<Self>) -> Result<Option<MergeJob>> {
+        let _op = lock(&self.op);
+        let mut st = lock(&self.state);
+        if let Some(j) = st.active_merge() {
+            return Err(busy_with(j));
+        }
+        for (i, c) in self.chains.iter().enumerate() {
+            crate::mirror::refuse_while_mirroring(&c.layers.read().unwrap_or_else(PoisonError::into_inner))
+                .map_err(|_| {
+                    StorageError::Busy(format!(
+                        "disk {i} is being mirrored (storage migration); wait for it or cancel it before consolidating"
+                    ))
+                })?;
+            if c.is_merging() || c.is_absorbing() {
+                return Err(StorageError::Busy(format!(
+                    "a merge is running on disk {i}; wait for it before consolidating"
+                )));
+            }
+        }
+        let (no, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+        let ctx = crate::absorb::Ctx {
+            vm_dir: &self.vm_dir,
+            state: &self.state,
+            chains: &self.chains,
+            cancel: &no,
+            closing: &closing,
+        };
+        if !crate::consolidate::anything_to_do(&ctx, &st, &self.read_only_disks())? {
+            return Ok(None);
+        }
+        let job = crate::consolidate::new_job();
+        st.jobs.push(job.clone());
+        st.save(&self.vm_dir)?;
+        drop(st);
+        self.cancel.store(false, Ordering::SeqCst);
+        self.clone().spawn_merge(job.id.clone());
+        Ok(Some(job))
+    }
+
+    /// The layers each disk's leaf would absorb in a consolidation, the leaf's parent first
+    /// (index = disk index; empty: nothing to do for that disk).
+    pub fn consolidation_pending(&self) -> Result<Vec<Vec<PathBuf>>> {
+        let st = self.state();
+        let (no, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+        let ctx = crate::absorb::Ctx {
+            vm_dir: &self.vm_dir,
+            state: &self.state,
+            chains: &self.chains,
+            cancel: &no,
+            closing: &closing,
+        };
+        let ro = self.read_only_disks();
+        (0..st.leaves.len())
+            .map(|i| crate::consolidate::pending(&ctx, &st, &ro, i))
+            .collect()
+    }
+
+    fn read_only_disks(&self) -> Vec<bool> {
+        self.chains
+            .iter()
+            .map(|c| nbd::Export::flags(c.as_ref()).read_only)
+            .collect()
     }
 
     /// Asks a running merge job to stop after its current block. The checkpoint stays,
@@ -385,7 +457,8 @@ impl DiskService {
     /// The merge loop: for each disk of the checkpoint, mirror writes, copy every block
     /// (persisting progress after each), then make the target the leaf.
     fn run_merge(&self, id: &str) -> Result<()> {
-        if self.update_job(id, |_| {})?.kind == MergeKind::IntoChildren {
+        let kind = self.update_job(id, |_| {})?.kind;
+        if kind != MergeKind::IntoParent {
             let ctx = crate::absorb::Ctx {
                 vm_dir: &self.vm_dir,
                 state: &self.state,
@@ -393,6 +466,9 @@ impl DiskService {
                 cancel: &self.cancel,
                 closing: &self.closing,
             };
+            if kind == MergeKind::Consolidate {
+                return crate::consolidate::run(&ctx, id, &self.read_only_disks());
+            }
             return crate::absorb::run(&ctx, id);
         }
         loop {
@@ -480,6 +556,19 @@ impl DiskService {
             }
         }
     }
+}
+
+/// The refusal while merge job `j` is unfinished.
+fn busy_with(j: &MergeJob) -> StorageError {
+    let what = match j.kind {
+        MergeKind::Consolidate => "the disks' chains are being consolidated",
+        MergeKind::IntoParent | MergeKind::IntoChildren => "a checkpoint is being removed",
+    };
+    let todo = match j.state {
+        MergeState::Cancelled { .. } => "it was cancelled: resume it and let it finish first",
+        _ => "wait for it or cancel it",
+    };
+    StorageError::Busy(format!("{what} (merge job {}); {todo}", j.id))
 }
 
 /// First disk at or after `from` whose leaf sits directly on the checkpoint's image.
@@ -677,6 +766,70 @@ pub mod offline {
                 r
             }
         }
+    }
+
+    /// Consolidates a stopped VM's chains like [`DiskService::consolidate`], synchronously,
+    /// with [`vhdx::absorb_parent`] on the closed files. The job is persisted first: if this
+    /// is interrupted, calling it again (or starting the VM) resumes it. `disks` as
+    /// configured (read-only ones are left alone). `Ok(None)`: nothing to do; otherwise the
+    /// finished job, whose [`MergeJob::absorbed`] lists the layers no chain uses any more.
+    pub fn consolidate(vm_dir: &Path, disks: &[DiskConfig]) -> Result<Option<MergeJob>> {
+        let paths: Vec<PathBuf> = disks.iter().map(|d| d.path.clone()).collect();
+        let mut st = DiskState::load_or_new(vm_dir, &paths)?;
+        // Disks not configured any more are left alone.
+        let ro: Vec<bool> = (0..st.leaves.len())
+            .map(|i| disks.get(i).is_none_or(|d| d.read_only))
+            .collect();
+        let (no, closing) = (AtomicBool::new(false), AtomicBool::new(false));
+        let id = match st.active_merge().cloned() {
+            Some(j) if j.kind == MergeKind::Consolidate => {
+                if let Some(a) = st.jobs.iter_mut().find(|a| a.id == j.id) {
+                    if let MergeState::Cancelled { next_block } = a.state {
+                        a.state = MergeState::Copying { next_block };
+                    }
+                }
+                st.save(vm_dir)?;
+                j.id
+            }
+            Some(j) => return Err(busy_with(&j)),
+            None => {
+                let probe = Mutex::new(DiskState::new(Vec::new()));
+                let ctx = crate::absorb::Ctx {
+                    vm_dir,
+                    state: &probe,
+                    chains: &[],
+                    cancel: &no,
+                    closing: &closing,
+                };
+                if !crate::consolidate::anything_to_do(&ctx, &st, &ro)? {
+                    return Ok(None);
+                }
+                let job = crate::consolidate::new_job();
+                st.jobs.push(job.clone());
+                st.save(vm_dir)?;
+                job.id
+            }
+        };
+        let state = Mutex::new(st);
+        let ctx = crate::absorb::Ctx {
+            vm_dir,
+            state: &state,
+            chains: &[],
+            cancel: &no,
+            closing: &closing,
+        };
+        let r = crate::consolidate::run(&ctx, &id, &ro);
+        let mut st = lock(&state);
+        if let Err(e) = &r {
+            if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
+                j.state = MergeState::Failed {
+                    reason: e.to_string(),
+                };
+            }
+            let _ = st.save(vm_dir);
+        }
+        r?;
+        Ok(st.jobs.iter().find(|j| j.id == id).cloned())
     }
 
     /// Writes each disk of a checkpoint as a standalone dynamic VHDX `dir/disk<i>.vhdx`.

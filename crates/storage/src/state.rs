@@ -86,24 +86,32 @@ pub enum MergeKind {
     /// (its children's images, and the leaf when the VM runs on it) takes over that image's
     /// data and is re-pointed at its parent; the image is then deleted.
     IntoChildren,
+    /// No checkpoint is removed: each disk's running leaf absorbs its parents one after
+    /// another (down to the bottom image, or to the first checkpoint image) and is
+    /// re-pointed past each; the absorbed layers are listed in [`MergeJob::absorbed`] and
+    /// left in place ([`crate::DiskService::consolidate`]).
+    Consolidate,
 }
 
-/// A merge of one disk's layers, removing a checkpoint.
+/// A merge of one disk's layers: removing a checkpoint, or consolidating the running
+/// chains ([`MergeKind::Consolidate`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MergeJob {
     /// Job id.
     pub id: String,
-    /// The checkpoint being removed.
+    /// The checkpoint being removed (empty for [`MergeKind::Consolidate`]).
     pub checkpoint: String,
     /// Direction.
     #[serde(default)]
     pub kind: MergeKind,
     /// Disk index.
     pub disk: usize,
-    /// The layer whose data moves: the leaf ([`MergeKind::IntoParent`]) or the removed
-    /// checkpoint's image ([`MergeKind::IntoChildren`]).
+    /// The layer whose data moves: the leaf ([`MergeKind::IntoParent`]), the removed
+    /// checkpoint's image ([`MergeKind::IntoChildren`]) or the leaf's parent being absorbed
+    /// ([`MergeKind::Consolidate`]).
     pub top: PathBuf,
-    /// The image receiving the data: the leaf's parent, or the child being filled.
+    /// The image receiving the data: the leaf's parent, the child being filled, or the
+    /// leaf ([`MergeKind::Consolidate`]).
     pub target: PathBuf,
     /// Children already re-pointed ([`MergeKind::IntoChildren`]).
     #[serde(default)]
@@ -112,6 +120,11 @@ pub struct MergeJob {
     /// start, if a crash came in between).
     #[serde(default)]
     pub obsolete: Vec<PathBuf>,
+    /// Layers a consolidation absorbed, in order: no chain of this VM references them any
+    /// more, but they are not deleted (a replica store or another chain may still use
+    /// them); the caller decides ([`MergeKind::Consolidate`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub absorbed: Vec<PathBuf>,
     /// Blocks to copy.
     pub total_blocks: u64,
     /// Where it is.

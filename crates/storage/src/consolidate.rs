@@ -1,0 +1,191 @@
+//! Consolidating the running chains ([`MergeKind::Consolidate`]): after a Replica failover a
+//! VM runs on a differencing leaf over a deep stack of recovery-point layers. For each disk,
+//! while the leaf's parent `X` has a parent itself, the leaf takes over `X`'s data (only
+//! what it does not hold itself, so what it shows never changes) and is re-pointed at `X`'s
+//! parent in one metadata-log commit, live, 1 MiB at a time under the lock that keeps guest
+//! writes off that MiB ([`crate::DiskChain::begin_absorb`]), or offline with
+//! [`vhdx::absorb_parent`] when the VM is off. In the end each leaf sits on the bottom image.
+//!
+//! The absorbed layers are reported ([`crate::MergeJob::absorbed`]) and never deleted:
+//! they may be a replica store's recovery points or shared by another chain.
+//!
+//! The consolidation stops at the first parent that is a checkpoint image of this VM: that
+//! image and everything under it are what the checkpoint restores (and its children's
+//! images sit on them), so they stay referenced either way; absorbing them would only copy
+//! shared data into the leaf. Removing a checkpoint is what merges its layer away.
+//!
+//! Crash safety: the work to do is derived from the chains on disk, not from the job: a
+//! leaf already re-pointed past `X` no longer has `X` as its parent and the next layer is
+//! taken; a half-filled leaf is filled again from the last recorded chunk (filling is
+//! idempotent). Guest writes acknowledged meanwhile are in the write journal.
+
+use crate::absorb::{fill_live, fill_offline, lock, same, update, vhdx_size, Ctx};
+use crate::error::{Result, StorageError};
+use crate::image::open_image;
+use crate::state::{now_unix, DiskState, MergeJob, MergeKind, MergeState};
+use std::path::{Path, PathBuf};
+
+/// A new consolidation job.
+pub(crate) fn new_job() -> MergeJob {
+    MergeJob {
+        id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+        checkpoint: String::new(),
+        kind: MergeKind::Consolidate,
+        disk: 0,
+        top: PathBuf::new(),
+        target: PathBuf::new(),
+        finished: Vec::new(),
+        obsolete: Vec::new(),
+        absorbed: Vec::new(),
+        total_blocks: 0,
+        state: MergeState::Copying { next_block: 0 },
+        started: now_unix(),
+    }
+}
+
+fn is_checkpoint_image(st: &DiskState, p: &Path) -> bool {
+    st.checkpoints
+        .iter()
+        .any(|c| c.images.iter().any(|img| same(img, p)))
+}
+
+/// Disk `i`'s chain, leaf first: the running one, or read from the files when off.
+fn chain_of(ctx: &Ctx<'_>, st: &DiskState, i: usize) -> Result<Vec<PathBuf>> {
+    if let Some(ch) = ctx.chains.get(i) {
+        return Ok(ch.chain_paths());
+    }
+    let Some(leaf) = st.leaves.get(i) else {
+        return Ok(Vec::new());
+    };
+    Ok(open_image(leaf, true)?.chain_paths())
+}
+
+/// The layers disk `i`'s leaf still has to absorb, the leaf's parent first: every parent
+/// that has a parent itself, up to the first checkpoint image. None for a read-only disk
+/// or a leaf that is a checkpoint image (it must not change).
+pub(crate) fn pending(
+    ctx: &Ctx<'_>,
+    st: &DiskState,
+    read_only: &[bool],
+    i: usize,
+) -> Result<Vec<PathBuf>> {
+    if read_only.get(i).copied().unwrap_or(false) {
+        return Ok(Vec::new());
+    }
+    let paths = chain_of(ctx, st, i)?;
+    let Some((leaf, below)) = paths.split_first() else {
+        return Ok(Vec::new());
+    };
+    if is_checkpoint_image(st, leaf) || below.len() < 2 {
+        return Ok(Vec::new());
+    }
+    Ok(below[..below.len() - 1]
+        .iter()
+        .take_while(|p| !is_checkpoint_image(st, p))
+        .cloned()
+        .collect())
+}
+
+/// Whether any disk has a layer to absorb.
+pub(crate) fn anything_to_do(ctx: &Ctx<'_>, st: &DiskState, read_only: &[bool]) -> Result<bool> {
+    for i in 0..st.leaves.len() {
+        if !pending(ctx, st, read_only, i)?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Records the job's current layer as absorbed once it has left its disk's chain (also
+/// after a crash between the re-pointing and the job's update).
+fn note_absorbed(ctx: &Ctx<'_>, st: &mut DiskState, id: &str) -> Result<()> {
+    let Some(j) = st.jobs.iter().find(|j| j.id == id) else {
+        return Err(StorageError::NotFound(format!("no job {id}")));
+    };
+    let (disk, top) = (j.disk, j.top.clone());
+    if top.as_os_str().is_empty() || j.absorbed.iter().any(|a| same(a, &top)) {
+        return Ok(());
+    }
+    if chain_of(ctx, st, disk)?.iter().any(|p| same(p, &top)) {
+        return Ok(());
+    }
+    if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
+        j.absorbed.push(top);
+    }
+    st.save(ctx.vm_dir)
+}
+
+/// Runs (or resumes) consolidation job `id` until it is done, cancelled or the service
+/// closes. `read_only[i]`: disk `i` is served read-only (left alone).
+pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
+    loop {
+        let (job, item) = {
+            let mut st = lock(ctx.state);
+            note_absorbed(ctx, &mut st, id)?;
+            let job = st
+                .jobs
+                .iter()
+                .find(|j| j.id == id)
+                .cloned()
+                .ok_or_else(|| StorageError::NotFound(format!("no job {id}")))?;
+            let MergeState::Copying { .. } = job.state else {
+                return Ok(());
+            };
+            let mut item = None;
+            for i in 0..st.leaves.len() {
+                if let Some(x) = pending(ctx, &st, read_only, i)?.into_iter().next() {
+                    item = Some((i, st.leaves[i].clone(), x));
+                    break;
+                }
+            }
+            if item.is_none() {
+                if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
+                    j.state = MergeState::Done;
+                }
+                st.save(ctx.vm_dir)?;
+                tracing::info!(job = %id, absorbed = job.absorbed.len(), "chains consolidated");
+                return Ok(());
+            }
+            (job, item)
+        };
+        let Some((disk, k, x)) = item else {
+            return Ok(());
+        };
+        let resume_at = match job.state {
+            MergeState::Copying { next_block }
+                if job.disk == disk && job.target == k && job.top == x =>
+            {
+                next_block
+            }
+            _ => 0,
+        };
+        let live = ctx.chains.get(disk);
+        let total = match live {
+            Some(ch) => ch.absorb_chunks(),
+            None => vhdx_size(&k)?.div_ceil(1 << 20),
+        };
+        update(ctx, id, |j| {
+            j.disk = disk;
+            j.top = x.clone();
+            j.target = k.clone();
+            j.total_blocks = total;
+            j.state = MergeState::Copying {
+                next_block: resume_at,
+            };
+        })?;
+        let done = match live {
+            Some(ch) => fill_live(ctx, id, ch, &x, &k, resume_at)?,
+            None => fill_offline(ctx, id, &x, &k)?,
+        };
+        if !done {
+            return Ok(());
+        }
+        update(ctx, id, |j| {
+            if !j.absorbed.contains(&x) {
+                j.absorbed.push(x.clone());
+            }
+            j.state = MergeState::Copying { next_block: total };
+        })?;
+        tracing::info!(job = %id, disk, leaf = %k.display(), absorbed = %x.display(), "layer absorbed");
+    }
+}
