@@ -43,6 +43,12 @@ pub(crate) fn new_job() -> MergeJob {
     }
 }
 
+/// `p` without `..` detours and links: parents are found through relative locators
+/// (`failover/../store/p4.avhdx`), and the caller compares the report with its own paths.
+fn clean(p: &Path) -> PathBuf {
+    p.canonicalize().unwrap_or_else(|_| p.to_path_buf())
+}
+
 fn is_checkpoint_image(st: &DiskState, p: &Path) -> bool {
     st.checkpoints
         .iter()
@@ -110,7 +116,7 @@ fn note_absorbed(ctx: &Ctx<'_>, st: &mut DiskState, id: &str) -> Result<()> {
         return Ok(());
     }
     if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
-        j.absorbed.push(top);
+        j.absorbed.push(clean(&top));
     }
     st.save(ctx.vm_dir)
 }
@@ -181,8 +187,8 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
             return Ok(());
         }
         update(ctx, id, |j| {
-            if !j.absorbed.contains(&x) {
-                j.absorbed.push(x.clone());
+            if !j.absorbed.iter().any(|a| same(a, &x)) {
+                j.absorbed.push(clean(&x));
             }
             j.state = MergeState::Copying { next_block: total };
         })?;
