@@ -55,69 +55,72 @@ fn is_checkpoint_image(st: &DiskState, p: &Path) -> bool {
         .any(|c| c.images.iter().any(|img| same(img, p)))
 }
 
-/// Disk `i`'s chain, leaf first: the running one, or read from the files when off.
-fn chain_of(ctx: &Ctx<'_>, st: &DiskState, i: usize) -> Result<Vec<PathBuf>> {
-    if let Some(ch) = ctx.chains.get(i) {
-        return Ok(ch.chain_paths());
-    }
-    let Some(leaf) = st.leaves.get(i) else {
-        return Ok(Vec::new());
-    };
-    Ok(open_image(leaf, true)?.chain_paths())
+/// Every disk's chain, leaf first: the running ones, or read from the files when off.
+/// Must be called without the state lock held: a chain switch saves the state while it
+/// holds the chain's lock.
+pub(crate) fn chains_now(ctx: &Ctx<'_>, leaves: &[PathBuf]) -> Result<Vec<Vec<PathBuf>>> {
+    leaves
+        .iter()
+        .enumerate()
+        .map(|(i, leaf)| match ctx.chains.get(i) {
+            Some(ch) => Ok(ch.chain_paths()),
+            None => Ok(open_image(leaf, true)?.chain_paths()),
+        })
+        .collect()
 }
 
-/// The layers disk `i`'s leaf still has to absorb, the leaf's parent first: every parent
-/// that has a parent itself, up to the first checkpoint image. None for a read-only disk
-/// or a leaf that is a checkpoint image (it must not change).
-pub(crate) fn pending(
-    ctx: &Ctx<'_>,
-    st: &DiskState,
-    read_only: &[bool],
-    i: usize,
-) -> Result<Vec<PathBuf>> {
-    if read_only.get(i).copied().unwrap_or(false) {
-        return Ok(Vec::new());
-    }
-    let paths = chain_of(ctx, st, i)?;
-    let Some((leaf, below)) = paths.split_first() else {
-        return Ok(Vec::new());
+/// The layers a leaf still has to absorb (`chain` leaf first), the leaf's parent first:
+/// every parent that has a parent itself, up to the first checkpoint image. None for a
+/// read-only disk or a leaf that is a checkpoint image (it must not change).
+fn pending(st: &DiskState, chain: &[PathBuf], read_only: bool) -> Vec<PathBuf> {
+    let Some((leaf, below)) = chain.split_first() else {
+        return Vec::new();
     };
-    if is_checkpoint_image(st, leaf) || below.len() < 2 {
-        return Ok(Vec::new());
+    if read_only || is_checkpoint_image(st, leaf) || below.len() < 2 {
+        return Vec::new();
     }
-    Ok(below[..below.len() - 1]
+    below[..below.len() - 1]
         .iter()
         .take_while(|p| !is_checkpoint_image(st, p))
         .cloned()
-        .collect())
+        .collect()
 }
 
-/// Whether any disk has a layer to absorb.
-pub(crate) fn anything_to_do(ctx: &Ctx<'_>, st: &DiskState, read_only: &[bool]) -> Result<bool> {
-    for i in 0..st.leaves.len() {
-        if !pending(ctx, st, read_only, i)?.is_empty() {
-            return Ok(true);
-        }
-    }
-    Ok(false)
+/// [`pending`] of every disk (index = disk index); `read_only[i]`: disk `i` is left alone.
+pub(crate) fn plan(
+    st: &DiskState,
+    chains: &[Vec<PathBuf>],
+    read_only: &[bool],
+) -> Vec<Vec<PathBuf>> {
+    chains
+        .iter()
+        .enumerate()
+        .map(|(i, c)| pending(st, c, read_only.get(i).copied().unwrap_or(false)))
+        .collect()
 }
 
 /// Records the job's current layer as absorbed once it has left its disk's chain (also
 /// after a crash between the re-pointing and the job's update).
-fn note_absorbed(ctx: &Ctx<'_>, st: &mut DiskState, id: &str) -> Result<()> {
-    let Some(j) = st.jobs.iter().find(|j| j.id == id) else {
+fn note_absorbed(
+    ctx: &Ctx<'_>,
+    st: &mut DiskState,
+    id: &str,
+    chains: &[Vec<PathBuf>],
+) -> Result<()> {
+    let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) else {
         return Err(StorageError::NotFound(format!("no job {id}")));
     };
-    let (disk, top) = (j.disk, j.top.clone());
+    let top = j.top.clone();
     if top.as_os_str().is_empty() || j.absorbed.iter().any(|a| same(a, &top)) {
         return Ok(());
     }
-    if chain_of(ctx, st, disk)?.iter().any(|p| same(p, &top)) {
+    let in_chain = chains
+        .get(j.disk)
+        .is_some_and(|c| c.iter().any(|p| same(p, &top)));
+    if in_chain {
         return Ok(());
     }
-    if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
-        j.absorbed.push(clean(&top));
-    }
+    j.absorbed.push(clean(&top));
     st.save(ctx.vm_dir)
 }
 
@@ -125,9 +128,11 @@ fn note_absorbed(ctx: &Ctx<'_>, st: &mut DiskState, id: &str) -> Result<()> {
 /// closes. `read_only[i]`: disk `i` is served read-only (left alone).
 pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
     loop {
+        let leaves = lock(ctx.state).leaves.clone();
+        let chains = chains_now(ctx, &leaves)?;
         let (job, item) = {
             let mut st = lock(ctx.state);
-            note_absorbed(ctx, &mut st, id)?;
+            note_absorbed(ctx, &mut st, id, &chains)?;
             let job = st
                 .jobs
                 .iter()
@@ -137,13 +142,11 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
             let MergeState::Copying { .. } = job.state else {
                 return Ok(());
             };
-            let mut item = None;
-            for i in 0..st.leaves.len() {
-                if let Some(x) = pending(ctx, &st, read_only, i)?.into_iter().next() {
-                    item = Some((i, st.leaves[i].clone(), x));
-                    break;
-                }
-            }
+            // Only this job changes the chains while it runs: the snapshot is current.
+            let item = plan(&st, &chains, read_only)
+                .into_iter()
+                .enumerate()
+                .find_map(|(i, p)| Some((i, chains[i].first()?.clone(), p.into_iter().next()?)));
             if item.is_none() {
                 if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
                     j.state = MergeState::Done;

@@ -309,32 +309,33 @@ impl DiskService {
     /// another merge job is unfinished or a disk is being mirrored (storage migration).
     pub fn consolidate(self: &Arc<Self>) -> Result<Option<MergeJob>> {
         let _op = lock(&self.op);
-        let mut st = lock(&self.state);
-        if let Some(j) = st.active_merge() {
+        if let Some(j) = lock(&self.state).active_merge() {
             return Err(busy_with(j));
         }
+        // Chain locks are taken outside the state lock, never inside it (a chain switch
+        // saves the state while it holds its chain's lock).
         for (i, c) in self.chains.iter().enumerate() {
-            crate::mirror::refuse_while_mirroring(&c.layers.read().unwrap_or_else(PoisonError::into_inner))
-                .map_err(|_| {
-                    StorageError::Busy(format!(
-                        "disk {i} is being mirrored (storage migration); wait for it or cancel it before consolidating"
-                    ))
-                })?;
+            let mirroring = crate::mirror::refuse_while_mirroring(
+                &c.layers.read().unwrap_or_else(PoisonError::into_inner),
+            )
+            .is_err();
+            if mirroring {
+                return Err(StorageError::Busy(format!(
+                    "disk {i} is being mirrored (storage migration); wait for it or cancel it before consolidating"
+                )));
+            }
             if c.is_merging() || c.is_absorbing() {
                 return Err(StorageError::Busy(format!(
                     "a merge is running on disk {i}; wait for it before consolidating"
                 )));
             }
         }
-        let (no, closing) = (AtomicBool::new(false), AtomicBool::new(false));
-        let ctx = crate::absorb::Ctx {
-            vm_dir: &self.vm_dir,
-            state: &self.state,
-            chains: &self.chains,
-            cancel: &no,
-            closing: &closing,
-        };
-        if !crate::consolidate::anything_to_do(&ctx, &st, &self.read_only_disks())? {
+        let plan = self.consolidation_pending()?;
+        let mut st = lock(&self.state);
+        if let Some(j) = st.active_merge() {
+            return Err(busy_with(j));
+        }
+        if plan.iter().all(Vec::is_empty) {
             return Ok(None);
         }
         let job = crate::consolidate::new_job();
@@ -358,10 +359,12 @@ impl DiskService {
             cancel: &no,
             closing: &closing,
         };
-        let ro = self.read_only_disks();
-        (0..st.leaves.len())
-            .map(|i| crate::consolidate::pending(&ctx, &st, &ro, i))
-            .collect()
+        let chains = crate::consolidate::chains_now(&ctx, &st.leaves)?;
+        Ok(crate::consolidate::plan(
+            &st,
+            &chains,
+            &self.read_only_disks(),
+        ))
     }
 
     fn read_only_disks(&self) -> Vec<bool> {
@@ -801,7 +804,11 @@ pub mod offline {
                     cancel: &no,
                     closing: &closing,
                 };
-                if !crate::consolidate::anything_to_do(&ctx, &st, &ro)? {
+                let chains = crate::consolidate::chains_now(&ctx, &st.leaves)?;
+                if crate::consolidate::plan(&st, &chains, &ro)
+                    .iter()
+                    .all(Vec::is_empty)
+                {
                     return Ok(None);
                 }
                 let job = crate::consolidate::new_job();

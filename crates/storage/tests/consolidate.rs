@@ -600,3 +600,36 @@ fn sigkill_mid_job_resumes_without_loss() {
         "only {unfinished} kills fell inside the job"
     );
 }
+
+/// A job cancelled while the VM ran is finished by the offline call once the VM is off
+/// (same job, the layers it had absorbed already still reported).
+#[test]
+fn cancelled_job_finishes_offline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (leaf, mut model) = build(root, MIDDLE + 2);
+    let (vm, _, imgs) = layout(root);
+    {
+        let rt = runtime();
+        let _g = rt.enter();
+        let svc = start(root, &leaf);
+        let chain = svc.chain(0).unwrap();
+        fill(&chain, &mut model, 21, 17 * MIB + 1024);
+        let job = svc.consolidate().unwrap().unwrap();
+        svc.cancel_job(&job.id).unwrap();
+        let j = wait_job(&svc, &job.id);
+        assert!(matches!(j.state, MergeState::Cancelled { .. }), "{j:?}");
+        svc.close().unwrap();
+    }
+    let cfg = [DiskConfig {
+        path: leaf.clone(),
+        read_only: false,
+    }];
+    let before = storage::DiskState::load(&vm).unwrap().unwrap().jobs;
+    let end = offline::consolidate(&vm, &cfg).unwrap().expect("the job");
+    assert_eq!(end.id, before[0].id);
+    assert_eq!(end.state, MergeState::Done, "{end:?}");
+    assert_eq!(end.absorbed.len(), MIDDLE, "{end:?}");
+    assert!(same(&parent_of(&leaf).unwrap(), &imgs[0]));
+    assert_same(&view(&leaf), &model, "leaf after the offline finish");
+}
