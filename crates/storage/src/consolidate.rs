@@ -143,10 +143,14 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
                 return Ok(());
             };
             // Only this job changes the chains while it runs: the snapshot is current.
+            let first = |(i, p): (usize, Vec<PathBuf>)| {
+                let leaf = chains.get(i)?.first()?.clone();
+                Some((i, leaf, p.into_iter().next()?))
+            };
             let item = plan(&st, &chains, read_only)
                 .into_iter()
                 .enumerate()
-                .find_map(|(i, p)| Some((i, chains[i].first()?.clone(), p.into_iter().next()?)));
+                .find_map(first);
             if item.is_none() {
                 if let Some(j) = st.jobs.iter_mut().find(|j| j.id == id) {
                     j.state = MergeState::Done;

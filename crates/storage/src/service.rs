@@ -725,6 +725,12 @@ pub mod offline {
     pub fn remove(vm_dir: &Path, name: &str) -> Result<()> {
         let mut st = DiskState::load(vm_dir)?
             .ok_or_else(|| StorageError::NotFound("this VM has no checkpoints".into()))?;
+        if let Some(j) = st
+            .active_merge()
+            .filter(|j| j.kind == MergeKind::Consolidate)
+        {
+            return Err(busy_with(j));
+        }
         match plan_remove(&st, name)? {
             Removal::DeleteFiles(cp, files) => {
                 st.checkpoints.retain(|c| c.id != cp);

@@ -626,6 +626,8 @@ fn cancelled_job_finishes_offline() {
         read_only: false,
     }];
     let before = storage::DiskState::load(&vm).unwrap().unwrap().jobs;
+    let e = offline::remove(&vm, "any").unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Busy, "offline removal refused: {e}");
     let end = offline::consolidate(&vm, &cfg).unwrap().expect("the job");
     assert_eq!(end.id, before[0].id);
     assert_eq!(end.state, MergeState::Done, "{end:?}");
