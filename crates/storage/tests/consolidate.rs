@@ -635,3 +635,46 @@ fn cancelled_job_finishes_offline() {
     assert!(same(&parent_of(&leaf).unwrap(), &imgs[0]));
     assert_same(&view(&leaf), &model, "leaf after the offline finish");
 }
+
+/// Several disks: one job consolidates every writable disk in turn (disk 1's layers after
+/// disk 0's); a read-only disk's chain is left as it is.
+#[test]
+fn every_writable_disk_of_the_vm() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let (vm, run, _) = layout(root);
+    std::fs::create_dir_all(&vm).unwrap();
+    std::fs::create_dir_all(&run).unwrap();
+    let disks: Vec<(PathBuf, Vec<u8>)> = (0..3)
+        .map(|d| build(&root.join(format!("d{d}")), 3 + d))
+        .collect();
+    let cfg: Vec<DiskConfig> = disks
+        .iter()
+        .enumerate()
+        .map(|(d, (leaf, _))| DiskConfig {
+            path: leaf.clone(),
+            read_only: d == 2,
+        })
+        .collect();
+    let rt = runtime();
+    let _g = rt.enter();
+    let svc = DiskService::start(&vm, &run, &cfg).unwrap();
+    let pending: Vec<usize> = svc
+        .consolidation_pending()
+        .unwrap()
+        .iter()
+        .map(Vec::len)
+        .collect();
+    assert_eq!(pending, [1, 2, 0]);
+    let job = svc.consolidate().unwrap().unwrap();
+    let end = wait_job(&svc, &job.id);
+    assert_eq!(end.state, MergeState::Done, "{end:?}");
+    assert_eq!(end.absorbed.len(), 3, "{end:?}");
+    for (d, (_, model)) in disks.iter().enumerate() {
+        let chain = svc.chain(d).unwrap();
+        let want = if d == 2 { 5 } else { 2 };
+        assert_eq!(chain.chain_paths().len(), want, "disk {d}");
+        assert_same(&read_all(&chain), model, &format!("disk {d}"));
+    }
+    svc.close().unwrap();
+}
