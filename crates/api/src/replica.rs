@@ -44,6 +44,11 @@ pub struct CutRequest {
     /// says why.
     #[serde(default)]
     pub app_consistent: bool,
+    /// Write the cycle straight into `path` as it is cut (no temporary file): the daemon
+    /// ships it while it grows. A worker that predates this writes a temporary file and
+    /// renames it (`CutStats::streamed` false).
+    #[serde(default)]
+    pub stream: bool,
 }
 
 /// Worker `POST /replica/resync` body: compare the tracked disks with the replica's

@@ -139,7 +139,7 @@ impl<W: Write> CycleWriter<W> {
                 "block at {off:#x} past the end of disk {disk}"
             )));
         }
-        let zero = data.iter().all(|&b| b == 0);
+        let zero = is_zero(data);
         self.put(&[if zero { TAG_ZERO } else { TAG_DATA }])?;
         self.put(&disk.to_le_bytes())?;
         self.put(&off.to_le_bytes())?;
@@ -166,6 +166,13 @@ impl<W: Write> CycleWriter<W> {
         self.w.flush().map_err(CycleError::Io)?;
         Ok(self.w)
     }
+}
+
+/// Whether `data` is all zeros: compared with a zero buffer (memcmp, vectorised), several
+/// times faster than a byte loop; initial replication of a sparse disk is mostly this.
+fn is_zero(data: &[u8]) -> bool {
+    static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
+    data.chunks(ZEROS.len()).all(|c| c == &ZEROS[..c.len()])
 }
 
 struct Crc<R> {
@@ -195,43 +202,88 @@ impl<R: Read> Crc<R> {
     }
 }
 
-/// Reads and fully validates a cycle. Nothing is returned unless every record is well
-/// formed, inside its disk, decompresses to its stated length and checksum, and the end
-/// record's count and checksum match.
-pub fn read_cycle(r: impl Read) -> Result<(CycleHeader, Vec<Block>), CycleError> {
-    let mut c = Crc { r, crc: 0 };
-    if c.take(8)? != MAGIC {
-        return Err(bad("not a Vireo replication cycle (bad magic)"));
+/// Reads a cycle record by record, validating as it goes: each record's bounds, size,
+/// decompression and checksum before it is returned, the end record's count and the
+/// checksum of the whole cycle at [`CycleReader::next_block`]'s `None`. A caller that
+/// acts on blocks before the end must be able to forget them when a later error comes
+/// (the replica writes partial cycles in place, and complete ones into layers that become
+/// a point only after the end validated).
+pub struct CycleReader<R: Read> {
+    c: Crc<R>,
+    header: CycleHeader,
+    records: u64,
+    done: bool,
+}
+
+impl<R: Read> CycleReader<R> {
+    /// Reads and checks the magic and the header.
+    pub fn new(r: R) -> Result<Self, CycleError> {
+        let mut c = Crc { r, crc: 0 };
+        if c.take(8)? != MAGIC {
+            return Err(bad("not a Vireo replication cycle (bad magic)"));
+        }
+        let hl = c.u32()?;
+        if hl > MAX_HEADER {
+            return Err(bad(format!("header of {hl} bytes")));
+        }
+        let header: CycleHeader = serde_json::from_slice(&c.take(hl as usize)?)
+            .map_err(|e| bad(format!("header: {e}")))?;
+        Ok(CycleReader {
+            c,
+            header,
+            records: 0,
+            done: false,
+        })
     }
-    let hl = c.u32()?;
-    if hl > MAX_HEADER {
-        return Err(bad(format!("header of {hl} bytes")));
+
+    /// The cycle's header.
+    pub fn header(&self) -> &CycleHeader {
+        &self.header
     }
-    let header: CycleHeader =
-        serde_json::from_slice(&c.take(hl as usize)?).map_err(|e| bad(format!("header: {e}")))?;
-    let mut blocks = Vec::new();
-    loop {
+
+    /// The next validated block, or `None` once the end record and the cycle's checksum
+    /// have been checked (only then is the cycle known to be whole).
+    pub fn next_block(&mut self) -> Result<Option<Block>, CycleError> {
+        if self.done {
+            return Ok(None);
+        }
+        let c = &mut self.c;
         let tag = c.u8()?;
         if tag == TAG_END {
-            break;
+            let n = c.u64()?;
+            let want = c.crc;
+            let mut b = [0u8; 4];
+            c.r.read_exact(&mut b)?;
+            if n != self.records {
+                return Err(bad(format!(
+                    "end record counts {n} records, found {}",
+                    self.records
+                )));
+            }
+            if u32::from_le_bytes(b) != want {
+                return Err(bad("the cycle fails its checksum"));
+            }
+            self.done = true;
+            return Ok(None);
         }
         if tag != TAG_DATA && tag != TAG_ZERO {
             return Err(bad(format!("unknown record tag {tag:#x}")));
         }
-        if blocks.len() as u64 >= MAX_RECORDS {
+        if self.records >= MAX_RECORDS {
             return Err(bad("too many records"));
         }
         let disk = c.u32()?;
         let off = c.u64()?;
         let len = c.u32()?;
-        let size = header
+        let size = self
+            .header
             .disk_sizes
             .get(disk as usize)
             .copied()
             .ok_or_else(|| {
                 bad(format!(
                     "record for disk {disk}, the VM has {}",
-                    header.disk_sizes.len()
+                    self.header.disk_sizes.len()
                 ))
             })?;
         if len == 0 || len > MAX_BLOCK {
@@ -260,27 +312,26 @@ pub fn read_cycle(r: impl Read) -> Result<(CycleHeader, Vec<Block>), CycleError>
         } else {
             None
         };
-        blocks.push(Block {
+        self.records += 1;
+        Ok(Some(Block {
             disk,
             off,
             data,
             len,
-        });
+        }))
     }
-    let n = c.u64()?;
-    let want = c.crc;
-    let mut b = [0u8; 4];
-    c.r.read_exact(&mut b)?;
-    if n != blocks.len() as u64 {
-        return Err(bad(format!(
-            "end record counts {n} records, found {}",
-            blocks.len()
-        )));
+}
+
+/// Reads and fully validates a cycle. Nothing is returned unless every record is well
+/// formed, inside its disk, decompresses to its stated length and checksum, and the end
+/// record's count and checksum match.
+pub fn read_cycle(r: impl Read) -> Result<(CycleHeader, Vec<Block>), CycleError> {
+    let mut cr = CycleReader::new(r)?;
+    let mut blocks = Vec::new();
+    while let Some(b) = cr.next_block()? {
+        blocks.push(b);
     }
-    if u32::from_le_bytes(b) != want {
-        return Err(bad("the cycle fails its checksum"));
-    }
-    Ok((header, blocks))
+    Ok((cr.header, blocks))
 }
 
 #[cfg(test)]

@@ -27,10 +27,10 @@ pub mod store;
 pub mod transport;
 
 pub use cycle::{read_cycle, Block, CycleError, CycleHeader, CycleWriter};
-pub use primary::{cut_to_file, cut_to_file_marked, CutError, CutStats};
+pub use primary::{cut_streaming, cut_to_file, cut_to_file_marked, CutError, CutStats};
 pub use resync::{ResyncError, ResyncStats, Sums, SUM_BLOCK};
 pub use store::{points_to_drop, ErrorKind, Point, ReplicaStore, StoreError};
 pub use transport::{
-    answer_cycle, error_chain, read_json, read_shipped, receive_cycle, send_cycle, write_json,
-    TransportError,
+    answer_cycle, error_chain, read_json, read_shipped, receive_cycle, receive_streamed,
+    send_cycle, send_cycle_from, write_json, StreamSender, TransportError,
 };

@@ -67,6 +67,9 @@ pub struct CutStats {
     /// How long the guest's file systems stayed frozen, milliseconds.
     #[serde(default)]
     pub frozen_ms: u64,
+    /// Written straight into the asked path as it was cut ([`cut_streaming`]).
+    #[serde(default)]
+    pub streamed: bool,
 }
 
 fn now_ms() -> u64 {
@@ -100,6 +103,37 @@ pub fn cut_to_file_marked(
     path: &Path,
     app_consistent: bool,
 ) -> Result<CutStats, CutError> {
+    cut_inner(disks, vm, seq, max_grains, path, app_consistent, false)
+}
+
+/// [`cut_to_file_marked`] written straight into `path` as the grains are read (no
+/// temporary file), so the daemon can ship the cycle while it grows: the file is a whole
+/// cycle only once this returns (its end record and checksum come last, and the replica
+/// refuses a cycle without them). On failure the trackers are put back and the file is
+/// removed.
+pub fn cut_streaming(
+    disks: &[TrackedDisk],
+    vm: &str,
+    seq: u64,
+    max_grains: u64,
+    path: &Path,
+    app_consistent: bool,
+) -> Result<CutStats, CutError> {
+    cut_inner(disks, vm, seq, max_grains, path, app_consistent, true)
+}
+
+/// Bytes the cut buffers before they reach the file (what a streaming reader waits for).
+const CUT_BUFFER: usize = 1 << 20;
+
+fn cut_inner(
+    disks: &[TrackedDisk],
+    vm: &str,
+    seq: u64,
+    max_grains: u64,
+    path: &Path,
+    app_consistent: bool,
+    direct: bool,
+) -> Result<CutStats, CutError> {
     let partial = tracking::dirty_total(disks) > max_grains;
     let header = CycleHeader {
         vm: vm.to_string(),
@@ -109,14 +143,19 @@ pub fn cut_to_file_marked(
         partial,
         app_consistent: app_consistent && !partial,
     };
-    let tmp = path.with_extension("tmp");
+    let tmp = if direct {
+        path.to_path_buf()
+    } else {
+        path.with_extension("tmp")
+    };
     let r = (|| {
         let f = std::fs::File::create(&tmp).map_err(|source| CutError::Io {
             op: "creating",
             path: tmp.clone(),
             source,
         })?;
-        let mut w = CycleWriter::new(BufWriter::new(f), &header).map_err(CutError::Cycle)?;
+        let mut w = CycleWriter::new(BufWriter::with_capacity(CUT_BUFFER, f), &header)
+            .map_err(CutError::Cycle)?;
         let mut werr = None;
         let mut sink = |disk: usize, off: u64, data: &[u8]| -> std::io::Result<()> {
             w.add(disk as u32, off, data).map_err(|e| {
@@ -142,17 +181,16 @@ pub fn cut_to_file_marked(
             path: tmp.clone(),
             source: e.into_error(),
         })?;
-        f.sync_all().map_err(|source| CutError::Io {
-            op: "syncing",
-            path: tmp.clone(),
-            source,
-        })?;
+        // No fsync: the file only carries the cycle to the daemon, which ships it at once;
+        // after a crash it is never reused (the grains stay marked and are cut again).
         let bytes = f.metadata().map(|m| m.len()).unwrap_or(0);
-        std::fs::rename(&tmp, path).map_err(|source| CutError::Io {
-            op: "renaming into",
-            path: path.to_path_buf(),
-            source,
-        })?;
+        if !direct {
+            std::fs::rename(&tmp, path).map_err(|source| CutError::Io {
+                op: "renaming into",
+                path: path.to_path_buf(),
+                source,
+            })?;
+        }
         Ok(CutStats {
             seq,
             partial,
@@ -165,6 +203,7 @@ pub fn cut_to_file_marked(
             app_consistent: header.app_consistent,
             app_consistent_error: None,
             frozen_ms: 0,
+            streamed: direct,
         })
     })();
     if r.is_err() {

@@ -17,7 +17,9 @@
 //!
 //! Initial replication: until the first complete cycle, partial cycles (no common cut)
 //! are written in place into the base, which is never a recovery point ([`ReplicaStore::points`]
-//! excludes it).
+//! excludes it). They are validated record by record as they are written (the replica
+//! applies them while they stream in); one that fails half way leaves grains in the base
+//! that the primary still has marked and sends again, and does not move the sequence.
 //!
 //! Retention ([`points_to_drop`]): the latest point, plus the newest point of each of the
 //! newest `max_points` buckets (an hour in production), plus the newest
@@ -25,7 +27,7 @@
 //! point's layers are absorbed by the next point's layers, which are re-pointed below it
 //! (`vhdx::absorb_parent`): the cost is the dropped layer's own data, never the base's.
 
-use crate::cycle::{read_cycle, CycleError};
+use crate::cycle::{CycleError, CycleReader};
 use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -446,7 +448,9 @@ impl ReplicaStore {
         )
     }
 
-    /// Reads, validates and applies a cycle atomically; returns the new point.
+    /// Reads, validates and applies a cycle: a complete one atomically (a new point or
+    /// nothing), a partial one into the base as its records stream in (module docs);
+    /// returns the new point.
     pub fn apply(&mut self, r: impl Read) -> Result<Point> {
         self.apply_inner(r, None, None)
     }
@@ -470,9 +474,15 @@ impl ReplicaStore {
         fault: Option<usize>,
         pause: Option<std::time::Duration>,
     ) -> Result<Point> {
-        let (h, blocks) = read_cycle(r)?;
-        if h.partial {
-            return self.apply_partial(&h, &blocks, fault);
+        let mut cr = CycleReader::new(r)?;
+        if cr.header().partial {
+            return self.apply_partial(cr, fault);
+        }
+        // A complete cycle is validated whole before anything is written.
+        let h = cr.header().clone();
+        let mut blocks = Vec::new();
+        while let Some(b) = cr.next_block()? {
+            blocks.push(b);
         }
         self.check_header(&h)?;
         let latest = self.latest().clone();
@@ -576,16 +586,18 @@ impl ReplicaStore {
         Ok(())
     }
 
-    /// A partial cycle of the initial replication: written in place into the base (it is
-    /// not a recovery point, so atomicity does not matter; the writes are idempotent and
-    /// the primary resends what was not acknowledged).
-    fn apply_partial(
+    /// A partial cycle of the initial replication: written in place into the base as its
+    /// records arrive and validate (it is not a recovery point, so atomicity does not
+    /// matter; the writes are idempotent and the primary resends what was not
+    /// acknowledged). It counts as applied, and is acknowledged, only once the end record
+    /// validated and the base is flushed: streaming it overlaps the network with the writes.
+    fn apply_partial<R: Read>(
         &mut self,
-        h: &crate::cycle::CycleHeader,
-        blocks: &[crate::cycle::Block],
+        mut cr: CycleReader<R>,
         fault: Option<usize>,
     ) -> Result<Point> {
-        self.check_header(h)?;
+        let h = cr.header().clone();
+        self.check_header(&h)?;
         if !self.st.initializing || self.st.points.len() != 1 {
             return Err(StoreError::Mismatch(
                 "a partial (initial replication) cycle, but initial replication is complete".into(),
@@ -598,10 +610,12 @@ impl ReplicaStore {
                 .map_err(img("opening", p))?;
             layers.push(v);
         }
-        for (n, b) in blocks.iter().enumerate() {
+        let mut n = 0usize;
+        while let Some(b) = cr.next_block()? {
             if fault == Some(n) {
                 return Err(StoreError::Fault(n));
             }
+            n += 1;
             let (v, p) = (&layers[b.disk as usize], &paths[b.disk as usize]);
             match &b.data {
                 Some(d) => v.write_at(d, b.off).map_err(img("writing", p))?,
@@ -617,7 +631,7 @@ impl ReplicaStore {
         self.st.points[0].seq = h.seq;
         self.st.points[0].cut_unix_ms = h.cut_unix_ms;
         self.save()?;
-        tracing::info!(vm = %self.st.vm, seq = h.seq, blocks = blocks.len(), "applied a partial (initial replication) cycle");
+        tracing::info!(vm = %self.st.vm, seq = h.seq, blocks = n, "applied a partial (initial replication) cycle");
         Ok(self.st.points[0].clone())
     }
 

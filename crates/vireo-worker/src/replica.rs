@@ -196,7 +196,12 @@ async fn cut(
     };
     let frozen = frozen_at.is_some();
     let r = tokio::task::spawn_blocking(move || {
-        replica::cut_to_file_marked(&disks, &req.vm, req.seq, req.max_grains, &req.path, frozen)
+        let cut = if req.stream {
+            replica::cut_streaming
+        } else {
+            replica::cut_to_file_marked
+        };
+        cut(&disks, &req.vm, req.seq, req.max_grains, &req.path, frozen)
     })
     .await;
     let frozen_ms = match frozen_at {

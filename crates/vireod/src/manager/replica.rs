@@ -37,8 +37,15 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
-/// Grains per partial cycle of the initial replication (16 MiB).
-const INITIAL_CHUNK: u64 = 256;
+/// Grains per partial cycle of the initial replication: 128 MiB, so the per-cycle costs
+/// (a connection, the replica's flushes and state file, the tracker commit) are paid
+/// rarely; the replica applies a cycle as it streams in, so a big one costs no latency.
+const INITIAL_CHUNK: u64 = 2048;
+/// With a bandwidth limit, a partial cycle holds about this much sending time (at least
+/// [`INITIAL_CHUNK_MIN`] grains), so a pause or a stop still ends the run soon.
+const INITIAL_CHUNK_SECS: u64 = 2;
+/// Smallest partial cycle (16 MiB).
+const INITIAL_CHUNK_MIN: u64 = 256;
 /// Largest cycle a replica accepts.
 const MAX_CYCLE: u64 = 8 << 30;
 /// Continuous mode: shortest time between cycles.
@@ -215,6 +222,9 @@ struct Sched {
     last: BTreeMap<Uuid, Instant>,
 }
 
+/// Wakes the scheduler before its next tick (an initial replication was started).
+static SCHED_WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
+
 static SCHED: Mutex<Sched> = Mutex::new(Sched {
     busy: BTreeSet::new(),
     last: BTreeMap::new(),
@@ -358,7 +368,12 @@ impl Manager {
     }
 
     fn save_primary(&self, r: &PrimaryRec) -> ApiResult<()> {
-        save_json(&self.primary_path(&r.uuid), r)
+        save_json(&self.primary_path(&r.uuid), r)?;
+        if r.state == ReplicaState::Initial {
+            // A started initial replication begins now, not at the scheduler's next tick.
+            SCHED_WAKE.notify_one();
+        }
+        Ok(())
     }
 
     /// This host's replica settings.
@@ -723,7 +738,11 @@ impl Manager {
     /// The replica scheduler: runs each replicated VM's cycles (spawned at start).
     pub async fn replica_scheduler(self: Arc<Self>) {
         loop {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            // A start wakes it at once (`save_primary`): the tick delayed every start.
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = SCHED_WAKE.notified() => {}
+            }
             for mut r in self.primary_recs() {
                 if r.state == ReplicaState::Enabled && r.start_at_ms.is_some_and(|t| t <= now_ms())
                 {
@@ -924,7 +943,7 @@ impl Manager {
             return Ok(None);
         }
         let max_grains = if r.state == ReplicaState::Initial && !final_cut {
-            INITIAL_CHUNK
+            initial_chunk(r.bandwidth)
         } else {
             u64::MAX
         };
@@ -932,19 +951,33 @@ impl Manager {
         if let Some(d) = file.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        let cut: CutStats = worker
-            .post(
-                "/replica/cut",
-                &CutRequest {
-                    vm: r.vm.clone(),
-                    seq: r.seq + 1,
-                    max_grains,
-                    path: file.clone(),
-                    app_consistent: app_due,
-                },
-            )
-            .await
-            .map_err(|e| ApiError::failed(format!("cutting cycle {}: {e}", r.seq + 1)))?;
+        // The file exists (empty) before the cut starts: it is shipped while it grows.
+        std::fs::File::create(&file)
+            .map_err(|e| ApiError::failed(format!("creating {}: {e}", file.display())))?;
+        let seq = r.seq + 1;
+        let req = CutRequest {
+            vm: r.vm.clone(),
+            seq,
+            max_grains,
+            path: file.clone(),
+            app_consistent: app_due,
+            stream: true,
+        };
+        let cutting = async {
+            worker
+                .post::<_, CutStats>("/replica/cut", &req)
+                .await
+                .map_err(|e| ApiError::failed(format!("cutting cycle {seq}: {e}")))
+        };
+        let (cut, shipped) = ship_while_cut(&client, &r.vm, &r.to, &file, cutting).await;
+        let cut = match cut {
+            Ok(c) => c,
+            Err(e) => {
+                // The worker put its trackers back; the replica refused the truncated cycle.
+                let _ = std::fs::remove_file(&file);
+                return Err(e);
+            }
+        };
         if app_due {
             r.app_attempt_ms = Some(cut.cut_unix_ms);
             r.app_consistent_error = cut.app_consistent_error.clone();
@@ -952,17 +985,6 @@ impl Manager {
                 tracing::info!(vm = %r.vm, seq = cut.seq, frozen_ms = cut.frozen_ms, "application-consistent cut");
             }
         }
-        let shipped = async {
-            let bytes = tokio::fs::read(&file)
-                .await
-                .map_err(|e| format!("reading {}: {e}", file.display()))?;
-            let mut s = open_channel(&client, &r.vm, &r.to, "replica-cycle").await?;
-            let seq = replica::send_cycle(&mut s, &bytes)
-                .await
-                .map_err(|e| chain(&e))?;
-            Ok::<_, String>((seq, bytes.len() as u64))
-        }
-        .await;
         let _ = std::fs::remove_file(&file);
         match shipped {
             Ok((seq, len)) if seq == cut.seq => {
@@ -1937,16 +1959,20 @@ impl Manager {
                 };
                 let _ = replica::write_json(&mut tls, &a).await;
             }
-            "replica-cycle" => {
-                let buf = match replica::read_shipped(&mut tls, MAX_CYCLE).await {
-                    Ok(b) => b,
-                    Err(e) => {
-                        tracing::warn!(vm = %name, "receiving a cycle: {}", chain(&e));
-                        return;
-                    }
-                };
+            "replica-cycle" | "replica-cycle2" => {
+                // Version 2 of the shipping protocol is spoken here: say so (an older
+                // host answers this channel as unknown, and the primary falls back).
+                if h.channel == "replica-cycle2"
+                    && replica::write_json(&mut tls, &Answer::Ok(2u32))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                // The lock is held while the cycle streams in: it is applied as it arrives
+                // (the receive stops after a stall, so a failover never waits forever).
                 let _g = l.lock().await;
-                let outcome = match read_json::<ReplicaRec>(&dir.join("replica-vm.json")) {
+                let rec = match read_json::<ReplicaRec>(&dir.join("replica-vm.json")) {
                     None => Err(format!(
                         "no replica of {name} here (it is initialized first)"
                     )),
@@ -1956,27 +1982,36 @@ impl Manager {
                     Some(r) if r.failover.is_some() => Err(format!(
                         "the replica of {name} has failed over: cycles are refused"
                     )),
-                    Some(mut r) => {
-                        let sdir = dir.join(&r.store);
-                        let len = buf.len() as u64;
-                        let pause = test_apply_pause();
-                        let res = tokio::task::spawn_blocking(move || {
-                            ReplicaStore::open(&sdir).and_then(|mut s| match pause {
-                                Some(p) => s.apply_with_pause(&buf[..], p),
-                                None => s.apply(&buf[..]),
-                            })
+                    Some(r) => Ok(r),
+                };
+                let sdir = rec.as_ref().ok().map(|r| dir.join(&r.store));
+                let pause = test_apply_pause();
+                let received = replica::receive_streamed(&mut tls, MAX_CYCLE, move |rd| {
+                    let Some(sdir) = sdir else {
+                        return Err(String::new());
+                    };
+                    ReplicaStore::open(&sdir)
+                        .and_then(|mut s| match pause {
+                            Some(p) => s.apply_with_pause(rd, p),
+                            None => s.apply(rd),
                         })
-                        .await;
-                        match res {
-                            Ok(Ok(p)) => {
-                                r.bytes += len;
-                                r.cycles += 1;
-                                let _ = save_json(&dir.join("replica-vm.json"), &r);
-                                Ok(p.seq)
-                            }
-                            Ok(Err(e)) => Err(chain(&e)),
-                            Err(e) => Err(e.to_string()),
-                        }
+                        .map_err(|e| chain(&e))
+                })
+                .await;
+                let (len, applied) = match received {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(vm = %name, "receiving a cycle: {}", chain(&e));
+                        return;
+                    }
+                };
+                let outcome = match (rec, applied) {
+                    (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                    (Ok(mut r), Ok(p)) => {
+                        r.bytes += len;
+                        r.cycles += 1;
+                        let _ = save_json(&dir.join("replica-vm.json"), &r);
+                        Ok(p.seq)
                     }
                 };
                 if let Err(e) = &outcome {
@@ -2252,6 +2287,123 @@ impl Manager {
         let spec = self.spec(&r.uuid).map_err(|e| refuse(e.message))?;
         Ok((r.uuid, spec.disks.iter().map(|d| d.path.clone()).collect()))
     }
+}
+
+/// How often a cycle file being cut is looked at for new bytes.
+const TAIL_POLL: Duration = Duration::from_millis(2);
+/// Bytes read from the cycle file at a time.
+const SHIP_BUF: usize = 1 << 20;
+
+/// Ships the cycle file `file` to the replica host `to` while the worker cuts it
+/// (`cutting`, a cut with `stream`): version 2 of the shipping protocol on channel
+/// `replica-cycle2`, or, with a replica host that predates it, version 1 once the cut is
+/// complete. The channel is opened only once the first bytes are there (an
+/// application-consistent cut freezes the guest first, and the replica holds the VM's lock
+/// while a cycle streams in). Returns the cut and the applied sequence with the bytes
+/// shipped; the cut always ran to its end when this returns.
+async fn ship_while_cut(
+    client: &PeerClient,
+    vm: &str,
+    to: &str,
+    file: &Path,
+    cutting: impl std::future::Future<Output = ApiResult<CutStats>>,
+) -> (ApiResult<CutStats>, Result<(u64, u64), String>) {
+    use tokio::io::AsyncReadExt;
+    tokio::pin!(cutting);
+    let mut done: Option<ApiResult<CutStats>> = None;
+    let cut_failed = || "the cut failed".to_string();
+    let reading = |e: std::io::Error| format!("reading {}: {e}", file.display());
+    let shipped = async {
+        let mut f = tokio::fs::File::open(file).await.map_err(reading)?;
+        while done.is_none() && f.metadata().await.map_err(reading)?.len() == 0 {
+            tokio::select! {
+                c = &mut cutting => done = Some(c),
+                _ = tokio::time::sleep(TAIL_POLL) => {}
+            }
+        }
+        if matches!(done, Some(Err(_))) {
+            return Err(cut_failed());
+        }
+        let mut s = open_channel(client, vm, to, "replica-cycle2").await?;
+        match replica::read_json::<_, Answer<u32>>(&mut s, 64 << 10).await {
+            Ok(Answer::Ok(_)) => {}
+            Ok(Answer::Error(e)) if e.contains("unknown replica channel") => {
+                // A replica host that predates version 2: the whole file, once cut.
+                drop(s);
+                let c = match done.take() {
+                    Some(c) => c,
+                    None => (&mut cutting).await,
+                };
+                let ok = c.is_ok();
+                done = Some(c);
+                if !ok {
+                    return Err(cut_failed());
+                }
+                let mut f = tokio::fs::File::open(file).await.map_err(reading)?;
+                let len = f.metadata().await.map_err(reading)?.len();
+                let mut s = open_channel(client, vm, to, "replica-cycle").await?;
+                let seq = replica::send_cycle_from(&mut s, &mut f, len)
+                    .await
+                    .map_err(|e| chain(&e))?;
+                return Ok((seq, len));
+            }
+            Ok(Answer::Error(e)) => return Err(format!("replica host {to}: {e}")),
+            Err(e) => return Err(format!("replica host {to}: {}", chain(&e))),
+        }
+        let mut tx = replica::StreamSender::begin(&mut s)
+            .await
+            .map_err(|e| chain(&e))?;
+        let mut buf = vec![0u8; SHIP_BUF];
+        let mut reopened = false;
+        loop {
+            let n = f.read(&mut buf).await.map_err(reading)?;
+            if n > 0 {
+                tx.send(&buf[..n]).await.map_err(|e| chain(&e))?;
+                continue;
+            }
+            match &done {
+                None => tokio::select! {
+                    c = &mut cutting => done = Some(c),
+                    _ = tokio::time::sleep(TAIL_POLL) => {}
+                },
+                Some(Err(_)) => return Err(cut_failed()),
+                Some(Ok(c)) if tx.sent() == c.bytes => break,
+                // A worker that predates streaming cut into a temporary file and renamed
+                // it over the (still empty) file this reads.
+                Some(Ok(c)) if !c.streamed && !reopened && tx.sent() == 0 => {
+                    f = tokio::fs::File::open(file).await.map_err(reading)?;
+                    reopened = true;
+                }
+                Some(Ok(c)) => {
+                    return Err(format!(
+                        "the cycle file {} holds {} bytes, the cut wrote {}",
+                        file.display(),
+                        tx.sent(),
+                        c.bytes
+                    ))
+                }
+            }
+        }
+        let len = tx.sent();
+        let seq = tx.finish().await.map_err(|e| chain(&e))?;
+        Ok((seq, len))
+    }
+    .await;
+    let cut = match done {
+        Some(c) => c,
+        None => cutting.await,
+    };
+    (cut, shipped)
+}
+
+/// Grains of a partial cycle of the initial replication under a bandwidth limit of
+/// `bandwidth` bytes a second (0: none).
+fn initial_chunk(bandwidth: u64) -> u64 {
+    if bandwidth == 0 {
+        return INITIAL_CHUNK;
+    }
+    (bandwidth.saturating_mul(INITIAL_CHUNK_SECS) / storage::tracking::GRAIN)
+        .clamp(INITIAL_CHUNK_MIN, INITIAL_CHUNK)
 }
 
 /// Test hook: `replica-apply MS` in the file named by `VIREO_TEST_HOLD_FILE` makes this
