@@ -7,13 +7,15 @@
 //! (read host-side from the VHDX chain); unplanned failover after kill -9 of A's vireod,
 //! worker and QEMU and a cut link starts the VM on B from the latest point with every
 //! record valid and nothing older than the verified cut; the choice is revised to an
-//! older point (the guest holds exactly that point's records) and back; commit; then A comes back with
+//! older point (the guest holds exactly that point's records) and back; commit, after which
+//! the point layers are merged into g's disks live and deleted; then A comes back with
 //! its diverged copy and `vireo replica reverse` on B replicates back by a checksum
 //! resync: only the differing MiBs are shipped and A's point equals B's data disk;
 //! a 6 s link cut during cycles is caught up without a full resync;
 //! a test failover on an older point while cycles go on (no network adapter, test-stop
 //! removes it); a planned failover home B -> A while the guest writes (A's point equals
-//! B's whole data disk at the cut: zero loss), g runs on A and replication is reversed.
+//! B's whole data disk at the cut: zero loss), g runs on A and replication is reversed; A
+//! merges the layers under g (the guest's data disk is B's before and after).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -112,6 +114,20 @@ fn replicate_verify_and_unplanned_failover() {
     a.wait_heartbeat("g");
     let (code, out) = a.exec("g", RECORD_WRITER);
     assert_eq!(code, 0, "{out}");
+    // The writer has written before replication starts (a fast initial replication would
+    // otherwise cut its points before the first record).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = a.exec("g", "cat /tmp/counter 2>/dev/null || echo 0");
+        if out.trim().parse::<u64>().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A's writer does not write: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     let out = a.ok(&[
         "replica",
         "enable",
@@ -337,6 +353,39 @@ fn replicate_verify_and_unplanned_failover() {
     assert!(e.contains("already committed"), "{e}");
     let e = b.fails(&["replica", "cancel-failover", "g"]);
     assert!(e.contains("cannot be cancelled"), "{e}");
+    let e = b.fails(&["replica", "test-failover", "g"]);
+    assert!(e.contains("is committed"), "{e}");
+    // After the commit the recovery-point layers under g's disks are merged into them
+    // (live) and their files deleted: the chain is the failover leaf on the store's base.
+    let st = wait_status(b, "the point layers merged after the commit", 120, |v| {
+        v["role"] == "replica"
+            && v["failover"]
+                .as_str()
+                .is_some_and(|f| f.contains("layers are merged"))
+    });
+    assert!(
+        st["points"].as_array().is_some_and(|p| p.is_empty()),
+        "{st}"
+    );
+    let left: Vec<String> = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("p-"))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "point layers left after the merge: {left:?}"
+    );
+    assert!(store.join("base").join("disk1.vhdx").exists());
+    let (code, out) = b.exec("g", CHECK);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        out.split_whitespace().take(2).collect::<Vec<_>>(),
+        ["OK", max.to_string().as_str()],
+        "g's records after the layers were merged: {out}"
+    );
+    println!("after commit: {}", st["failover"]);
 
     // Reverse after the unplanned failover: A comes back; its copy of g (off) diverged
     // (records written after the last shipped cycle), B's g runs on and writes. Only the
@@ -460,12 +509,6 @@ fn replicate_verify_and_unplanned_failover() {
         .expect("B's failover layers");
     let b_img = raw_image(&b_dir.join("disk1.avhdx"), c.dir.path());
     let b_last = check_records(&b_img);
-    let a_img = point_data(&rpath_a.join("g").join("store"), home, c.dir.path());
-    assert_eq!(
-        sha256_hex(&a_img),
-        sha256_hex(&b_img),
-        "A's point {home} differs from B's data disk at the planned failover (B's last record {b_last})"
-    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while a.show("g")["state"] != "running" {
         assert!(
@@ -475,6 +518,51 @@ fn replicate_verify_and_unplanned_failover() {
         );
         std::thread::sleep(Duration::from_millis(300));
     }
+    // The planned failover commits: A merges the layers under g (point `home`, the
+    // store's base over A's old disks) into g's disks while g runs. The guest reads its
+    // whole data disk: B's at the planned failover, before and after the merge.
+    let a_sum = |h: &NsHost| {
+        h.wait_heartbeat("g");
+        let (code, out) = h.exec(
+            "g",
+            "D=$(for d in /sys/block/sd* /sys/block/vd*; do [ \"$(cat $d/size 2>/dev/null)\" = 32768 ] && echo /dev/${d##*/}; done | head -1); dd if=$D bs=1M count=16 2>/dev/null | sha256sum | cut -c1-64",
+        );
+        assert_eq!(code, 0, "{out}");
+        out.trim().to_string()
+    };
+    assert_eq!(
+        a_sum(a),
+        sha256_hex(&b_img),
+        "g's data disk on A differs from B's at the planned failover to point {home} (B's last record {b_last})"
+    );
+    let st = wait_status(
+        a,
+        "A's point layers merged after the planned failover",
+        120,
+        |v| {
+            v["role"] == "replica"
+                && v["failover"]
+                    .as_str()
+                    .is_some_and(|f| f.contains("layers are merged"))
+        },
+    );
+    let a_store = rpath_a.join("g").join("store");
+    let left: Vec<String> = std::fs::read_dir(&a_store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("p-") || n == "base")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "layers left in A's store after the merge: {left:?}"
+    );
+    assert_eq!(
+        a_sum(a),
+        sha256_hex(&b_img),
+        "g's data disk on A changed when its layers were merged"
+    );
+    println!("A after the planned failover home: {}", st["failover"]);
     let st = wait_status(a, "replication A -> B again", 120, |v| {
         v["role"] == "primary"
             && v["state"] == "replicating"

@@ -67,7 +67,8 @@ pub struct CheckpointInfo {
 pub struct JobInfo {
     /// Id.
     pub id: String,
-    /// What it does (`merge`).
+    /// What it does: `merge` (a checkpoint removed) or `consolidate` (parent layers
+    /// absorbed into the running leaves, after a Replica failover).
     pub kind: String,
     /// The checkpoint it removes.
     pub checkpoint: String,
@@ -101,6 +102,18 @@ pub struct CheckpointTree {
 pub struct RemoveCheckpoint {
     /// The live merge job, when the removal merges.
     pub job: Option<JobInfo>,
+}
+
+/// `POST /disks/consolidate` (worker) answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConsolidateDisks {
+    /// The job absorbing the parent layers into the running leaves; `None`: every leaf
+    /// already sits on its bottom image (or on a checkpoint image).
+    pub job: Option<JobInfo>,
+    /// Every file the VM's disks use now (each disk's chain and its checkpoints' images),
+    /// canonical paths.
+    #[serde(default)]
+    pub in_use: Vec<std::path::PathBuf>,
 }
 
 /// Format of a disk image vireod creates for a VM.

@@ -1,6 +1,6 @@
 //! The API wire form of the persisted state (`api::checkpoint`).
 
-use crate::state::{Checkpoint, CheckpointKind, DiskState, MergeJob, MergeState};
+use crate::state::{Checkpoint, CheckpointKind, DiskState, MergeJob, MergeKind, MergeState};
 use api::checkpoint::{CheckpointInfo, CheckpointTree, CheckpointType, JobInfo};
 
 /// Converts a persisted checkpoint.
@@ -29,7 +29,11 @@ pub fn job_info(j: &MergeJob) -> JobInfo {
     };
     JobInfo {
         id: j.id.clone(),
-        kind: "merge".into(),
+        kind: match j.kind {
+            MergeKind::Consolidate => "consolidate",
+            _ => "merge",
+        }
+        .into(),
         checkpoint: j.checkpoint.clone(),
         state: state.into(),
         done,

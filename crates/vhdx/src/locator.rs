@@ -100,8 +100,8 @@ impl ParentLocator {
 
     /// Builds a locator for `parent` as seen from `child`.
     pub fn for_parent(child: &Path, parent: &Path, linkage: Guid) -> ParentLocator {
-        let abs_parent = std::path::absolute(parent).unwrap_or_else(|_| parent.to_path_buf());
-        let abs_child = std::path::absolute(child).unwrap_or_else(|_| child.to_path_buf());
+        let abs_parent = resolved(parent);
+        let abs_child = resolved(child);
         let mut entries = vec![("parent_linkage".to_string(), format!("{{{linkage}}}"))];
         if let Some(rel) = abs_child.parent().and_then(|d| relative(d, &abs_parent)) {
             entries.push(("relative_path".to_string(), to_windows(&rel, true)));
@@ -144,7 +144,14 @@ impl ParentLocator {
         let mut out = Vec::new();
         if let Some(r) = self.get("relative_path") {
             let p = from_windows(r);
-            out.push(if p.is_absolute() { p } else { dir.join(p) });
+            let p = if p.is_absolute() { p } else { dir.join(p) };
+            // A detour through a directory removed since (`../p-9/../base.vhdx`, as
+            // recorded by older versions) still names the file lexically.
+            let plain = lexical(&p);
+            out.push(p);
+            if !out.contains(&plain) {
+                out.push(plain);
+            }
         }
         for key in ["absolute_win32_path", "volume_path"] {
             if let Some(a) = self.get(key) {
@@ -174,6 +181,38 @@ fn from_windows(s: &str) -> PathBuf {
 }
 
 /// `target` relative to directory `base` (both absolute).
+/// `p` as an absolute path without `.`/`..` detours or links: a parent found through a
+/// chain of relative locators is `dir/../store/p-9/../p-8/../base.vhdx`, and a locator
+/// recording that detour stops resolving once `p-9/` is removed. The file (or, for a child
+/// being created, its directory) is resolved by the file system when it exists, lexically
+/// otherwise.
+fn resolved(p: &Path) -> PathBuf {
+    if let Ok(c) = p.canonicalize() {
+        return c;
+    }
+    if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
+        if let Ok(d) = dir.canonicalize() {
+            return d.join(name);
+        }
+    }
+    lexical(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()))
+}
+
+/// `p` with `.` dropped and each `..` taking away the component before it.
+fn lexical(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 fn relative(base: &Path, target: &Path) -> Option<PathBuf> {
     let b: Vec<_> = base.components().collect();
     let t: Vec<_> = target.components().collect();
@@ -194,6 +233,23 @@ fn relative(base: &Path, target: &Path) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A parent reached through `..` detours is recorded by its real path.
+    #[test]
+    fn detours_are_resolved() {
+        let t = tempfile::tempdir().unwrap();
+        let d = t.path().canonicalize().unwrap();
+        std::fs::create_dir_all(d.join("store/p-9")).unwrap();
+        std::fs::create_dir_all(d.join("failover")).unwrap();
+        std::fs::write(d.join("store/base.vhdx"), b"x").unwrap();
+        let detour = d.join("failover/../store/p-9/../base.vhdx");
+        let l =
+            ParentLocator::for_parent(&d.join("failover/leaf.avhdx"), &detour, Guid::new_random());
+        std::fs::remove_dir(d.join("store/p-9")).unwrap();
+        assert_eq!(l.get("relative_path"), Some("..\\store\\base.vhdx"));
+        let c = l.candidates(&d.join("failover/leaf.avhdx"));
+        assert!(c.iter().any(|p| p.exists()), "{c:?}");
+    }
 
     /// Locators round-trip, carry relative and absolute paths, and resolve back.
     #[test]

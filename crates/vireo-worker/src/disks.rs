@@ -7,8 +7,8 @@
 use crate::vm::Vm;
 use anyhow::Context;
 use api::checkpoint::{
-    CheckpointInfo, CheckpointTree, CheckpointType, JobInfo, NewCheckpoint, RemoveCheckpoint,
-    RenameCheckpoint,
+    CheckpointInfo, CheckpointTree, CheckpointType, ConsolidateDisks, JobInfo, NewCheckpoint,
+    RemoveCheckpoint, RenameCheckpoint,
 };
 use api::worker::LaunchSpec;
 use api::{ErrorBody, ErrorKind};
@@ -67,6 +67,7 @@ pub fn routes() -> Router<Arc<Vm>> {
         .route("/checkpoints", get(list).post(create))
         .route("/checkpoints/{cp}/remove", post(remove))
         .route("/checkpoints/{cp}/rename", post(rename))
+        .route("/disks/consolidate", post(consolidate))
         .route("/jobs/{id}/cancel", post(cancel))
         .route("/jobs/{id}/resume", post(resume))
 }
@@ -206,6 +207,27 @@ async fn remove(
     let job = blocking(move || s.remove_checkpoint(&cp)).await?;
     Ok(Json(RemoveCheckpoint {
         job: job.as_ref().map(job_info),
+    }))
+}
+
+/// Starts (or resumes) absorbing the running leaves' parent layers into the leaves
+/// (after a Replica failover: the recovery-point layers under the VM's disks).
+async fn consolidate(State(_vm): State<Arc<Vm>>) -> Result<Json<ConsolidateDisks>, DiskError> {
+    let s = svc()?;
+    let (job, in_use) = blocking(move || {
+        let job = s.consolidate()?;
+        let mut in_use: Vec<PathBuf> = (0..s.disks())
+            .flat_map(|d| crate::storage_move::chain_files(&s, d))
+            .map(|p| p.canonicalize().unwrap_or(p))
+            .collect();
+        in_use.sort();
+        in_use.dedup();
+        Ok((job, in_use))
+    })
+    .await?;
+    Ok(Json(ConsolidateDisks {
+        job: job.as_ref().map(job_info),
+        in_use,
     }))
 }
 

@@ -37,6 +37,8 @@ use std::time::{Duration, Instant};
 use tokio::io::AsyncWriteExt;
 use uuid::Uuid;
 
+mod consolidate;
+
 /// Grains per partial cycle of the initial replication: 128 MiB, so the per-cycle costs
 /// (a connection, the replica's flushes and state file, the tracker commit) are paid
 /// rarely; the replica applies a cycle as it streams in, so a big one costs no latency.
@@ -149,6 +151,13 @@ struct ReplicaRec {
     /// A planned failover made the VM run here and replication was reversed.
     #[serde(default)]
     reversed: bool,
+    /// After the commit, the recovery-point layers under the VM's disks were merged into
+    /// them and the unused layer files deleted ([`consolidate`]).
+    #[serde(default)]
+    consolidated: bool,
+    /// Why that merge waits or failed (shown by status).
+    #[serde(default)]
+    consolidate_note: Option<String>,
 }
 
 fn default_store() -> String {
@@ -662,7 +671,10 @@ impl Manager {
             .map(|r| self.primary_status(r))
             .collect();
         for (dir, r) in self.replica_recs() {
-            let store = ReplicaStore::peek(&dir.join(&r.store)).ok();
+            // A consolidated store's points are merged into the failed-over VM's disks.
+            let store = ReplicaStore::peek(&dir.join(&r.store))
+                .ok()
+                .filter(|_| !r.consolidated);
             let points: Vec<RecoveryPoint> = store
                 .as_ref()
                 .map(|s| {
@@ -716,7 +728,18 @@ impl Manager {
                             "{} on point {}{}",
                             f.vm,
                             f.point,
-                            if r.committed { " (committed)" } else { "" }
+                            match (r.committed, r.consolidated, &r.consolidate_note) {
+                                (false, _, _) => String::new(),
+                                (true, true, _) => {
+                                    " (committed; the point's layers are merged into its disks)"
+                                        .to_string()
+                                }
+                                (true, false, Some(n)) => format!(" (committed; {n})"),
+                                (true, false, None) => {
+                                    " (committed; merging the point's layers into its disks)"
+                                        .to_string()
+                                }
+                            }
                         )
                     })
                     .or_else(|| {
@@ -737,7 +760,12 @@ impl Manager {
 
     /// The replica scheduler: runs each replicated VM's cycles (spawned at start).
     pub async fn replica_scheduler(self: Arc<Self>) {
+        let mut housekeeping = Instant::now();
         loop {
+            if housekeeping.elapsed() >= Duration::from_secs(2) {
+                housekeeping = Instant::now();
+                self.replica_consolidations();
+            }
             // A start wakes it at once (`save_primary`): the tick delayed every start.
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(250)) => {}
@@ -1467,10 +1495,12 @@ impl Manager {
                 "a test failover of {vm} is running: `vireo replica test-stop {vm}` first"
             )));
         }
-        if !test && rec.committed {
-            return Err(ApiError::wrong_state(format!(
-                "the failover of {vm} is committed: the recovery points are gone"
-            )));
+        if rec.committed {
+            return Err(ApiError::wrong_state(if test {
+                format!("the failover of {vm} is committed: {vm} runs here, there is no replica to test")
+            } else {
+                format!("the failover of {vm} is committed: the recovery points are gone")
+            }));
         }
         let sdir = dir.join(&rec.store);
         let store = tokio::task::spawn_blocking({
@@ -2216,6 +2246,8 @@ impl Manager {
             recovery_points: points,
             app_consistent_secs: req.app_consistent_secs,
             reversed: false,
+            consolidated: false,
+            consolidate_note: None,
         };
         if let Err(e) = save_json(&rec_path, &rec) {
             return Answer::Error(e.message);
