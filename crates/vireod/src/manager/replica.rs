@@ -232,6 +232,11 @@ struct Sched {
 }
 
 /// Wakes the scheduler before its next tick (an initial replication was started).
+/// Continuous mode: when a check last found nothing to ship (the replica was current
+/// then). The lag runs from it rather than from the last cut: an idle VM ships an empty
+/// cycle only every [`CONTINUOUS_IDLE`], and is not behind meanwhile.
+static IN_SYNC: Mutex<BTreeMap<Uuid, u64>> = Mutex::new(BTreeMap::new());
+
 static SCHED_WAKE: tokio::sync::Notify = tokio::sync::Notify::const_new();
 
 static SCHED: Mutex<Sched> = Mutex::new(Sched {
@@ -605,9 +610,10 @@ impl Manager {
     }
 
     fn primary_status(&self, r: &PrimaryRec) -> ReplicaStatus {
+        let in_sync = lock(&IN_SYNC).get(&r.uuid).copied().unwrap_or(0);
         let lag = r
             .last_cut_unix_ms
-            .map(|c| now_ms().saturating_sub(c) as f64 / 1000.0);
+            .map(|c| now_ms().saturating_sub(c.max(in_sync)) as f64 / 1000.0);
         let limit = 2.0 * (r.interval_secs.max(5) as f64);
         let warning = match (r.state, lag) {
             (ReplicaState::Replicating, Some(l)) if l > limit => Some(format!(
@@ -968,6 +974,7 @@ impl Manager {
             && r.last_cut_unix_ms
                 .is_some_and(|c| now_ms().saturating_sub(c) < CONTINUOUS_IDLE.as_millis() as u64)
         {
+            lock(&IN_SYNC).insert(r.uuid, now_ms());
             return Ok(None);
         }
         let max_grains = if r.state == ReplicaState::Initial && !final_cut {
