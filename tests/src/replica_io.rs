@@ -107,3 +107,20 @@ pub fn check_records(img: &[u8]) -> u64 {
     }
     max
 }
+
+/// Waits (60 s at most) until the [`crate::guest_io::RECORD_WRITER`] in guest `g` on `h`
+/// has written `n` records.
+pub fn wait_records(h: &NsHost, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, out) = h.exec("g", "cat /tmp/counter 2>/dev/null || echo 0");
+        if out.trim().parse::<u64>().unwrap_or(0) >= n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the guest's writer does not write: {out}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}

@@ -116,18 +116,7 @@ fn replicate_verify_and_unplanned_failover() {
     assert_eq!(code, 0, "{out}");
     // The writer has written before replication starts (a fast initial replication would
     // otherwise cut its points before the first record).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out) = a.exec("g", "cat /tmp/counter 2>/dev/null || echo 0");
-        if out.trim().parse::<u64>().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "A's writer does not write: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_records(a, 2);
     let out = a.ok(&[
         "replica",
         "enable",
@@ -407,18 +396,7 @@ fn replicate_verify_and_unplanned_failover() {
     assert_eq!(code, 0, "{out}");
     // B's records written before the reverse are untracked: only the compare finds them
     // (so at least the data disk's first MiB differs).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let (_, out) = b.exec("g", "cat /tmp/counter 2>/dev/null || echo 0");
-        if out.trim().parse::<u64>().unwrap_or(0) >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "B's writer does not write: {out}"
-        );
-        std::thread::sleep(Duration::from_millis(300));
-    }
+    wait_records(b, 2);
     let out = b.ok(&["replica", "reverse", "g"]);
     println!("{out}");
     assert!(out.contains("replication reversed"), "{out}");

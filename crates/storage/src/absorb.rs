@@ -169,26 +169,9 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str) -> Result<()> {
             .chains
             .get(disk)
             .filter(|ch| ch.chain_paths().iter().any(|p| same(p, &k)));
-        let total = match live {
-            Some(ch) => ch.absorb_chunks(),
-            None => vhdx_size(&k)?.div_ceil(1 << 20),
-        };
-        update(ctx, id, |j| {
-            j.disk = disk;
-            j.top = x.clone();
-            j.target = k.clone();
-            j.total_blocks = total;
-            j.state = MergeState::Copying {
-                next_block: resume_at,
-            };
-        })?;
-        let done = match live {
-            Some(ch) => fill_live(ctx, id, ch, &x, &k, resume_at)?,
-            None => fill_offline(ctx, id, &x, &k)?,
-        };
-        if !done {
+        let Some(total) = fill_child(ctx, id, disk, live, &x, &k, resume_at)? else {
             return Ok(());
-        }
+        };
         update(ctx, id, |j| {
             j.finished.push(k.clone());
             j.state = MergeState::Copying { next_block: total };
@@ -205,6 +188,39 @@ pub(crate) fn vhdx_size(p: &Path) -> Result<u64> {
 
 /// Fills `k` (in the running chain) with `x`'s data and re-points it. `Ok(false)`: stopped
 /// (cancelled, or the service is closing) before the end.
+/// Records in job `id` that `k` (an image of disk `disk`) takes over `x`'s data from block
+/// `resume_at`, and fills it: live through `live` (the running chain holding `k`) or
+/// offline. Returns the job's block count when the fill finished, `None` when it stopped
+/// (cancelled, or the service closing).
+pub(crate) fn fill_child(
+    ctx: &Ctx<'_>,
+    id: &str,
+    disk: usize,
+    live: Option<&Arc<DiskChain>>,
+    x: &Path,
+    k: &Path,
+    resume_at: u64,
+) -> Result<Option<u64>> {
+    let total = match live {
+        Some(ch) => ch.absorb_chunks(),
+        None => vhdx_size(k)?.div_ceil(1 << 20),
+    };
+    update(ctx, id, |j| {
+        j.disk = disk;
+        j.top = x.to_path_buf();
+        j.target = k.to_path_buf();
+        j.total_blocks = total;
+        j.state = MergeState::Copying {
+            next_block: resume_at,
+        };
+    })?;
+    let done = match live {
+        Some(ch) => fill_live(ctx, id, ch, x, k, resume_at)?,
+        None => fill_offline(ctx, id, x, k)?,
+    };
+    Ok(done.then_some(total))
+}
+
 pub(crate) fn fill_live(
     ctx: &Ctx<'_>,
     id: &str,

@@ -19,7 +19,7 @@
 //! taken; a half-filled leaf is filled again from the last recorded chunk (filling is
 //! idempotent). Guest writes acknowledged meanwhile are in the write journal.
 
-use crate::absorb::{fill_live, fill_offline, lock, same, update, vhdx_size, Ctx};
+use crate::absorb::{fill_child, lock, same, update, Ctx};
 use crate::error::{Result, StorageError};
 use crate::image::open_image;
 use crate::state::{now_unix, DiskState, MergeJob, MergeKind, MergeState};
@@ -173,26 +173,9 @@ pub(crate) fn run(ctx: &Ctx<'_>, id: &str, read_only: &[bool]) -> Result<()> {
             _ => 0,
         };
         let live = ctx.chains.get(disk);
-        let total = match live {
-            Some(ch) => ch.absorb_chunks(),
-            None => vhdx_size(&k)?.div_ceil(1 << 20),
-        };
-        update(ctx, id, |j| {
-            j.disk = disk;
-            j.top = x.clone();
-            j.target = k.clone();
-            j.total_blocks = total;
-            j.state = MergeState::Copying {
-                next_block: resume_at,
-            };
-        })?;
-        let done = match live {
-            Some(ch) => fill_live(ctx, id, ch, &x, &k, resume_at)?,
-            None => fill_offline(ctx, id, &x, &k)?,
-        };
-        if !done {
+        let Some(total) = fill_child(ctx, id, disk, live, &x, &k, resume_at)? else {
             return Ok(());
-        }
+        };
         update(ctx, id, |j| {
             if !j.absorbed.iter().any(|a| same(a, &x)) {
                 j.absorbed.push(clean(&x));

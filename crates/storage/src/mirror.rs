@@ -1447,12 +1447,7 @@ fn copy_frozen_file(
             source: e,
         }
     };
-    let f = std::fs::File::open(p).map_err(io("opening"))?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: advice on a descriptor we own; no memory is passed.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-    }
+    let f = open_sequential(p).map_err(io("opening"))?;
     let len = f.metadata().map_err(io("reading"))?.len();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(2);
     std::thread::scope(|sc| {
@@ -1575,6 +1570,15 @@ fn copy_range_by_reads(
     Ok(done)
 }
 
+/// Opens a frozen layer for one sequential read (read-ahead sized for it).
+fn open_sequential(p: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(p)?;
+    // SAFETY: advice on a descriptor we own; no memory is passed.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
+    Ok(f)
+}
+
 /// Reads a frozen file into `buf` at `off` until `buf` is full or the file ends.
 fn read_full(f: &std::fs::File, buf: &mut [u8], off: u64) -> std::io::Result<usize> {
     let mut n = 0;
@@ -1607,12 +1611,7 @@ fn copy_frozen(
             source: e,
         }
     };
-    let f = std::fs::File::open(p).map_err(io("opening"))?;
-    {
-        use std::os::fd::AsRawFd;
-        // SAFETY: advice on a descriptor we own; no memory is passed.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
-    }
+    let f = open_sequential(p).map_err(io("opening"))?;
     type Filled = std::io::Result<(u64, Vec<u8>, usize)>;
     let (full_tx, full_rx) = sync_channel::<Filled>(1);
     let (free_tx, free_rx) = sync_channel::<Vec<u8>>(2);
