@@ -986,7 +986,11 @@ impl Manager {
         if let Some(d) = file.parent() {
             let _ = std::fs::create_dir_all(d);
         }
-        // The file exists (empty) before the cut starts: it is shipped while it grows.
+        // The file exists (empty) before the cut starts: a partial cycle is shipped while
+        // it grows. A complete one is cut whole first: streamed, its cut shared the CPU with
+        // the shipping and continuous mode slowed (benchmark: 93 instead of 119 cycles in
+        // 120 s, lag p99 3.2 s instead of 1.6 s).
+        let stream = max_grains != u64::MAX;
         std::fs::File::create(&file)
             .map_err(|e| ApiError::failed(format!("creating {}: {e}", file.display())))?;
         let seq = r.seq + 1;
@@ -996,7 +1000,7 @@ impl Manager {
             max_grains,
             path: file.clone(),
             app_consistent: app_due,
-            stream: true,
+            stream,
         };
         let cutting = async {
             worker
@@ -2334,7 +2338,8 @@ const TAIL_POLL: Duration = Duration::from_millis(2);
 const SHIP_BUF: usize = 1 << 20;
 
 /// Ships the cycle file `file` to the replica host `to` while the worker cuts it
-/// (`cutting`, a cut with `stream`): version 2 of the shipping protocol on channel
+/// (`cutting`; a cut without `stream`, or by an older worker, is shipped once it is
+/// complete): version 2 of the shipping protocol on channel
 /// `replica-cycle2`, or, with a replica host that predates it, version 1 once the cut is
 /// complete. The channel is opened only once the first bytes are there (an
 /// application-consistent cut freezes the guest first, and the replica holds the VM's lock
