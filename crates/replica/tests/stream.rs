@@ -80,7 +80,7 @@ async fn streamed_cycles_apply_and_truncated_ones_do_not() {
     let c = cycle(2, true, 2);
     let mut tx = StreamSender::begin(&mut a).await.unwrap();
     tx.send(&c[..c.len() - 10]).await.unwrap();
-    drop(tx);
+    // No `finish`: the stream just ends.
     drop(a);
     assert!(server.await.unwrap().is_err());
     assert_eq!(latest(&dir), 1);
