@@ -618,6 +618,7 @@ pub fn capture(disks: &[TrackedDisk], out: &mut CaptureSink<'_>) -> TrackingResu
     if disks.is_empty() {
         return Err(TrackingError::InvalidInput("no disks to capture".into()));
     }
+    reclaim_uncommitted(disks);
     let mut stats = CaptureStats::default();
     let mut seen: Vec<Vec<u64>> = disks
         .iter()
@@ -711,6 +712,16 @@ pub fn dirty_total(disks: &[TrackedDisk]) -> u64 {
     disks.iter().map(|d| d.tracker.dirty_grains()).sum()
 }
 
+/// A new cut starts by taking back the grains of an earlier cut that was neither committed
+/// nor aborted (its answer lost, vireod killed between the cut and the ship): they go
+/// again in this one. Cycles are cut one at a time, so an uncommitted cut is a dead one;
+/// shipping its grains again is harmless, dropping them at the next commit would not be.
+fn reclaim_uncommitted(disks: &[TrackedDisk]) {
+    for d in disks {
+        d.tracker.abort();
+    }
+}
+
 /// Captures at most `max_grains` changed grains (lowest first, disk by disk) without a
 /// common cut: a partial cycle, for initial replication and resync, never a recovery
 /// point. Grains rewritten meanwhile stay marked and go again. On failure, call
@@ -720,6 +731,7 @@ pub fn capture_partial(
     max_grains: u64,
     out: &mut CaptureSink<'_>,
 ) -> TrackingResult<CaptureStats> {
+    reclaim_uncommitted(disks);
     let mut stats = CaptureStats::default();
     let mut left = max_grains as usize;
     let mut buf = vec![0u8; GRAIN as usize];
@@ -933,6 +945,48 @@ mod tests {
         .unwrap();
         v.close().unwrap();
         Arc::new(DiskChain::open(&p, false).unwrap())
+    }
+
+    /// A cut whose cycle was never committed nor aborted (its answer lost) is taken back
+    /// by the next cut: its grains are shipped, not dropped by the next commit.
+    #[test]
+    fn a_lost_cut_goes_again_in_the_next_one() {
+        use nbd::Export;
+        let d = tempfile::tempdir().unwrap();
+        let size = 1 << 20;
+        let c = disk(d.path(), "a.vhdx", size);
+        let (t, _) = ChangeTracker::open(&d.path().join("a.cbt"), size).unwrap();
+        attach(&c, t.clone()).unwrap();
+        let disks = [TrackedDisk {
+            chain: c.clone(),
+            tracker: t.clone(),
+        }];
+        let grains = |partial: bool| {
+            let mut got = Vec::new();
+            let mut out = |_: usize, off: u64, _: &[u8]| {
+                got.push(off / GRAIN);
+                Ok(())
+            };
+            if partial {
+                capture_partial(&disks, 100, &mut out).unwrap();
+            } else {
+                capture(&disks, &mut out).unwrap();
+            }
+            got.sort_unstable();
+            got.dedup();
+            got
+        };
+        for partial in [false, true] {
+            c.write_at(&[1u8; 512], 3 * GRAIN, false).unwrap();
+            assert_eq!(grains(partial), [3]);
+            // The cycle's answer is lost: no commit, no abort. The next write and cut.
+            c.write_at(&[2u8; 512], 5 * GRAIN, false).unwrap();
+            assert_eq!(grains(partial), [3, 5], "partial: {partial}");
+            t.commit(1, false).unwrap();
+            assert!(grains(partial).is_empty());
+            t.commit(2, false).unwrap();
+        }
+        assert!(detach(&c).is_some());
     }
 
     fn slot_value(img: &[u8], slot: u64) -> u64 {
