@@ -18,7 +18,7 @@
 
 use crate::chain::DiskChain;
 use crate::error::{Result, StorageError};
-use crate::state::{now_unix, Checkpoint, DiskState, MergeJob, MergeKind, MergeState};
+use crate::state::{Checkpoint, DiskState, MergeJob, MergeKind, MergeState};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -45,20 +45,7 @@ pub(crate) fn same(a: &Path, b: &Path) -> bool {
 
 /// A new job removing the inner checkpoint `c`.
 pub(crate) fn new_job(c: &Checkpoint) -> MergeJob {
-    MergeJob {
-        id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-        checkpoint: c.id.clone(),
-        kind: MergeKind::IntoChildren,
-        disk: 0,
-        top: PathBuf::new(),
-        target: PathBuf::new(),
-        finished: Vec::new(),
-        obsolete: Vec::new(),
-        absorbed: Vec::new(),
-        total_blocks: 0,
-        state: MergeState::Copying { next_block: 0 },
-        started: now_unix(),
-    }
+    MergeJob::new(MergeKind::IntoChildren, c.id.clone())
 }
 
 /// Whether disk `i`'s image of `c` is a layer of its own with a parent to re-point its

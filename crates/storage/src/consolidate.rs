@@ -22,25 +22,12 @@
 use crate::absorb::{fill_child, lock, same, update, Ctx};
 use crate::error::{Result, StorageError};
 use crate::image::open_image;
-use crate::state::{now_unix, DiskState, MergeJob, MergeKind, MergeState};
+use crate::state::{DiskState, MergeJob, MergeKind, MergeState};
 use std::path::{Path, PathBuf};
 
 /// A new consolidation job.
 pub(crate) fn new_job() -> MergeJob {
-    MergeJob {
-        id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-        checkpoint: String::new(),
-        kind: MergeKind::Consolidate,
-        disk: 0,
-        top: PathBuf::new(),
-        target: PathBuf::new(),
-        finished: Vec::new(),
-        obsolete: Vec::new(),
-        absorbed: Vec::new(),
-        total_blocks: 0,
-        state: MergeState::Copying { next_block: 0 },
-        started: now_unix(),
-    }
+    MergeJob::new(MergeKind::Consolidate, String::new())
 }
 
 /// `p` without `..` detours and links: parents are found through relative locators

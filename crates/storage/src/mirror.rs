@@ -1440,13 +1440,7 @@ fn copy_frozen_file(
     chunk: usize,
     abort: &AtomicBool,
 ) -> MirrorResult<(u64, u32)> {
-    let io = |op| {
-        move |e| MirrorError::Io {
-            op,
-            path: p.to_path_buf(),
-            source: e,
-        }
-    };
+    let io = |op| file_err(op, p);
     let f = open_sequential(p).map_err(io("opening"))?;
     let len = f.metadata().map_err(io("reading"))?.len();
     let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, usize)>(2);
@@ -1570,6 +1564,15 @@ fn copy_range_by_reads(
     Ok(done)
 }
 
+/// Maps an I/O error of `op` on file `p`.
+fn file_err<'a>(op: &'static str, p: &'a Path) -> impl Fn(std::io::Error) -> MirrorError + 'a {
+    move |e| MirrorError::Io {
+        op,
+        path: p.to_path_buf(),
+        source: e,
+    }
+}
+
 /// Opens a frozen layer for one sequential read (read-ahead sized for it).
 fn open_sequential(p: &Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
@@ -1604,13 +1607,7 @@ fn copy_frozen(
     chunk: usize,
 ) -> MirrorResult<()> {
     use std::sync::mpsc::sync_channel;
-    let io = |op| {
-        move |e| MirrorError::Io {
-            op,
-            path: p.to_path_buf(),
-            source: e,
-        }
-    };
+    let io = |op| file_err(op, p);
     let f = open_sequential(p).map_err(io("opening"))?;
     type Filled = std::io::Result<(u64, Vec<u8>, usize)>;
     let (full_tx, full_rx) = sync_channel::<Filled>(1);

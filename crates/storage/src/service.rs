@@ -260,25 +260,12 @@ impl DiskService {
                     StorageError::Unsupported("no disk of this checkpoint needs merging".into())
                 })?;
                 let job = MergeJob {
-                    id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-                    checkpoint: c.id.clone(),
-                    kind: MergeKind::IntoParent,
                     disk,
                     top: st.leaves[disk].clone(),
                     target: c.images[disk].clone(),
-                    finished: Vec::new(),
-                    obsolete: Vec::new(),
-                    absorbed: Vec::new(),
-                    total_blocks: 0,
-                    state: MergeState::Copying { next_block: 0 },
-                    started: now_unix(),
+                    ..MergeJob::new(MergeKind::IntoParent, c.id.clone())
                 };
-                st.jobs.push(job.clone());
-                st.save(&self.vm_dir)?;
-                drop(st);
-                self.cancel.store(false, Ordering::SeqCst);
-                self.clone().spawn_merge(job.id.clone());
-                Ok(Some(job))
+                self.launch_job(st, job)
             }
             Removal::Absorb(cp) => {
                 let c = st
@@ -286,12 +273,7 @@ impl DiskService {
                     .cloned()
                     .ok_or_else(|| StorageError::NotFound(cp.clone()))?;
                 let job = crate::absorb::new_job(&c);
-                st.jobs.push(job.clone());
-                st.save(&self.vm_dir)?;
-                drop(st);
-                self.cancel.store(false, Ordering::SeqCst);
-                self.clone().spawn_merge(job.id.clone());
-                Ok(Some(job))
+                self.launch_job(st, job)
             }
         }
     }
@@ -331,14 +313,23 @@ impl DiskService {
             }
         }
         let plan = self.consolidation_pending()?;
-        let mut st = lock(&self.state);
+        let st = lock(&self.state);
         if let Some(j) = st.active_merge() {
             return Err(busy_with(j));
         }
         if plan.iter().all(Vec::is_empty) {
             return Ok(None);
         }
-        let job = crate::consolidate::new_job();
+        self.launch_job(st, crate::consolidate::new_job())
+    }
+
+    /// Records `job` in the state (with the state lock `st` the caller took for its checks)
+    /// and runs it in the background.
+    fn launch_job(
+        self: &Arc<Self>,
+        mut st: MutexGuard<'_, DiskState>,
+        job: MergeJob,
+    ) -> Result<Option<MergeJob>> {
         st.jobs.push(job.clone());
         st.save(&self.vm_dir)?;
         drop(st);

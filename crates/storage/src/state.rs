@@ -134,6 +134,27 @@ pub struct MergeJob {
     pub started: u64,
 }
 
+impl MergeJob {
+    /// A new job of `kind` (for `checkpoint`, empty for a consolidation), copying
+    /// nothing yet: the job fills in its disk, layers and block count as it goes.
+    pub(crate) fn new(kind: MergeKind, checkpoint: String) -> MergeJob {
+        MergeJob {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            checkpoint,
+            kind,
+            disk: 0,
+            top: PathBuf::new(),
+            target: PathBuf::new(),
+            finished: Vec::new(),
+            obsolete: Vec::new(),
+            absorbed: Vec::new(),
+            total_blocks: 0,
+            state: MergeState::Copying { next_block: 0 },
+            started: now_unix(),
+        }
+    }
+}
+
 /// Everything persisted about a VM's disks.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskState {
